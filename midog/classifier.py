@@ -1,0 +1,175 @@
+"""Binary timm image classifiers shared by the verifier (Track 1) and the atypical classifier (Track 2).
+
+A checkpoint is a plain dict (loadable with `torch.load(weights_only=True)`):
+
+    format        "midog-classifier/1"
+    arch          timm model name
+    input_size    side in pixels the model sees (crops are resized to it)
+    mean, std     normalisation, taken from the model's own timm data config when it was built
+    threshold     decision threshold on P(positive), chosen on validation
+    positive      name of the positive class ("atypical", "mitotic figure")
+    model_kwargs  extra keyword arguments for timm.create_model (drop rates, ...)
+    state_dict    the weights; loaded strictly
+    meta          free-form training metadata (folds, metrics, data)
+
+The model has one output logit; P(positive) = sigmoid(logit).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+from midog.errors import WeightsError
+from midog.weights import verify_checksum
+
+CHECKPOINT_FORMAT = "midog-classifier/1"
+
+
+@dataclass
+class BinaryClassifier:
+    """A timm model plus everything needed to turn uint8 RGB crops into P(positive)."""
+
+    model: torch.nn.Module
+    arch: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    threshold: float = 0.5
+    positive: str = "positive"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "BinaryClassifier":
+        self.model.to(device)
+        return self
+
+    def preprocess(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB crops (N, H, W, 3) → normalised float tensor (N, 3, S, S) on the model's device."""
+        batch = torch.as_tensor(crops)
+        if batch.ndim == 3:
+            batch = batch.unsqueeze(0)
+        batch = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        if batch.shape[-1] != self.input_size or batch.shape[-2] != self.input_size:
+            batch = F.interpolate(batch, size=(self.input_size, self.input_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+    @torch.inference_mode()
+    def predict_proba(self, crops: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """P(positive) for each crop, in order. With `tta`, the mean over the 8 dihedral transforms."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(crops), batch_size):
+            batch = self.preprocess(crops[start:start + batch_size])
+            views = dihedral_views(batch) if tta else [batch]
+            probs = torch.stack([torch.sigmoid(self.model(v).float().view(-1)) for v in views]).mean(0)
+            out.append(probs.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.arch,
+            "input_size": int(self.input_size),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "threshold": float(self.threshold),
+            "positive": self.positive,
+            "model_kwargs": dict(self.model_kwargs),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "meta": dict(meta if meta is not None else self.meta),
+        }
+
+    def save(self, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state(meta), tmp)
+        os.replace(tmp, path)
+        return path
+
+
+def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations/reflections of a (N, C, H, W) batch."""
+    views = []
+    for flipped in (batch, batch.flip(-1)):
+        for k in range(4):
+            views.append(torch.rot90(flipped, k, dims=(-2, -1)))
+    return views
+
+
+def build_classifier(
+    arch: str,
+    input_size: int,
+    positive: str = "positive",
+    threshold: float = 0.5,
+    model_kwargs: dict[str, Any] | None = None,
+) -> BinaryClassifier:
+    """A fresh (random-initialised, never downloaded) timm model with one output logit."""
+    model_kwargs = dict(model_kwargs or {})
+    model = timm.create_model(arch, pretrained=False, num_classes=1, **model_kwargs)
+    data_config = timm.data.resolve_model_data_config(model)
+    return BinaryClassifier(
+        model=model,
+        arch=arch,
+        input_size=input_size,
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        threshold=threshold,
+        positive=positive,
+        model_kwargs=model_kwargs,
+    )
+
+
+def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> BinaryClassifier:
+    """Load a checkpoint written by `BinaryClassifier.save`, strictly, after checking its model card's sha256."""
+    path = Path(path)
+    verify_checksum(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise WeightsError(f"cannot load classifier weights {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a midog classifier checkpoint (format {CHECKPOINT_FORMAT})")
+    model = timm.create_model(state["arch"], pretrained=False, num_classes=1, **state.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(state["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{path} does not fit {state['arch']}: {str(err).splitlines()[0]}") from None
+    model.eval().to(device)
+    return BinaryClassifier(
+        model=model,
+        arch=state["arch"],
+        input_size=int(state["input_size"]),
+        mean=tuple(state["mean"]),
+        std=tuple(state["std"]),
+        threshold=float(state["threshold"]),
+        positive=state.get("positive", "positive"),
+        model_kwargs=state.get("model_kwargs", {}),
+        meta=state.get("meta", {}),
+    )
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,92 @@
+"""process.py's logic: argument parsing, slug dispatch, error → exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from midog.config import PipelineConfig, load_config
+from midog.errors import InputError, MidogError
+
+log = logging.getLogger("midog")
+
+TRACK1_SLUG = "histopathology-region-of-interest-cropout"
+TRACK2_SLUG = "stacked-histopathology-roi-cropouts"
+
+
+def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> None:
+    from midog.pipeline import run_track1
+
+    run_track1(input_dir, output_dir, config)
+
+
+def _run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> None:
+    from midog.pipeline import run_track2
+
+    run_track2(input_dir, output_dir, config)
+
+
+HANDLERS: dict[str, Callable[[Path, Path, PipelineConfig], None]] = {
+    TRACK1_SLUG: _run_track1,
+    TRACK2_SLUG: _run_track2,
+}
+
+
+def read_interface_slugs(input_dir: Path) -> list[str]:
+    inputs_json = input_dir / "inputs.json"
+    if not inputs_json.is_file():
+        raise InputError(f"missing {inputs_json}")
+    try:
+        inputs = json.loads(inputs_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{inputs_json} is not valid JSON: {err}") from None
+    if not isinstance(inputs, list):
+        raise InputError(f"{inputs_json} must hold a list of inputs")
+    slugs = []
+    for entry in inputs:
+        slug = entry.get("interface", {}).get("slug") if isinstance(entry, dict) else None
+        if not slug:
+            raise InputError(f"{inputs_json}: an input has no interface slug")
+        slugs.append(slug)
+    return slugs
+
+
+def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], None]:
+    known = [s for s in slugs if s in HANDLERS]
+    if not known:
+        raise InputError(f"unknown interface slug(s) {slugs}; expected one of {sorted(HANDLERS)}")
+    return HANDLERS[known[0]]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--input", type=Path, default=Path("/input"))
+    parser.add_argument("--output", type=Path, default=Path("/output"))
+    parser.add_argument("--config", type=Path, default=None, help="partial YAML overriding the shipped config")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+        handler = select_handler(read_interface_slugs(args.input))
+        handler(args.input, args.output, config)
+    except MidogError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception as err:  # an unexpected failure still gets one line, unless --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0

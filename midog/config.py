@@ -1,0 +1,178 @@
+"""Typed pipeline configuration: dataclasses per stage, loaded from YAML, overridable from the environment.
+
+`midog/configs/default.yaml` holds the shipped values; every threshold and size of the pipeline lives there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
+ENV_PREFIX = "MIDOG_"
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+    seed: int = 0
+
+
+@dataclass
+class ImageConfig:
+    fallback_spacing_um: float = 0.25
+    """Pixel spacing (µm/px) used when an image carries none."""
+
+
+@dataclass
+class TilingConfig:
+    tile_size: int = 512
+    overlap: float = 0.2
+    """Fraction of the tile shared with its neighbour."""
+    tissue_min_fraction: float = 0.02
+    tissue_saturation: float = 0.07
+
+
+@dataclass
+class ProposalConfig:
+    weights: str = "detector.pt"
+    confidence: float = 0.2
+    nms_iou: float = 0.3
+    batch_size: int = 8
+    half: bool = True
+    max_detections_per_tile: int = 300
+
+
+@dataclass
+class MergingConfig:
+    strategy: str = "nms"
+    iou: float = 0.5
+    box_size_px: int = 50
+
+
+@dataclass
+class VerifierConfig:
+    weights: str = "verifier.pt"
+    crop_size: int = 64
+    threshold: float = 0.5
+    batch_size: int = 256
+    context_px: int = 0
+    probability: str = "verifier"
+    """What the output `probability` is: the verifier's P(mitotic figure), or its product with the detector's."""
+
+
+@dataclass
+class AtypicalConfig:
+    weights: str | list[str] = "atypical.pt"
+    crop_size: int = 128
+    threshold: float | None = None
+    """None: use the decision threshold stored with the weights."""
+    tta: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class PipelineConfig:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    merging: MergingConfig = field(default_factory=MergingConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    atypical: AtypicalConfig = field(default_factory=AtypicalConfig)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ValueError(f"unknown config key '{where}{key}'")
+        if isinstance(base[key], dict) and isinstance(value, Mapping):
+            merged[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _coerce(text: str) -> Any:
+    """Parse an environment value with YAML rules, so `0.6`, `true`, `null` and `[a, b]` mean what they say."""
+    return yaml.safe_load(text)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
+        overrides.setdefault(section, {})[key] = _coerce(value)
+    return overrides
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            value = _build(f.default_factory, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """Shipped defaults, then the YAML at `path` (partial is fine), then MIDOG_* variables, then `overrides`.
+
+    `overrides` uses dotted keys (`{"verifier.threshold": 0.6}`) or nested dicts.
+    """
+    values = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    if path is not None:
+        values = _merge(values, yaml.safe_load(Path(path).read_text()) or {})
+    values = _merge(values, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        values = _merge(values, _nest(overrides))
+    return _build(PipelineConfig, values)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if isinstance(value, Mapping):
+            nested.setdefault(key, {}).update(value)
+            continue
+        section, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"config override '{key}' must be 'section.field'")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def write_config_values(path: str | Path, values: Mapping[str, Any]) -> None:
+    """Set dotted keys (`verifier.threshold`) in a YAML config file, keeping its other values.
+
+    Used by threshold tuning to write what it chose into the pipeline config.
+    """
+    path = Path(path)
+    current = yaml.safe_load(path.read_text()) if path.exists() else {}
+    current = current or {}
+    for section, fields in _nest(values).items():
+        current.setdefault(section, {}).update(fields)
+    load_config(overrides=_nest({k: v for k, v in values.items()}))  # validates the keys
+    path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+
+def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

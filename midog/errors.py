@@ -1,0 +1,27 @@
+"""Errors that end a run with one clear line on stderr and a documented exit code (see README)."""
+
+from __future__ import annotations
+
+
+class MidogError(Exception):
+    """Base class: a failure the user can act on. `exit_code` is what process.py returns."""
+
+    exit_code = 1
+
+
+class InputError(MidogError):
+    """The input folder is wrong: no inputs.json, unknown slug, no image, unreadable image."""
+
+    exit_code = 2
+
+
+class WeightsError(MidogError):
+    """A checkpoint is missing, corrupt, or does not match its model card."""
+
+    exit_code = 3
+
+
+class OutputError(MidogError):
+    """The output folder cannot be written."""
+
+    exit_code = 4

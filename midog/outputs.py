@@ -1,0 +1,65 @@
+"""The official MIDOG 2025 output formats, and atomic writing (a reader never sees a partial file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from midog.errors import OutputError
+
+TRACK1_FILENAME = "mitotic-figures.json"
+TRACK1_ATYPICAL_FILENAME = "atypical-mitotic-figures.json"
+TRACK2_FILENAME = "multiple-mitotic-figure-classification.json"
+
+MITOTIC_FIGURE = "mitotic figure"
+NON_MITOTIC_FIGURE = "non-mitotic figure"
+ATYPICAL = "atypical"
+NORMAL = "normal"
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"cannot write to output folder {path.parent}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=4)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def track2_classification(probabilities: Sequence[float], threshold: float) -> list[dict[str, Any]]:
+    """One {"class", "confidence"} per page; confidence = P(atypical) as a JSON float."""
+    return [
+        {"class": ATYPICAL if p >= threshold else NORMAL, "confidence": float(p)}
+        for p in probabilities
+    ]
+
+
+def multiple_points(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The grand-challenge "Multiple points" object. Each point: {"name", "point": [x_mm, y_mm, 0], "probability"}."""
+    return {
+        "name": "Points of interest",
+        "type": "Multiple points",
+        "points": [
+            {
+                "name": p["name"],
+                "point": [float(p["point"][0]), float(p["point"][1]), float(p["point"][2]) if len(p["point"]) > 2 else 0.0],
+                "probability": float(p["probability"]),
+            }
+            for p in points
+        ],
+        "version": {"major": 1, "minor": 0},
+    }

@@ -1,0 +1,82 @@
+"""Find shipped weights (`/opt/ml/model` overrides `weights/`), read model cards, check sha256.
+
+A checkpoint `NAME.pt` has its model card beside it as `NAME.json`; the card's `sha256` is checked at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from midog.errors import WeightsError
+
+REPO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+MODEL_DIR = Path("/opt/ml/model")
+
+
+def weights_dirs() -> list[Path]:
+    """Folders searched for checkpoints, first match wins: $MIDOG_WEIGHTS_DIR, /opt/ml/model, the repo's weights/."""
+    dirs = []
+    if os.environ.get("MIDOG_WEIGHTS_DIR"):
+        dirs.append(Path(os.environ["MIDOG_WEIGHTS_DIR"]))
+    dirs += [MODEL_DIR, REPO_WEIGHTS_DIR]
+    return dirs
+
+
+def find_weights(name: str | os.PathLike[str]) -> Path:
+    """Resolve a checkpoint name (or an absolute/relative path that exists) to a file."""
+    candidate = Path(name)
+    if candidate.is_absolute() or candidate.exists():
+        if candidate.is_file():
+            return candidate
+        raise WeightsError(f"weights file not found: {candidate}")
+    for folder in weights_dirs():
+        if (folder / candidate).is_file():
+            return folder / candidate
+    searched = ", ".join(str(d) for d in weights_dirs())
+    raise WeightsError(f"weights '{name}' not found in {searched}")
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_card_path(checkpoint: str | os.PathLike[str]) -> Path:
+    return Path(checkpoint).with_suffix(".json")
+
+
+def read_model_card(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = model_card_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"model card {path} is not valid JSON: {err}") from None
+
+
+def verify_checksum(checkpoint: str | os.PathLike[str]) -> None:
+    """Raise WeightsError when the model card beside `checkpoint` names a different sha256."""
+    card = read_model_card(checkpoint)
+    if card is None or "sha256" not in card:
+        return
+    actual = sha256_of(checkpoint)
+    if actual != card["sha256"]:
+        raise WeightsError(
+            f"checksum mismatch for {checkpoint}: model card says {card['sha256'][:12]}…, file is {actual[:12]}…"
+        )
+
+
+def write_model_card(checkpoint: str | os.PathLike[str], card: dict[str, Any]) -> Path:
+    """Write the card beside the checkpoint, with the checkpoint's sha256 filled in."""
+    card = {**card, "file": Path(checkpoint).name, "sha256": sha256_of(checkpoint)}
+    path = model_card_path(checkpoint)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
