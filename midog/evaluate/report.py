@@ -1,0 +1,339 @@
+"""Evaluation reports: metrics.json, a short summary.md and PNG figures (matplotlib, Agg backend).
+
+Track 1: FROC curve, precision-recall curve, F1/precision/recall against the probability threshold, per-domain and
+per-ROI-type bars, and TP/FP/FN overlays on downscaled images when the images are given.
+Track 2: ROC curve, confusion matrix, per-domain bars.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from midog.evaluate.track1 import ROI_TYPES, ImageResult, Track1Evaluation, _flatten_z
+from midog.evaluate.track2 import Track2Evaluation
+from midog.evaluate.tune import TunedThreshold, tune_classification, tune_detection
+from midog.outputs import write_json_atomic
+
+OVERLAY_MAX_SIDE = 1600
+DEFAULT_SPACING_UM = 0.25
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+# ---- Track 1 -------------------------------------------------------------------------------------------------
+
+def plot_froc(evaluation: Track1Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    froc = evaluation.froc
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(froc.grid, froc.grid_sensitivity, "-", color="tab:blue", label=f"interpolated (AUC {froc.auc:.3f} / "
+                                                                             f"{froc.grid[-1]:.0f})")
+    ax.plot(froc.fp_per_image, froc.sensitivity, "o", ms=3, color="tab:orange", label="thresholds")
+    ax.set_xlim(0, froc.grid[-1])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per image")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("FROC (all candidates, by probability)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_precision_recall(evaluation: Track1Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    curve, agg = evaluation.curve, evaluation.aggregates
+    threshold, f1 = curve.best()
+    best = int(np.flatnonzero(curve.thresholds == threshold)[0])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot(curve.recall, curve.precision, "-", color="tab:blue", label=f"probability sweep (AP {agg['AP']:.3f})")
+    ax.plot(curve.recall[best], curve.precision[best], "*", ms=14, color="tab:green",
+            label=f"best F1 {f1:.3f} at p >= {threshold:.3f}")
+    ax.plot(agg["recall"], agg["precision"], "s", ms=9, color="tab:red",
+            label=f"submitted names (F1 {agg['f1_score']:.3f})")
+    for target in (0.5, 0.6, 0.7, 0.8):
+        r = np.linspace(target / 2 + 1e-3, 1, 200)
+        ax.plot(r, target * r / (2 * r - target), ":", color="grey", lw=0.7)
+        ax.text(0.99, target / (2 - target) + 0.01, f"F1={target}", fontsize=7, color="grey", ha="right",
+                va="bottom")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall (7.5 µm matching)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_f1_threshold(evaluation: Track1Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    curve = evaluation.curve
+    threshold, f1 = curve.best()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(curve.thresholds, curve.f1, "-", color="tab:green", lw=2, label="F1")
+    ax.plot(curve.thresholds, curve.precision, "-", color="tab:blue", label="precision")
+    ax.plot(curve.thresholds, curve.recall, "-", color="tab:orange", label="recall")
+    ax.axvline(threshold, color="tab:green", ls="--", lw=1)
+    ax.annotate(f"best F1 {f1:.3f}\nat p >= {threshold:.3f}", (threshold, f1), textcoords="offset points",
+                xytext=(8, -30), fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("probability threshold (candidates kept when p >= threshold)")
+    ax.set_ylabel("score")
+    ax.set_title("F1 against the detection threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def _bars(ax: Any, groups: Sequence[str], series: dict[str, Sequence[float]], title: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        clean = [0.0 if (v is None or math.isnan(v) or v < 0) else v for v in values]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, clean, width, label=name)
+        labels = ["n/a" if (v is None or math.isnan(v) or v < 0) else f"{v:.2f}" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=0 if len(groups) < 8 else 45)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center")
+
+
+def _track1_domains(agg: dict[str, Any]) -> list[str]:
+    return [k[len("tumor_"):-len("_f1")] for k in agg if k.startswith("tumor_") and k.endswith("_f1")]
+
+
+def plot_track1_groups(evaluation: Track1Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    agg = evaluation.aggregates
+    domains = _track1_domains(agg)
+    rois = [r for r in ROI_TYPES if any(img.truth.roi_type == r for img in evaluation.images)]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * (len(domains) + len(rois)) + 4), 4.5),
+                             gridspec_kw={"width_ratios": [max(len(domains), 1), max(len(rois), 1)]})
+    _bars(axes[0], [f"domain {d}" for d in domains],
+          {m: [agg[f"tumor_{d}_{m}"] for d in domains] for m in ("f1", "precision", "recall", "AP")},
+          "Per tumour domain")
+    _bars(axes[1], rois, {m: [agg[f"roi_type_{r}_{m}"] for r in rois] for m in ("f1", "precision", "recall", "AP")},
+          "Per ROI type")
+    return _save(fig, path)
+
+
+def _find_image(images_dir: Path, name: str) -> Path | None:
+    for candidate in (images_dir / name, *sorted(images_dir.rglob(name))):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, float, int]:
+    """Pixels (every `step`-th row and column), the spacing in mm/px and the step."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    pixels = sitk.GetArrayViewFromImage(image)
+    if pixels.ndim == 4:  # z, y, x, c with a single plane
+        pixels = pixels[0]
+    spacing_mm = spacing_um / 1000 if spacing_um else float(image.GetSpacing()[0])
+    if not spacing_um and (spacing_mm <= 0 or spacing_mm == 1.0):
+        spacing_mm = DEFAULT_SPACING_UM / 1000  # SimpleITK's 1.0 means "no spacing stored"
+    step = max(1, int(math.ceil(max(pixels.shape[:2]) / OVERLAY_MAX_SIDE)))
+    return np.ascontiguousarray(pixels[::step, ::step]), spacing_mm, step
+
+
+def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: float | None = None) -> Path:
+    plt = _pyplot()
+    pixels, spacing_mm, step = _read_downscaled(image_path, spacing_um)
+    scale = 1.0 / (spacing_mm * step)  # mm -> downscaled pixels
+    pred = result.prediction
+    mitotic = _flatten_z(pred.points[pred.mitotic])
+    matched = result.score.matched_predictions
+    fig, ax = plt.subplots(figsize=(9, 9 * pixels.shape[0] / max(pixels.shape[1], 1)))
+    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+    other = pred.points[~pred.mitotic]
+    if len(other):
+        ax.scatter(other[:, 0] * scale, other[:, 1] * scale, s=12, marker=".", color="lightgrey",
+                   label=f"non-mitotic candidates ({len(other)})")
+    radius_px = 7.5e-3 * scale * 1.6
+    groups = [(mitotic[matched], "lime", "o", "TP"), (mitotic[~matched], "red", "s", "FP"),
+              (result.truth.points[~result.score.matched_truth], "yellow", "D", "FN")]
+    for pts, colour, marker, label in groups:
+        if len(pts):
+            ax.scatter(pts[:, 0] * scale, pts[:, 1] * scale, s=max(radius_px, 6) ** 2, facecolors="none",
+                       edgecolors=colour, linewidths=1.8, marker=marker, label=f"{label} ({len(pts)})")
+    s = result.score
+    ax.set_title(f"{result.truth.name} ({result.truth.roi_type}, domain {result.truth.tumor_domain}): "
+                 f"TP {s.true_positives}  FP {s.false_positives}  FN {s.false_negatives}")
+    ax.set_axis_off()
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    return _save(fig, path)
+
+
+def _track1_summary(evaluation: Track1Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:
+    agg = evaluation.aggregates
+    tp = sum(r.score.true_positives for r in evaluation.images)
+    fp = sum(r.score.false_positives for r in evaluation.images)
+    fn = sum(r.score.false_negatives for r in evaluation.images)
+    lines = ["# Track 1 evaluation", "",
+             f"{len(evaluation.images)} images; TP {tp}, FP {fp}, FN {fn} (points named \"mitotic figure\", "
+             "7.5 µm matching).", "",
+             "| group | F1 | precision | recall | AP | FROC AUC (0-8) |", "|---|---|---|---|---|---|",
+             f"| overall | {_fmt(agg['f1_score'])} | {_fmt(agg['precision'])} | {_fmt(agg['recall'])} | "
+             f"{_fmt(agg['AP'])} | {_fmt(agg.get('froc_auc', float('nan')))} |"]
+    for d in _track1_domains(agg):
+        lines.append(f"| domain {d} | {_fmt(agg[f'tumor_{d}_f1'])} | {_fmt(agg[f'tumor_{d}_precision'])} | "
+                     f"{_fmt(agg[f'tumor_{d}_recall'])} | {_fmt(agg[f'tumor_{d}_AP'])} | "
+                     f"{_fmt(agg.get(f'tumor_{d}_froc_auc', float('nan')))} |")
+    for r in ROI_TYPES:
+        if any(img.truth.roi_type == r for img in evaluation.images):
+            lines.append(f"| ROI {r} | {_fmt(agg[f'roi_type_{r}_f1'])} | {_fmt(agg[f'roi_type_{r}_precision'])} | "
+                         f"{_fmt(agg[f'roi_type_{r}_recall'])} | {_fmt(agg[f'roi_type_{r}_AP'])} | "
+                         f"{_fmt(agg.get(f'roi_type_{r}_froc_auc', float('nan')))} |")
+    lines += ["", f"Best F1 over all candidates by probability: {tuned.value:.4f} at `{tuned.key}: "
+                  f"{tuned.threshold:.4f}` (the names in the outputs give F1 {agg['f1_score']:.4f}).", "",
+              "AP is -1 for a group without ground truth and F1 is 1 for a group without any point (the official "
+              "formulas).", "", "## Figures", ""]
+    lines += [f"- ![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_track1_report(evaluation: Track1Evaluation, out_dir: str | Path, images_dir: str | Path | None = None,
+                        spacing_um: float | None = None, max_overlays: int = 12) -> list[Path]:
+    """metrics.json, summary.md and figures in `out_dir`; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [plot_froc(evaluation, out / "froc.png"),
+               plot_precision_recall(evaluation, out / "precision_recall.png"),
+               plot_f1_threshold(evaluation, out / "f1_threshold.png"),
+               plot_track1_groups(evaluation, out / "per_domain.png")]
+    if images_dir is not None:
+        ranked = sorted(evaluation.images, key=lambda r: -(r.score.false_positives + r.score.false_negatives))
+        written = 0
+        for result in ranked:
+            found = _find_image(Path(images_dir), result.truth.name)
+            if found is None or written >= max_overlays:
+                continue
+            figures.append(plot_overlay(result, found, out / f"overlay_{Path(result.truth.name).stem}.png",
+                                        spacing_um))
+            written += 1
+    tuned = tune_detection(evaluation)
+    metrics = write_json_atomic(out / "metrics.json", evaluation.metrics())
+    summary = out / "summary.md"
+    summary.write_text(_track1_summary(evaluation, tuned, figures))
+    return [metrics, summary, *figures]
+
+
+# ---- Track 2 -------------------------------------------------------------------------------------------------
+
+def plot_roc(evaluation: Track2Evaluation, path: Path) -> Path:
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    y_true, y_score, y_pred = evaluation.y_true, evaluation.y_score, evaluation.y_pred
+    agg = evaluation.aggregates
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if len(np.unique(y_true)) == 2:
+        fpr, tpr, _ = roc_curve(y_true, y_score)
+        ax.plot(fpr, tpr, "-", color="tab:blue", label=f"ROC (AUC {agg['overall_roc_auc']:.3f})")
+    ax.plot(1 - agg["overall_specificity"], agg["overall_sensitivity"], "s", ms=9, color="tab:red",
+            label=f"submitted classes (BA {agg['overall_balanced_accuracy']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("1 - specificity (normal called atypical)")
+    ax.set_ylabel("sensitivity (atypical found)")
+    ax.set_title("Track 2 ROC, score = P(atypical)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(evaluation: Track2Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    y_true, y_pred = evaluation.y_true, evaluation.y_pred
+    matrix = np.array([[np.sum((y_true == t) & (y_pred == p)) for p in (0, 1)] for t in (0, 1)])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for t in range(2):
+        for p in range(2):
+            ax.text(p, t, str(matrix[t, p]), ha="center", va="center", fontsize=16,
+                    color="white" if matrix[t, p] > matrix.max() / 2 else "black")
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["normal", "atypical"])
+    ax.set_yticks([0, 1])
+    ax.set_yticklabels(["normal", "atypical"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title("Confusion matrix")
+    return _save(fig, path)
+
+
+def plot_track2_domains(evaluation: Track2Evaluation, path: Path) -> Path:
+    plt = _pyplot()
+    agg = evaluation.aggregates
+    domains = [k[len("domain_"):] for k in agg if k.startswith("domain_")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(domains) + 2), 4.5))
+    metrics = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
+    _bars(ax, [f"domain {d}" for d in domains], {m: [agg[f"domain_{d}"][m] for d in domains] for m in metrics},
+          "Track 2 per tumour domain (n/a: undefined)")
+    return _save(fig, path)
+
+
+def _track2_summary(evaluation: Track2Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:
+    agg = evaluation.aggregates
+    lines = ["# Track 2 evaluation", "", f"{len(evaluation.stacks)} stacks, {len(evaluation.y_true)} pages "
+             f"({int(evaluation.y_true.sum())} atypical).", "",
+             "| group | balanced accuracy | sensitivity | specificity | accuracy | ROC AUC |",
+             "|---|---|---|---|---|---|",
+             f"| overall | {_fmt(agg['overall_balanced_accuracy'])} | {_fmt(agg['overall_sensitivity'])} | "
+             f"{_fmt(agg['overall_specificity'])} | {_fmt(agg['overall_accuracy'])} | {_fmt(agg['overall_roc_auc'])} |"]
+    for key, values in agg.items():
+        if key.startswith("domain_"):
+            lines.append(f"| {key.replace('_', ' ')} | {_fmt(values['balanced_accuracy'])} | "
+                         f"{_fmt(values['sensitivity'])} | {_fmt(values['specificity'])} | "
+                         f"{_fmt(values['accuracy'])} | {_fmt(values['roc_auc'])} |")
+    lines += ["", f"Best balanced accuracy over P(atypical) thresholds: {tuned.value:.4f} at "
+                  f"`{tuned.key}: {tuned.threshold:.4f}`.", "",
+              "P(atypical) is read as the official evaluator reads it: `confidence` when the class is atypical, "
+              "`1 - confidence` when it is normal.", "", "## Figures", ""]
+    lines += [f"- ![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_track2_report(evaluation: Track2Evaluation, out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [plot_roc(evaluation, out / "roc.png"), plot_confusion(evaluation, out / "confusion_matrix.png"),
+               plot_track2_domains(evaluation, out / "per_domain.png")]
+    tuned = tune_classification(evaluation)
+    metrics = write_json_atomic(out / "metrics.json", evaluation.metrics())
+    summary = out / "summary.md"
+    summary.write_text(_track2_summary(evaluation, tuned, figures))
+    return [metrics, summary, *figures]

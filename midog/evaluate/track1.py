@@ -1,0 +1,418 @@
+"""Track 1 (mitotic figure detection) metrics, as the official MIDOG 2025 evaluation container computes them.
+
+Official definitions (DeepMicroscopy/MIDOG25_T1_evaluation_docker, evaluate.py):
+- Matching: evalutils' `score_detection` with radius 7.5 µm (7.5e-3 mm), on the points named "mitotic figure"
+  (their z set to 0) against the ground-truth points. For each ground-truth point in file order, the nearest
+  prediction within the radius that is still free becomes its true positive; no optimal assignment.
+- Precision tp/(tp+fp+eps), recall tp/(tp+fn+eps), F1 (2tp+eps)/(2tp+fp+fn+eps), eps = 1e-6, from counts summed
+  over the images of a group (overall, per tumour domain, per ROI type).
+- AP: torchmetrics `MeanAveragePrecision` (xyxy, bbox, max detections [1, 10, 1e6], recall thresholds
+  0, 0.01, ..., 1.00), `map_50`, on boxes x±0.01125 mm, y±0.01125 mm around *every* point (both names) scored by
+  its `probability`, all with one label. Float32 tensors, images added in job order.
+- FROC AUC: see `froc_curve` (the published container predates it; we implement the stated definition).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from sklearn.neighbors import BallTree
+
+from midog.evaluate.io import GroundTruthError, Job, PredictionError, is_number
+from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
+
+MATCH_RADIUS_MM = 7.5e-3
+BOX_HALF_SIZE_MM = 0.01125
+"""Half the side of the box around each point for AP: two boxes at IoU 0.5 have centres ~7.5 µm apart."""
+EPS = 1e-6
+ROI_TYPES = ("hotspot", "challenging", "random")
+VALID_NAMES = (MITOTIC_FIGURE, NON_MITOTIC_FIGURE)
+FROC_MAX_FP_PER_IMAGE = 8.0
+FROC_THRESHOLDS = 40
+FROC_POINTS = 50
+MAX_SWEEP_THRESHOLDS = 1000
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageTruth:
+    name: str
+    points: np.ndarray
+    """(n, 3) annotations in mm, as given."""
+    tumor_domain: Any
+    roi_type: str
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    pk: str
+    points: np.ndarray
+    """(m, 3) x, y, z in mm, as given."""
+    mitotic: np.ndarray
+    """(m,) bool: named "mitotic figure"."""
+    probability: np.ndarray
+    """(m,) float64."""
+
+    def rows(self) -> list[list[Any]]:
+        """The official per-image `pred` list: [x, y, z, class (1 = mitotic figure), probability]."""
+        return [[*map(float, p), int(c), float(s)] for p, c, s in zip(self.points, self.mitotic, self.probability)]
+
+
+@dataclass(frozen=True)
+class DetectionScore:
+    true_positives: int
+    false_negatives: int
+    false_positives: int
+    matched_predictions: np.ndarray = field(repr=False)
+    """(m,) bool over the scored predictions."""
+    matched_truth: np.ndarray = field(repr=False)
+    """(n,) bool over the ground-truth points."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {"true_positives": self.true_positives, "false_negatives": self.false_negatives,
+                "false_positives": self.false_positives}
+
+
+# ---- parsing -------------------------------------------------------------------------------------------------
+
+def parse_ground_truth(ground_truth: Mapping[str, Any]) -> dict[str, ImageTruth]:
+    """The official ground truth: image name → {"annotations": [[x, y, z], ...] (mm), "tumor domain", "roi type"}."""
+    if not isinstance(ground_truth, Mapping):
+        raise GroundTruthError("Track 1 ground truth must map image names to {annotations, tumor domain, roi type}")
+    truths = {}
+    for name, entry in ground_truth.items():
+        if not isinstance(entry, Mapping):
+            raise GroundTruthError(f"ground truth for {name} is not a dictionary")
+        for key in ("annotations", "tumor domain", "roi type"):
+            if key not in entry:
+                raise GroundTruthError(f"ground truth for {name}: field '{key}' is missing")
+        if entry["roi type"] not in ROI_TYPES:
+            raise GroundTruthError(f"ground truth for {name}: invalid roi type {entry['roi type']!r}; "
+                                   f"valid values are {list(ROI_TYPES)}")
+        points = entry["annotations"]
+        if not isinstance(points, list) or not all(
+                isinstance(p, list) and len(p) == 3 and all(is_number(v) for v in p) for p in points):
+            raise GroundTruthError(f"ground truth for {name}: field 'annotations' must be a list of [x, y, z] in mm")
+        truths[name] = ImageTruth(name=name, points=np.asarray(points, dtype=np.float64).reshape(-1, 3),
+                                  tumor_domain=entry["tumor domain"], roi_type=entry["roi type"])
+    return truths
+
+
+def parse_points(payload: Any, pk: str) -> ImagePrediction:
+    """One job's "Multiple points" output (or its list of points), validated like the official container.
+
+    Rejected, with the job and the field named: no `points`, a point that is not a dictionary, a missing
+    `name`/`probability`/`point`, a name other than "mitotic figure"/"non-mitotic figure", a probability that is not
+    a finite number, a point that is not [x, y, z].
+    """
+    points = payload.get("points") if isinstance(payload, Mapping) else payload
+    if not isinstance(points, list):
+        raise PredictionError(f"job {pk}: field 'points' is missing; results must be a dictionary with a 'points' list")
+    coords, mitotic, probability = [], [], []
+    for i, point in enumerate(points):
+        where = f"job {pk}: points[{i}]"
+        if not isinstance(point, Mapping):
+            raise PredictionError(f"{where} is not a dictionary")
+        for key in ("name", "probability", "point"):
+            if key not in point:
+                raise PredictionError(f"{where}: field '{key}' is missing")
+        if point["name"] not in VALID_NAMES:
+            raise PredictionError(f"{where}: field 'name' is {point['name']!r}; valid values are {list(VALID_NAMES)}")
+        if not is_number(point["probability"]):
+            raise PredictionError(f"{where}: field 'probability' must be a float, got {point['probability']!r}")
+        xyz = point["point"]
+        if not isinstance(xyz, list) or len(xyz) != 3 or not all(is_number(v) for v in xyz):
+            raise PredictionError(f"{where}: field 'point' must be [x, y, z] in mm, got {xyz!r}")
+        coords.append(xyz)
+        mitotic.append(point["name"] == MITOTIC_FIGURE)
+        probability.append(float(point["probability"]))
+    return ImagePrediction(pk=pk, points=np.asarray(coords, dtype=np.float64).reshape(-1, 3),
+                           mitotic=np.asarray(mitotic, dtype=bool), probability=np.asarray(probability))
+
+
+# ---- matching ------------------------------------------------------------------------------------------------
+
+def _flatten_z(points: np.ndarray) -> np.ndarray:
+    flat = np.array(points, dtype=np.float64).reshape(-1, 3)
+    flat[:, 2] = 0.0
+    return flat
+
+
+def _greedy(hits: Iterable[Sequence[int]], n_predictions: int) -> tuple[np.ndarray, np.ndarray]:
+    """evalutils' assignment: each target, in order, takes its nearest still-free prediction."""
+    taken = np.zeros(n_predictions, dtype=bool)
+    truth_hit = []
+    for target_hits in hits:
+        for idx in target_hits:
+            if not taken[idx]:
+                taken[idx] = True
+                truth_hit.append(True)
+                break
+        else:
+            truth_hit.append(False)
+    return taken, np.asarray(truth_hit, dtype=bool)
+
+
+def score_detection(truth: np.ndarray, predictions: np.ndarray, radius: float = MATCH_RADIUS_MM) -> DetectionScore:
+    """TP/FN/FP exactly as evalutils.scorers.score_detection (BallTree, sorted radius query, greedy per target)."""
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 3)
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 3)
+    n, m = len(truth), len(predictions)
+    if n == 0 or m == 0:
+        return DetectionScore(0, n, m, np.zeros(m, dtype=bool), np.zeros(n, dtype=bool))
+    hits = BallTree(predictions).query_radius(truth, r=radius, return_distance=True, sort_results=True)[0]
+    taken, truth_hit = _greedy(hits, m)
+    tp = int(truth_hit.sum())
+    return DetectionScore(tp, n - tp, m - tp, taken, truth_hit)
+
+
+class ThresholdSweep:
+    """Counts at many probability thresholds for one image, from a single radius query over all its points.
+
+    Keeping the points with probability >= t keeps each target's hit list in distance order, so the greedy
+    assignment on the kept points is the one `score_detection` would make on them (up to exact distance ties).
+    """
+
+    def __init__(self, truth: np.ndarray, prediction: ImagePrediction, radius: float = MATCH_RADIUS_MM):
+        self.n_truth = len(truth)
+        self.probability = prediction.probability
+        self.hits: list[np.ndarray] = []
+        if self.n_truth and len(self.probability):
+            tree = BallTree(_flatten_z(prediction.points))
+            self.hits = list(tree.query_radius(truth, r=radius, return_distance=True, sort_results=True)[0])
+
+    def counts(self, threshold: float) -> tuple[int, int, int]:
+        keep = self.probability >= threshold
+        kept = int(keep.sum())
+        if not self.hits or kept == 0:
+            return 0, self.n_truth, kept
+        taken, truth_hit = _greedy(([i for i in h if keep[i]] for h in self.hits), len(keep))
+        tp = int(truth_hit.sum())
+        return tp, self.n_truth - tp, kept - tp
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+
+def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """The official formulas, eps = 1e-6 (an empty group gets F1 = 1)."""
+    return tp / (tp + fp + EPS), tp / (tp + fn + EPS), (2 * tp + EPS) / ((2 * tp) + fp + fn + EPS)
+
+
+def average_precision(images: Sequence[tuple[ImageTruth, ImagePrediction]]) -> float:
+    """torchmetrics' map_50 with the official settings; -1 when the group has no ground truth (torchmetrics' value)."""
+    import torch
+    from torchmetrics.detection.mean_ap import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", max_detection_thresholds=[1, 10, 1e6],
+                                  rec_thresholds=np.arange(0, 1.01, 0.01).tolist())
+    b = BOX_HALF_SIZE_MM
+    for truth, pred in images:
+        # The official code builds the tensors from Python lists with torch.Tensor (float32); we do the same.
+        preds = [{"boxes": torch.Tensor([[x - b, y - b, x + b, y + b] for x, y, _ in pred.points.tolist()]),
+                  "labels": torch.IntTensor([1] * len(pred.points)),
+                  "scores": torch.Tensor(pred.probability.tolist())}]
+        target = [{"boxes": torch.Tensor([[x - b, y - b, x + b, y + b] for x, y, _ in truth.points.tolist()]),
+                   "labels": torch.IntTensor([1] * len(truth.points))}]
+        metric.update(preds, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics warns when compute() follows no update (an empty group)
+        return float(metric.compute()["map_50"].tolist())
+
+
+@dataclass(frozen=True)
+class FrocCurve:
+    thresholds: np.ndarray
+    """Probability thresholds, descending; a point counts when probability >= threshold."""
+    sensitivity: np.ndarray
+    fp_per_image: np.ndarray
+    grid: np.ndarray
+    """FP/image evaluation points, 0..FROC_MAX_FP_PER_IMAGE."""
+    grid_sensitivity: np.ndarray
+    auc: float
+
+
+def froc_curve(sweeps: Sequence[ThresholdSweep], n_thresholds: int = FROC_THRESHOLDS,
+               n_points: int = FROC_POINTS, max_fp_per_image: float = FROC_MAX_FP_PER_IMAGE) -> FrocCurve:
+    """FROC over all points (both names) ranked by probability, matched within 7.5 µm like the F1 counts.
+
+    - `n_thresholds` thresholds spaced evenly over [0, 1]; at each, the points with probability >= t are scored
+      and TP/FN/FP summed over the images; sensitivity = TP / (TP + FN) (0 without ground truth),
+      FP per image = FP / number of images.
+    - The curve starts at the origin (threshold above every probability); where several thresholds give the same
+      FP/image the highest sensitivity is kept.
+    - Sensitivity is read by linear interpolation at `n_points` evenly spaced FP/image values in
+      [0, max_fp_per_image], held at its last value beyond the curve's end, and integrated with the trapezoidal
+      rule: the AUC lies in [0, max_fp_per_image] (8 for a detector that finds everything before 0 FP/image).
+    """
+    thresholds = np.linspace(1.0, 0.0, n_thresholds)
+    counts = np.array([[s.counts(t) for s in sweeps] for t in thresholds], dtype=np.int64).reshape(
+        n_thresholds, len(sweeps), 3)
+    tp, fn, fp = counts[..., 0].sum(1), counts[..., 1].sum(1), counts[..., 2].sum(1)
+    positives = tp + fn
+    sensitivity = np.divide(tp, positives, out=np.zeros(n_thresholds), where=positives > 0)
+    fp_per_image = fp / max(len(sweeps), 1)
+    xs = np.concatenate([[0.0], fp_per_image])
+    ys = np.concatenate([[0.0], sensitivity])
+    unique_x = np.unique(xs)
+    best_y = np.array([ys[xs == x].max() for x in unique_x])
+    grid = np.linspace(0.0, max_fp_per_image, n_points)
+    grid_sensitivity = np.interp(grid, unique_x, best_y)
+    return FrocCurve(thresholds, sensitivity, fp_per_image, grid, grid_sensitivity,
+                     float(np.trapezoid(grid_sensitivity, grid)))
+
+
+@dataclass(frozen=True)
+class ThresholdCurve:
+    """Precision, recall and F1 when the points with probability >= threshold count as mitotic figures."""
+
+    thresholds: np.ndarray
+    """Ascending."""
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, F1) with the highest F1; among equal F1, the highest threshold."""
+        best_f1 = self.f1.max()
+        index = int(np.flatnonzero(self.f1 == best_f1)[-1])
+        return float(self.thresholds[index]), float(best_f1)
+
+
+def sweep_thresholds(probabilities: np.ndarray, limit: int = MAX_SWEEP_THRESHOLDS) -> np.ndarray:
+    """Where counts can change: every distinct probability, or `limit` of them at evenly spaced quantiles."""
+    unique = np.unique(probabilities)
+    if len(unique) > limit:
+        unique = np.unique(np.quantile(probabilities, np.linspace(0, 1, limit), method="inverted_cdf"))
+    return unique
+
+
+def threshold_curve(sweeps: Sequence[ThresholdSweep], thresholds: np.ndarray) -> ThresholdCurve:
+    counts = np.array([[s.counts(t) for s in sweeps] for t in thresholds], dtype=np.int64).reshape(
+        len(thresholds), len(sweeps), 3).sum(1)
+    tp, fn, fp = counts[:, 0], counts[:, 1], counts[:, 2]
+    precision, recall, f1 = precision_recall_f1(tp, fp, fn)
+    return ThresholdCurve(np.asarray(thresholds, dtype=np.float64), tp, fp, fn, precision, recall, f1)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageResult:
+    truth: ImageTruth
+    prediction: ImagePrediction
+    score: DetectionScore
+    """On the points named "mitotic figure"."""
+    sweep: ThresholdSweep = field(repr=False)
+
+    def official(self) -> dict[str, Any]:
+        """The container's per-image result (its `gt` is emptied before writing, as the container does)."""
+        return {"image": self.truth.name, "gt": [], "tumor_domain": self.truth.tumor_domain,
+                "pred": self.prediction.rows(), "metrics": self.score.as_dict(), "roi_type": self.truth.roi_type}
+
+
+def _domain_key(domain: Any) -> str:
+    return str(domain)
+
+
+@dataclass
+class Track1Evaluation:
+    images: list[ImageResult]
+    aggregates: dict[str, Any]
+    froc: FrocCurve
+    curve: ThresholdCurve
+
+    def metrics(self) -> dict[str, Any]:
+        """The official metrics.json: per-image results and the aggregates."""
+        return {"results": [r.official() for r in self.images], "aggregates": self.aggregates}
+
+
+def _group_metrics(images: Sequence[ImageResult], with_froc: bool) -> dict[str, float]:
+    tp = sum(r.score.true_positives for r in images)
+    fp = sum(r.score.false_positives for r in images)
+    fn = sum(r.score.false_negatives for r in images)
+    precision, recall, f1 = precision_recall_f1(tp, fp, fn)
+    values = {"precision": precision, "recall": recall, "f1": f1,
+              "AP": average_precision([(r.truth, r.prediction) for r in images]),
+              "positives": tp + fn}
+    if with_froc:
+        values["froc_auc"] = froc_curve([r.sweep for r in images]).auc if images else 0.0
+    return values
+
+
+def aggregate(images: Sequence[ImageResult], with_froc: bool = True) -> dict[str, Any]:
+    """Official aggregate keys, in the container's order, plus froc_auc and the tumour × ROI table it later added."""
+    overall = _group_metrics(images, with_froc)
+    out: dict[str, Any] = {"precision": overall["precision"], "recall": overall["recall"], "f1_score": overall["f1"]}
+    if with_froc:
+        out["froc_auc"] = overall["froc_auc"]
+    out["AP"] = overall["AP"]
+    domains = sorted({r.truth.tumor_domain for r in images}, key=lambda d: (str(type(d)), d))
+    for domain in domains:
+        group = _group_metrics([r for r in images if r.truth.tumor_domain == domain], with_froc)
+        key = f"tumor_{_domain_key(domain)}"
+        for name in ("precision", "recall", "f1", "AP") + (("froc_auc",) if with_froc else ()):
+            out[f"{key}_{name}"] = group[name]
+    table: dict[str, Any] = {}
+    for roi_type in ROI_TYPES:
+        for domain in domains:
+            subset = [r for r in images if r.truth.tumor_domain == domain and r.truth.roi_type == roi_type]
+            if not subset:
+                continue
+            group = _group_metrics(subset, with_froc)
+            for name in ("f1", "precision", "recall", "positives", "AP") + (("froc_auc",) if with_froc else ()):
+                table[f"{_domain_key(domain)}_{roi_type}_{name}"] = group[name]
+    out["tumor_roitype"] = table
+    for roi_type in ROI_TYPES:  # every ROI type, present or not, as the container does
+        group = _group_metrics([r for r in images if r.truth.roi_type == roi_type], with_froc)
+        for name in ("precision", "recall", "f1", "AP") + (("froc_auc",) if with_froc else ()):
+            out[f"roi_type_{roi_type}_{name}"] = group[name]
+    return out
+
+
+def evaluate_jobs(jobs: Sequence[Job], ground_truth: Mapping[str, Any], with_froc: bool = True) -> Track1Evaluation:
+    """Score jobs (in their order) against the ground truth, like the container; see `score` for the API."""
+    truths = parse_ground_truth(ground_truth)
+    images = []
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.image not in truths:
+            raise PredictionError(f"job {job.pk}: ground truth for processed image {job.image} not found")
+        if job.image in seen:
+            raise PredictionError(f"job {job.pk}: image {job.image} was already scored (job {seen[job.image]})")
+        seen[job.image] = job.pk
+        truth = truths[job.image]
+        prediction = parse_points(job.payload, job.pk)
+        score = score_detection(truth.points, _flatten_z(prediction.points[prediction.mitotic]))
+        images.append(ImageResult(truth, prediction, score, ThresholdSweep(truth.points, prediction)))
+    if not images:
+        raise PredictionError("no predictions to evaluate")
+    sweeps = [r.sweep for r in images]
+    froc = froc_curve(sweeps)
+    curve = threshold_curve(sweeps, sweep_thresholds(np.concatenate([r.prediction.probability for r in images])))
+    return Track1Evaluation(images, aggregate(images, with_froc), froc, curve)
+
+
+def jobs_from_mapping(predictions: Mapping[str, Any]) -> list[Job]:
+    """image name → "Multiple points" payload (or its list of points), in the mapping's order."""
+    return [Job(pk=str(name), image=str(name), payload=payload) for name, payload in predictions.items()]
+
+
+def evaluate(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any],
+             with_froc: bool = True) -> Track1Evaluation:
+    return evaluate_jobs(jobs_from_mapping(predictions), ground_truth, with_froc)
+
+
+def score(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any], with_froc: bool = True) -> dict[str, Any]:
+    """Official Track 1 aggregates for `predictions` (image name → points or "Multiple points" dict).
+
+    `ground_truth` is the official format (image name → annotations, tumour domain, ROI type). Images are added to
+    AP in the mapping's order (it decides score ties between images, as the job order does in the container).
+    """
+    return evaluate(predictions, ground_truth, with_froc).aggregates

@@ -1,0 +1,197 @@
+"""Track 2 (atypical vs normal) metrics, as the official MIDOG 2025 evaluation container computes them.
+
+Official definitions (DeepMicroscopy/MIDOG25_T2_evaluation_docker, evaluate.py):
+- Each job's output is a list with one {"class": "normal"|"atypical", "confidence": float} per stack page, as many
+  entries as the ground truth has labels; the confidence must be a JSON float (an int is rejected).
+- The predicted class is the `class` field. The score for ROC AUC is P(atypical) read as
+  `confidence if class == "atypical" else 1 - confidence`: the container takes `confidence` to be the confidence
+  in the *stated class*. An output that writes P(atypical) for "normal" pages gets its ROC AUC scrambled.
+- Overall: sensitivity TP/(TP+FN), specificity TN/(TN+FP), balanced accuracy their mean, accuracy, and ROC AUC
+  (sklearn) over all pages. Per tumour domain ("domain_<d>"): the same with sklearn's recall_score (0 when a class
+  is absent), accuracy_score and roc_auc_score (NaN when one class only).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from midog.evaluate.io import GroundTruthError, Job, PredictionError
+from midog.outputs import ATYPICAL, NORMAL
+
+CLASS_IDS = {NORMAL: 0, ATYPICAL: 1}
+
+
+@dataclass(frozen=True)
+class StackTruth:
+    image: str
+    labels: np.ndarray
+    """(n,) 1 = atypical."""
+    domains: list[Any]
+
+
+@dataclass(frozen=True)
+class StackResult:
+    pk: str
+    truth: StackTruth
+    predicted: np.ndarray
+    """(n,) 1 = atypical, from the `class` field."""
+    confidence: np.ndarray
+    score: np.ndarray
+    """(n,) P(atypical) as the container derives it."""
+
+
+def parse_ground_truth(ground_truth: Any) -> dict[str, StackTruth]:
+    """The official ground truth: a list of {"image", "labels": ["normal"|"atypical", ...], "tumordomains": [...]}."""
+    if not isinstance(ground_truth, list):
+        raise GroundTruthError("Track 2 ground truth must be a list of {image, labels, tumordomains}")
+    truths = {}
+    for index, entry in enumerate(ground_truth):
+        if not isinstance(entry, Mapping):
+            raise GroundTruthError(f"ground truth entry {index} is not a dictionary")
+        for key in ("image", "labels", "tumordomains"):
+            if key not in entry:
+                raise GroundTruthError(f"ground truth entry {index}: field '{key}' is missing")
+        labels, domains = entry["labels"], entry["tumordomains"]
+        if not isinstance(labels, list) or any(label not in CLASS_IDS for label in labels):
+            raise GroundTruthError(f"ground truth for {entry['image']}: labels must be 'normal' or 'atypical'")
+        if not isinstance(domains, list) or len(domains) != len(labels):
+            raise GroundTruthError(f"ground truth for {entry['image']}: one tumour domain per label is required")
+        truths[entry["image"]] = StackTruth(entry["image"], np.array([CLASS_IDS[x] for x in labels], dtype=np.int64),
+                                            list(domains))
+    return truths
+
+
+def parse_stack(payload: Any, truth: StackTruth, pk: str) -> StackResult:
+    """One job's classification list, validated like the official container (job and field named)."""
+    if not isinstance(payload, list):
+        raise PredictionError(f"job {pk}: output must be a list of {{'class', 'confidence'}} dictionaries")
+    if len(payload) != len(truth.labels):
+        raise PredictionError(f"job {pk}: results length does not match GT length "
+                              f"(result length={len(payload)}, GT length={len(truth.labels)})")
+    predicted, confidence = [], []
+    for i, entry in enumerate(payload):
+        where = f"job {pk}: entry {i}"
+        if not isinstance(entry, Mapping):
+            raise PredictionError(f"{where} is not a dictionary")
+        for key in ("class", "confidence"):
+            if key not in entry:
+                raise PredictionError(f"{where}: field '{key}' is missing")
+        if entry["class"] not in CLASS_IDS:
+            raise PredictionError(f"{where}: field 'class' is {entry['class']!r}; it must be 'normal' or 'atypical'")
+        value = entry["confidence"]
+        if not isinstance(value, float) or not np.isfinite(value):
+            raise PredictionError(f"{where}: field 'confidence' must be a float, got {value!r}")
+        predicted.append(CLASS_IDS[entry["class"]])
+        confidence.append(value)
+    predicted_arr = np.array(predicted, dtype=np.int64)
+    confidence_arr = np.array(confidence, dtype=np.float64)
+    score = np.where(predicted_arr == 1, confidence_arr, 1 - confidence_arr)
+    return StackResult(pk, truth, predicted_arr, confidence_arr, score)
+
+
+@dataclass
+class Track2Evaluation:
+    stacks: list[StackResult]
+    aggregates: dict[str, Any]
+
+    @property
+    def y_true(self) -> np.ndarray:
+        return np.concatenate([s.truth.labels for s in self.stacks])
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return np.concatenate([s.predicted for s in self.stacks])
+
+    @property
+    def y_score(self) -> np.ndarray:
+        return np.concatenate([s.score for s in self.stacks])
+
+    @property
+    def domains(self) -> np.ndarray:
+        return np.concatenate([np.asarray(s.truth.domains) for s in self.stacks])
+
+    def metrics(self) -> dict[str, Any]:
+        """The official metrics.json (the container empties `results`)."""
+        return {"results": {}, "aggregates": self.aggregates}
+
+
+def _ratio(num: int, den: int) -> float:
+    if den == 0:
+        return float("nan")  # the container divides by zero here; we report NaN instead of crashing
+    return float(num / den)
+
+
+def aggregate(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray, domains: np.ndarray) -> dict[str, Any]:
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+
+    tp = int(np.sum((y_pred == 1) & (y_true == 1)))
+    fp = int(np.sum((y_pred == 1) & (y_true == 0)))
+    fn = int(np.sum((y_pred == 0) & (y_true == 1)))
+    tn = int(np.sum((y_pred == 0) & (y_true == 0)))
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        out: dict[str, Any] = {
+            "overall_sensitivity": sensitivity,
+            "overall_specificity": specificity,
+            "overall_balanced_accuracy": float((specificity + sensitivity) / 2),
+            "overall_roc_auc": float(roc_auc_score(y_true, y_score)),
+            "overall_accuracy": _ratio(tp + tn, tp + fn + fp + tn),
+        }
+        for domain in np.sort(np.unique(domains)):
+            mask = domains == domain
+            sens = float(recall_score(y_true=y_true[mask], y_pred=y_pred[mask]))
+            spec = float(recall_score(y_true=y_true[mask], y_pred=y_pred[mask], pos_label=0))
+            out[f"domain_{domain}"] = {
+                "sensitivity": sens,
+                "specificity": spec,
+                "balanced_accuracy": (sens + spec) / 2,
+                "accuracy": float(accuracy_score(y_true=y_true[mask], y_pred=y_pred[mask])),
+                "roc_auc": float(roc_auc_score(y_true=y_true[mask], y_score=y_score[mask])),
+            }
+    return out
+
+
+def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any) -> Track2Evaluation:
+    truths = parse_ground_truth(ground_truth)
+    stacks = []
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.image not in truths:
+            raise PredictionError(f"job {job.pk}: no GT for this image: {job.image}")
+        if job.image in seen:
+            raise PredictionError(f"job {job.pk}: image {job.image} was already scored (job {seen[job.image]})")
+        seen[job.image] = job.pk
+        stacks.append(parse_stack(job.payload, truths[job.image], job.pk))
+    if not stacks:
+        raise PredictionError("no predictions to evaluate")
+    evaluation = Track2Evaluation(stacks, {})
+    evaluation.aggregates = aggregate(evaluation.y_true, evaluation.y_pred, evaluation.y_score, evaluation.domains)
+    return evaluation
+
+
+def evaluate(predictions: Mapping[str, Any], ground_truth: Any) -> Track2Evaluation:
+    return evaluate_jobs([Job(pk=str(k), image=str(k), payload=v) for k, v in predictions.items()], ground_truth)
+
+
+def score(predictions: Mapping[str, Any], ground_truth: Any) -> dict[str, Any]:
+    """Official Track 2 aggregates for `predictions` (stack image name → list of {"class", "confidence"})."""
+    return evaluate(predictions, ground_truth).aggregates
+
+
+def balanced_accuracy_curve(y_true: np.ndarray, p_atypical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced accuracy when pages with P(atypical) >= t are called atypical, at every distinct P (ascending)."""
+    thresholds = np.unique(p_atypical)
+    positives, negatives = max(int((y_true == 1).sum()), 1), max(int((y_true == 0).sum()), 1)
+    values = []
+    for t in thresholds:
+        called = p_atypical >= t
+        sens = np.sum(called & (y_true == 1)) / positives
+        spec = np.sum(~called & (y_true == 0)) / negatives
+        values.append((sens + spec) / 2)
+    return thresholds, np.asarray(values, dtype=np.float64)
