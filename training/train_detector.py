@@ -1,0 +1,206 @@
+"""Train the Track 1 proposal detector (YOLO11 with LSConv and EMA attention) with ultralytics.
+
+    python -m training.train_detector --data DATA.yaml [--model yolo11x-lsconv-ema] [--epochs 300] [--batch 16]
+        [--imgsz 512] [--device 0,1,2,3] [--workers 8] [--set key=value ...] [--out weights/detector.pt]
+
+The method's settings live in training/configs/detector.yaml (AdamW, lr 1e-3 cosine to 1e-5, weight decay 5e-4,
+300 epochs, 512 px, rotation up to 180°, flips, mixup 0.3, mosaic off for the last 20 epochs, random erasing).
+`--device 0,1,2,3` hands the GPU list to ultralytics' own DDP (see training/detector_trainer.py for how the custom
+blocks reach its worker processes). `--out` copies the run's best.pt there and writes its model card beside it.
+DATA.yaml is an ultralytics detection dataset (path, train, val, names), as written by the data preparation step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from midog.errors import MidogError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "detector.yaml"
+OUR_MODEL_SUFFIX = "-lsconv-ema"
+
+
+class DetectorTrainingError(MidogError):
+    """The detector cannot be trained as asked: missing dataset, unknown model, bad override."""
+
+
+@dataclass
+class DetectorTrainConfig:
+    model: str = "yolo11x-lsconv-ema"
+    """yolo11{n,s,m,l,x}-lsconv-ema, or any model ultralytics can build or load (YAML or .pt)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """ultralytics train arguments."""
+
+
+def load_detector_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> DetectorTrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise DetectorTrainingError(f"detector training config not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    unknown = set(values) - {"model", "train"}
+    if unknown:
+        raise DetectorTrainingError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return DetectorTrainConfig(model=values.get("model", DetectorTrainConfig.model), train=dict(values.get("train", {})))
+
+
+def resolve_model(name: str) -> str:
+    """Our model names map to the YAML path whose file name carries the scale; anything else goes to ultralytics."""
+    from midog.yolo_modules import SCALES, model_yaml
+
+    stem = Path(name).name.removesuffix(".yaml")
+    if stem.endswith(OUR_MODEL_SUFFIX) and not Path(name).is_file():
+        scale = stem.removeprefix("yolo11").removesuffix(OUR_MODEL_SUFFIX)
+        if scale not in SCALES:
+            raise DetectorTrainingError(f"unknown model '{name}': expected yolo11{{{','.join(SCALES)}}}{OUR_MODEL_SUFFIX}")
+        return str(model_yaml(scale))
+    return name
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML, so `0.5`, `true`, `null` and `[1, 2]` mean what they say."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DetectorTrainingError(f"--set expects key=value, got '{pair}'")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The ultralytics arguments: the config's, then the command-line flags, then --set pairs."""
+    train = dict(cfg.train)
+    for key in ("epochs", "batch", "imgsz", "device", "workers", "project", "name", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            train[key] = value
+    train.update(parse_overrides(args.set))
+    data = Path(args.data)
+    if not data.is_file():
+        raise DetectorTrainingError(f"dataset YAML not found: {data}")
+    train["data"] = str(data.resolve())
+    if train.get("project") is not None:
+        train["project"] = str(Path(train["project"]).resolve())
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise DetectorTrainingError(f"checkpoint to resume not found: {args.resume}")
+        train["resume"] = str(Path(args.resume).resolve())
+    return train
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def _count_parameters(checkpoint: Path) -> int:
+    from ultralytics.nn.tasks import load_checkpoint
+
+    model, _ = load_checkpoint(str(checkpoint))
+    return sum(p.numel() for p in model.parameters())
+
+
+def ship(best: Path, out: Path, model_name: str, train: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """Copy best.pt to `out` and write its model card beside it; returns the card's path."""
+    import ultralytics
+
+    from midog.weights import write_model_card
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, out)
+    card = {
+        "task": "track1-proposals",
+        "architecture": model_name,
+        "framework": f"ultralytics {ultralytics.__version__}",
+        "parameters": _count_parameters(out),
+        "input_size": train.get("imgsz"),
+        "training": {k: v for k, v in train.items() if k not in {"project", "name", "exist_ok"}},
+        "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
+        "loading": "YOLO(path) after midog.yolo_modules.register_custom_modules()",
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+    return write_model_card(out, card)
+
+
+def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None) -> Path:
+    """Train; returns the run's best.pt (or `out`, where it was copied)."""
+    from ultralytics import YOLO
+
+    from midog.yolo_modules import register_custom_modules
+    from training.detector_trainer import MidogDetectionTrainer
+
+    register_custom_modules()
+    model_name = resolve_model(cfg.model)
+    model = YOLO(train["resume"] if train.get("resume") else model_name, task="detect")
+    model.train(trainer=MidogDetectionTrainer, **train)
+    trainer = model.trainer
+    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+    if not best.is_file():
+        raise DetectorTrainingError(f"training finished without a checkpoint in {trainer.save_dir}")
+    if out is None:
+        return best
+    metrics = {k: v for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
+    ship(best, out, Path(model_name).stem, train, metrics)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ultralytics dataset YAML")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training settings (default: %(default)s)")
+    parser.add_argument("--model", help="yolo11{n,s,m,l,x}-lsconv-ema or an ultralytics YAML/.pt (overrides config)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch", type=int, help="total batch size over all GPUs")
+    parser.add_argument("--imgsz", type=int)
+    parser.add_argument("--device", help="cpu, 0, or a GPU list such as 0,1,2,3 (ultralytics DDP)")
+    parser.add_argument("--workers", type=int, help="dataloader workers per process")
+    parser.add_argument("--project", help="folder of the runs (default: the config's)")
+    parser.add_argument("--name", help="run name inside the project folder")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other ultralytics train argument, e.g. --set patience=50 (repeatable)")
+    parser.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its last.pt")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared CPU machine)")
+    parser.add_argument("--out", help="copy best.pt here and write its model card beside it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach the network, before ultralytics is imported
+    cfg = load_detector_config(args.config)
+    if args.model:
+        cfg.model = args.model
+    train = train_arguments(cfg, args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run(cfg, train, Path(args.out) if args.out else None)
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        raise SystemExit(main())
+    except MidogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
