@@ -162,22 +162,21 @@ class TiffStack(PageStack):
     def _index_pages(self) -> list[int]:
         size = self.path.stat().st_size
         indices = []
-        with _tifffile_errors() as errors:
+        with _tifffile_errors() as errors:  # pages are parsed one at a time and not kept: only their indices
             try:
-                pages = list(self._tif.pages)
+                for index, page in enumerate(self._tif.pages):
+                    if int(getattr(page, "subfiletype", 0)) & _TIFF_SKIPPED_SUBFILETYPES:
+                        continue
+                    for offset, count in zip(page.dataoffsets, page.databytecounts):
+                        if count and offset + count > size:
+                            raise InputError(
+                                f"{self.path.name} is truncated: page {index + 1} ends past the end of the file")
+                    indices.append(index)
             except (ValueError, OSError, struct.error, IndexError) as err:
                 errors.append(str(err))
-                pages = []
         if errors:
             detail = re.sub(r"^<[^>]*>\s*", "", errors[0].splitlines()[0])  # drop tifffile's object repr
             raise InputError(f"{self.path.name} is truncated or corrupt: {detail}")
-        for index, page in enumerate(pages):
-            if int(getattr(page, "subfiletype", 0)) & _TIFF_SKIPPED_SUBFILETYPES:
-                continue
-            for offset, count in zip(page.dataoffsets, page.databytecounts):
-                if count and offset + count > size:
-                    raise InputError(f"{self.path.name} is truncated: page {index + 1} ends past the end of the file")
-            indices.append(index)
         if not indices:
             raise InputError(f"{self.path.name} holds no image page")
         return indices

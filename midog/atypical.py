@@ -1,0 +1,88 @@
+"""Atypical vs normal mitotic figures: uint8 RGB crops (Track 2 stack pages, Track 1 figure crops) → P(atypical).
+
+One checkpoint, or a list of them (a fold ensemble). An ensemble's P(atypical) is the mean of its members'
+probabilities. Its decision threshold, unless `atypical.threshold` is set in the config, is the mean of the
+thresholds stored with the members: each was chosen on its own fold's validation split for probabilities on the
+same scale as the ensemble mean, and no split is left over to tune the ensemble itself. Set `atypical.threshold`
+to use one tuned for the ensemble (e.g. by `midog.evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from midog.classifier import BinaryClassifier, load_classifier
+from midog.config import AtypicalConfig
+from midog.errors import WeightsError
+from midog.outputs import ATYPICAL
+from midog.weights import find_weights
+
+
+@dataclass
+class AtypicalClassifier:
+    """The atypical stage: one or more classifiers averaged, the decision threshold, and the TTA setting."""
+
+    models: list[BinaryClassifier]
+    threshold: float
+    tta: bool = True
+    batch_size: int = 64
+
+    def predict_proba(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """P(atypical) per crop, in order, as float32.
+
+        `crops`: an (N, H, W, 3) uint8 array, or a sequence of (H, W, 3) uint8 arrays whose sizes may differ
+        (each is resized to the model's input size by `BinaryClassifier.preprocess`).
+        """
+        probabilities = np.zeros(len(crops), dtype=np.float32)
+        for indices, batch in _same_size_groups(crops):
+            member_probs = [model.predict_proba(batch, tta=self.tta, batch_size=self.batch_size)
+                            for model in self.models]
+            probabilities[indices] = np.mean(member_probs, axis=0)
+        return probabilities
+
+    def is_atypical(self, probabilities: np.ndarray) -> np.ndarray:
+        return np.asarray(probabilities) >= self.threshold
+
+
+def _same_size_groups(crops: np.ndarray | Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split crops into (indices, stacked array) groups of one size, so each group runs as one batch."""
+    if isinstance(crops, np.ndarray):
+        _check_crop(crops[0] if len(crops) else np.zeros((1, 1, 3), np.uint8))
+        return [(np.arange(len(crops)), crops)] if len(crops) else []
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, crop in enumerate(crops):
+        _check_crop(crop)
+        by_shape.setdefault(crop.shape, []).append(index)
+    return [(np.asarray(indices), np.stack([crops[i] for i in indices])) for indices in by_shape.values()]
+
+
+def _check_crop(crop: np.ndarray) -> None:
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[-1] != 3:
+        raise ValueError(f"crops must be uint8 RGB (H, W, 3) arrays, got {crop.dtype} {crop.shape}")
+
+
+def resolve_threshold(models: Sequence[BinaryClassifier], configured: float | None) -> float:
+    """The configured threshold when set, else the mean of the thresholds stored with the weights."""
+    threshold = float(np.mean([m.threshold for m in models])) if configured is None else float(configured)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"atypical threshold must lie in [0, 1], got {threshold}")
+    return threshold
+
+
+def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu") -> AtypicalClassifier:
+    """Find (/opt/ml/model, then weights/) and load strictly every checkpoint named in `config.weights`."""
+    names = [config.weights] if isinstance(config.weights, str) else list(config.weights)
+    if not names:
+        raise WeightsError("no atypical classifier weights configured (atypical.weights is empty)")
+    models = []
+    for name in names:
+        model = load_classifier(find_weights(name), device=device)
+        if model.positive != ATYPICAL:
+            raise WeightsError(f"weights '{name}' classify '{model.positive}', not '{ATYPICAL}'")
+        models.append(model)
+    return AtypicalClassifier(models=models, threshold=resolve_threshold(models, config.threshold),
+                              tta=config.tta, batch_size=config.batch_size)

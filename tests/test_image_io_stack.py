@@ -1,0 +1,210 @@
+"""Track 2 stack reading: every odd format in, RGB uint8 (H, W, 3) pages out, lazily; bad files → InputError."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import shared_path
+from stack_factory import he_pages, write_mha, write_tiff
+
+from midog.errors import InputError
+from midog.image_io import find_single_image, open_stack, to_rgb_uint8
+
+
+def read_all(path: Path, batch_size: int = 4) -> list[np.ndarray]:
+    with open_stack(path) as stack:
+        pages = [page for batch in stack.iter_batches(batch_size) for page in batch]
+        assert len(pages) == stack.num_pages
+    for page in pages:
+        assert page.dtype == np.uint8 and page.ndim == 3 and page.shape[-1] == 3
+    return pages
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return he_pages(6, size=40, seed=3)
+
+
+def test_rgb_tiff_round_trips_exactly(tmp_path: Path, crops: np.ndarray):
+    pages = read_all(write_tiff(tmp_path / "rgb.tiff", crops))
+    np.testing.assert_array_equal(np.stack(pages), crops)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzw", "packbits"])
+def test_compressed_tiff(tmp_path: Path, crops: np.ndarray, compression: str):
+    pages = read_all(write_tiff(tmp_path / "c.tif", crops, compression=compression))
+    np.testing.assert_array_equal(np.stack(pages), crops)
+
+
+def test_jpeg_tiff_is_close(tmp_path: Path, crops: np.ndarray):
+    pages = read_all(write_tiff(tmp_path / "j.tif", crops, compression="jpeg"))
+    assert np.abs(np.stack(pages).astype(int) - crops).mean() < 6
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path: Path, crops: np.ndarray):
+    gray = crops[..., 1]
+    pages = read_all(write_tiff(tmp_path / "gray.tif", gray))
+    for page, expected in zip(pages, gray):
+        for channel in range(3):
+            np.testing.assert_array_equal(page[..., channel], expected)
+
+
+def test_rgba_drops_alpha(tmp_path: Path, crops: np.ndarray):
+    alpha = np.full(crops.shape[:-1] + (1,), 128, np.uint8)
+    pages = read_all(write_tiff(tmp_path / "rgba.tif", np.concatenate([crops, alpha], axis=-1)))
+    np.testing.assert_array_equal(np.stack(pages), crops)
+
+
+def test_16bit_full_range_scales_back_to_8bit(tmp_path: Path, crops: np.ndarray):
+    pages = read_all(write_tiff(tmp_path / "rgb16.tif", crops.astype(np.uint16) * 257))
+    np.testing.assert_array_equal(np.stack(pages), crops)
+
+
+def test_12bit_data_in_16bit_container_uses_its_range(tmp_path: Path):
+    page = np.array([[0, 2048, 4095]], dtype=np.uint16).repeat(4, axis=0)
+    (out,) = read_all(write_tiff(tmp_path / "gray12.tif", [page]))
+    assert out[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_8bit_values_in_16bit_container_are_kept(tmp_path: Path, crops: np.ndarray):
+    pages = read_all(write_tiff(tmp_path / "rgb16_8.tif", crops.astype(np.uint16)))
+    np.testing.assert_array_equal(np.stack(pages), crops)
+
+
+def test_planar_rgb(tmp_path: Path, crops: np.ndarray):
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, crops.transpose(0, 3, 1, 2), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(np.stack(read_all(path)), crops)
+
+
+def test_palette_and_miniswhite(tmp_path: Path):
+    indices = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[0, :16] = np.arange(16) * 257 * 10  # red ramp
+    tifffile.imwrite(tmp_path / "pal.tif", indices, photometric="palette", colormap=colormap)
+    (pal,) = read_all(tmp_path / "pal.tif")
+    assert pal[..., 0].ravel().tolist() == [10 * i for i in range(16)] and not pal[..., 1:].any()
+    tifffile.imwrite(tmp_path / "white.tif", np.zeros((3, 3), np.uint8), photometric="miniswhite")
+    (white,) = read_all(tmp_path / "white.tif")
+    assert (white == 255).all()
+
+
+def test_odd_and_mixed_page_sizes_and_one_page(tmp_path: Path):
+    sizes = [(1, 1), (7, 13), (128, 128), (300, 97)]
+    pages = [np.full(s + (3,), i * 40, np.uint8) for i, s in enumerate(sizes)]
+    out = read_all(write_tiff(tmp_path / "mixed.tif", pages), batch_size=3)
+    assert [p.shape[:2] for p in out] == sizes
+    assert [int(p[0, 0, 0]) for p in out] == [0, 40, 80, 120]
+    (single,) = read_all(write_tiff(tmp_path / "one.tif", pages[2:3]))
+    np.testing.assert_array_equal(single, pages[2])
+
+
+def test_reduced_resolution_pages_are_not_crops(tmp_path: Path, crops: np.ndarray):
+    path = tmp_path / "with_thumbnails.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for crop in crops[:3]:
+            writer.write(crop, photometric="rgb", metadata=None)
+            writer.write(crop[::2, ::2], photometric="rgb", subfiletype=1, metadata=None)
+    np.testing.assert_array_equal(np.stack(read_all(path)), crops[:3])
+
+
+def test_batches_are_in_order(tmp_path: Path):
+    crops = he_pages(12, size=16, seed=1)
+    with open_stack(write_tiff(tmp_path / "s.tif", crops)) as stack:
+        batches = list(stack.iter_batches(5))
+    assert [len(b) for b in batches] == [5, 5, 2]
+    np.testing.assert_array_equal(np.stack([p for b in batches for p in b]), crops)
+
+
+def test_2000_pages_stream_in_bounded_memory(tmp_path: Path):
+    page = he_pages(1, size=64, seed=2)[0]
+    path = tmp_path / "big.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for i in range(2000):
+            writer.write(np.roll(page, i, axis=1), photometric="rgb", metadata=None)  # 24 MB of pixels in all
+    tracemalloc.start()
+    count = 0
+    with open_stack(path) as stack:
+        for batch in stack.iter_batches(16):
+            count += len(batch)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == 2000
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB: pages are not streamed"
+
+
+def test_mha_rgb_gray16_and_2d(tmp_path: Path, crops: np.ndarray):
+    np.testing.assert_array_equal(np.stack(read_all(write_mha(tmp_path / "rgb.mha", crops))), crops)
+    gray16 = crops[..., 0].astype(np.uint16) * 257
+    pages = read_all(write_mha(tmp_path / "g16.mha", gray16, compress=True), batch_size=4)
+    np.testing.assert_array_equal(np.stack(pages)[..., 2], crops[..., 0])
+    (single,) = read_all(write_mha(tmp_path / "one.mha", crops[0], vector=True))
+    np.testing.assert_array_equal(single, crops[0])
+
+
+def test_float_pages():
+    page = np.array([[0.0, 0.5, 1.0]], np.float32)
+    assert to_rgb_uint8(page)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_real_grand_challenge_stack():
+    path = shared_path("grand-challenge", "track2-input-example", "images", "stacked-histopathology-roi-cropouts",
+                       "stack_5.tiff")
+    pages = read_all(path, batch_size=5)
+    assert len(pages) == 16 and all(p.shape == (128, 128, 3) for p in pages)
+    np.testing.assert_array_equal(np.stack(pages), tifffile.imread(path))
+
+
+# ---- bad files ----
+
+def _truncate(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_truncated_tiff(tmp_path: Path, crops: np.ndarray, keep: float):
+    path = _truncate(write_tiff(tmp_path / "t.tif", crops), keep)
+    with pytest.raises(InputError, match="truncated"):
+        read_all(path)
+
+
+def test_truncated_mha(tmp_path: Path, crops: np.ndarray):
+    path = _truncate(write_mha(tmp_path / "t.mha", crops), 0.9)
+    with pytest.raises(InputError, match="truncated"):
+        read_all(path)
+
+
+@pytest.mark.parametrize("name, content", [("junk.tif", b"this is not an image" * 50), ("empty.tiff", b""),
+                                           ("junk.mha", b"\x00\x01garbage" * 30)])
+def test_non_image_files(tmp_path: Path, name: str, content: bytes):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError, match=name):
+        read_all(tmp_path / name)
+
+
+def test_unsupported_suffix_and_missing_file(tmp_path: Path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    with pytest.raises(InputError, match="unsupported image type"):
+        open_stack(tmp_path / "a.png")
+    with pytest.raises(InputError, match="not found"):
+        open_stack(tmp_path / "missing.tif")
+
+
+def test_find_single_image(tmp_path: Path):
+    with pytest.raises(InputError, match="no image folder"):
+        find_single_image(tmp_path / "nope")
+    (tmp_path / ".hidden.tif").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="no .tif/.tiff/.mha image"):
+        find_single_image(tmp_path)
+    (tmp_path / "a.TIFF").write_bytes(b"x")
+    assert find_single_image(tmp_path).name == "a.TIFF"
+    (tmp_path / "b.mha").write_bytes(b"x")
+    with pytest.raises(InputError, match="found 2: a.TIFF, b.mha"):
+        find_single_image(tmp_path)
