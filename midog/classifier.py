@@ -119,8 +119,17 @@ def build_classifier(
     threshold: float = 0.5,
     model_kwargs: dict[str, Any] | None = None,
 ) -> BinaryClassifier:
-    """A fresh (random-initialised, never downloaded) timm model with one output logit."""
+    """A fresh (random-initialised, never downloaded) timm model with one output logit.
+
+    Foundation-model backbones (registry names such as "uni2-h", or any timm name whose `model_kwargs` choose a
+    `method`) are built by midog.foundation, from their local pretrained weights.
+    """
     model_kwargs = dict(model_kwargs or {})
+    from midog.foundation import build_foundation_classifier, is_foundation  # imports this module
+
+    if is_foundation(arch, model_kwargs):
+        return build_foundation_classifier(arch, input_size, positive=positive, threshold=threshold,
+                                           model_kwargs=model_kwargs)
     model = timm.create_model(arch, pretrained=False, num_classes=1, **model_kwargs)
     data_config = timm.data.resolve_model_data_config(model)
     return BinaryClassifier(
@@ -135,8 +144,13 @@ def build_classifier(
     )
 
 
-def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> BinaryClassifier:
-    """Load a checkpoint written by `BinaryClassifier.save`, strictly, after checking its model card's sha256."""
+def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                    foundation: Any = None) -> BinaryClassifier:
+    """Load a checkpoint written by `BinaryClassifier.save`, strictly, after checking its model card's sha256.
+
+    Foundation-model checkpoints (`kind: foundation`) are rebuilt by midog.foundation; `foundation` (a
+    config.FoundationConfig, default: the shipped config) says where their pretrained base weights are.
+    """
     path = Path(path)
     verify_checksum(path)
     try:
@@ -145,6 +159,12 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         raise WeightsError(f"cannot load classifier weights {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a midog classifier checkpoint (format {CHECKPOINT_FORMAT})")
+    if state.get("kind", "timm") == "foundation":
+        from midog.foundation import load_foundation_classifier  # imports this module
+
+        return load_foundation_classifier(state, path, device=device, config=foundation)
+    if state.get("kind", "timm") != "timm":
+        raise WeightsError(f"{path} has an unknown classifier kind '{state['kind']}'")
     model = timm.create_model(state["arch"], pretrained=False, num_classes=1, **state.get("model_kwargs", {}))
     try:
         model.load_state_dict(state["state_dict"], strict=True)

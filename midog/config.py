@@ -80,6 +80,18 @@ class AtypicalConfig:
 
 
 @dataclass
+class FoundationConfig:
+    """Where pretrained foundation-model backbones (UNI, Virchow, H-optimus, ...) are found; never downloaded."""
+
+    dir: str = "foundation"
+    """Folder holding `<name>/` (a downloaded Hugging Face repo) or `<name>.safetensors|.bin|.pth` per model;
+    a relative folder is looked up in $MIDOG_WEIGHTS_DIR, /opt/ml/model and weights/."""
+    hf_cache: str | None = None
+    """A Hugging Face hub cache folder (holding models--org--name/), searched after `dir`;
+    $HF_HUB_CACHE and $HF_HOME/hub are searched too."""
+
+
+@dataclass
 class PipelineConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -88,6 +100,7 @@ class PipelineConfig:
     merging: MergingConfig = field(default_factory=MergingConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     atypical: AtypicalConfig = field(default_factory=AtypicalConfig)
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], where: str = "") -> dict[str, Any]:

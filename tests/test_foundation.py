@@ -1,0 +1,156 @@
+"""Foundation-model backbones: registry, offline weight lookup, pooling, checkpoints (tiny random ViTs stand in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from midog.classifier import build_classifier, load_classifier
+from midog.config import FoundationConfig, load_config
+from midog.errors import WeightsError
+from midog.foundation import (REGISTRY, BackboneSpec, PooledClassifier, create_backbone, find_base_weights,
+                              options_from_dict, resolve_spec)
+
+TINY = {"img_size": 32, "depth": 2}
+
+
+def tiny_options(method: str, weights: Path, **extra) -> dict:
+    return {"method": method, "weights": str(weights), "timm_kwargs": TINY, "pooling": "cls+mean", **extra}
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Path:
+    """A random-initialised test_vit saved as the 'pretrained' foundation weights."""
+    torch.manual_seed(0)
+    backbone = create_backbone(resolve_spec("test_vit", options_from_dict({"timm_kwargs": TINY})))
+    path = tmp_path / "base.safetensors"
+    save_file(backbone.state_dict(), str(path))
+    return path
+
+
+def crops(n: int = 6, size: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# The published sizes of these models: a wrong kwarg (mlp_layer, reg_tokens, patch size) changes the count.
+@pytest.mark.parametrize("name, params_m, features, prefix", [
+    ("uni", 303.4, 1024, 1), ("uni2-h", 681.4, 1536, 9), ("virchow", 631.2, 2560, 1), ("virchow2", 631.2, 2560, 5),
+    ("h-optimus-0", 1134.8, 1536, 5), ("h-optimus-1", 1134.8, 1536, 5), ("prov-gigapath", 1135.0, 1536, 1),
+])
+def test_registry_builds_the_published_architectures(name, params_m, features, prefix):
+    spec = REGISTRY[name]
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = PooledClassifier(create_backbone(spec), spec.pooling)
+    assert sum(p.numel() for p in model.backbone.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
+    assert model.num_features == features and model.backbone.num_prefix_tokens == prefix
+
+
+def test_hf_hub_names_map_to_the_registry():
+    assert resolve_spec("hf-hub:MahmoodLab/UNI2-h").name == "uni2-h"
+    assert resolve_spec("hf_hub:paige-ai/Virchow2").pooling == "cls+mean"
+    assert resolve_spec("H-optimus-0").mean == pytest.approx((0.707223, 0.578729, 0.703617))
+    with pytest.raises(ValueError, match="not in the foundation registry"):
+        resolve_spec("hf-hub:someone/unknown")
+
+
+def test_cls_plus_mean_pooling_skips_register_tokens():
+    torch.manual_seed(0)
+    backbone = create_backbone(BackboneSpec("t", "test_vit", dict(TINY, reg_tokens=4))).eval()
+    model = PooledClassifier(backbone, "cls+mean")
+    x = torch.randn(2, 3, 32, 32)
+    tokens = backbone.forward_features(x)  # class, 4 registers, 4 patches
+    assert tokens.shape[1] == 1 + 4 + 4
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=-1)
+    torch.testing.assert_close(model.features(x), expected)
+    torch.testing.assert_close(PooledClassifier(backbone, "cls").features(x), backbone(x))  # timm's token pool
+
+
+def test_missing_foundation_weights_name_the_file_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    config = FoundationConfig(dir=str(tmp_path / "foundation"))
+    with pytest.raises(WeightsError) as err:
+        find_base_weights(REGISTRY["uni2-h"], None, config)
+    message = str(err.value)
+    assert str(tmp_path / "foundation" / "uni2-h") in message
+    assert "hf download MahmoodLab/UNI2-h" in message and "docs/foundation-models.md" in message
+    with pytest.raises(WeightsError, match="nowhere.safetensors"):
+        find_base_weights(REGISTRY["uni"], str(tmp_path / "nowhere.safetensors"), config)
+
+
+def test_building_without_weights_fails_before_creating_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MIDOG_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsError, match="foundation model 'h-optimus-1' not found"):
+        build_classifier("h-optimus-1", 224, model_kwargs={"method": "linear"})
+
+
+def test_weights_found_in_foundation_dir_and_hf_cache(tmp_path: Path, tiny_base: Path):
+    spec = BackboneSpec("tiny", "test_vit", dict(TINY), hub_id="org/Tiny-Model")
+    folder = tmp_path / "foundation" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(tiny_base.read_bytes())
+    assert find_base_weights(spec, None, FoundationConfig(dir=str(tmp_path / "foundation"))) \
+        == folder / "model.safetensors"
+    snapshot = tmp_path / "hub" / "models--org--Tiny-Model" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "hub" / "models--org--Tiny-Model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--Tiny-Model" / "refs" / "main").write_text("0123abc")
+    config = FoundationConfig(dir=str(tmp_path / "empty"), hf_cache=str(tmp_path / "hub"))
+    assert find_base_weights(spec, None, config) == snapshot / "pytorch_model.bin"
+    # an explicit Hugging Face cache folder of one model works too
+    assert find_base_weights(spec, str(tmp_path / "hub" / "models--org--Tiny-Model"), config) \
+        == snapshot / "pytorch_model.bin"
+
+
+def test_foundation_config_section_is_overridable_from_the_environment():
+    config = load_config(environ={"MIDOG_FOUNDATION__DIR": "/models/fm", "MIDOG_FOUNDATION__HF_CACHE": "/hf"})
+    assert config.foundation.dir == "/models/fm" and config.foundation.hf_cache == "/hf"
+    assert load_config(environ={}).foundation.dir == "foundation"
+
+
+def test_base_weights_that_do_not_fit_are_refused(tmp_path: Path):
+    other = create_backbone(BackboneSpec("t", "test_vit", {"img_size": 32, "depth": 3}))
+    path = tmp_path / "deeper.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_classifier("test_vit", 32, model_kwargs=tiny_options("linear", path))
+
+
+def test_linear_checkpoint_holds_only_the_head_and_reloads_strictly(tmp_path: Path, tiny_base: Path):
+    clf = build_classifier("test_vit", 32, positive="atypical", model_kwargs=tiny_options("linear", tiny_base))
+    trainable = [n for n, p in clf.model.named_parameters() if p.requires_grad]
+    assert trainable == ["head.weight", "head.bias"]
+    torch.nn.init.normal_(clf.model.head.weight)
+    clf.threshold = 0.3
+    path = clf.save(tmp_path / "probe.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["kind"] == "foundation" and sorted(state["state_dict"]) == ["head.bias", "head.weight"]
+    loaded = load_classifier(path)
+    assert loaded.threshold == pytest.approx(0.3) and loaded.positive == "atypical"
+    np.testing.assert_allclose(loaded.predict_proba(crops(), tta=True), clf.predict_proba(crops(), tta=True),
+                               atol=1e-6)
+    state["state_dict"]["backbone.norm.weight"] = torch.ones(64)  # a key the method does not train
+    torch.save(state, tmp_path / "tampered.pt")
+    with pytest.raises(WeightsError, match="unexpected"):
+        load_classifier(tmp_path / "tampered.pt")
+
+
+def test_full_checkpoint_is_self_contained(tmp_path: Path):
+    clf = build_classifier("test_vit", 32, model_kwargs={"method": "full", "timm_kwargs": TINY})
+    path = clf.save(tmp_path / "full.pt")
+    np.testing.assert_allclose(load_classifier(path).predict_proba(crops()), clf.predict_proba(crops()), atol=1e-6)
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="unknown foundation model options"):
+        options_from_dict({"method": "lora", "rank": 8})
+    with pytest.raises(ValueError, match="unknown LoRA options"):
+        options_from_dict({"lora": {"rank": 8}})
+    with pytest.raises(ValueError, match="method"):
+        options_from_dict({"method": "adapter"})
