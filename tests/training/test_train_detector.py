@@ -1,0 +1,168 @@
+"""Detector training: settings, model names, random erasing, DDP worker rebuild, and a tiny real training run."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from ultralytics import YOLO
+from ultralytics.utils.instance import Instances
+
+from midog.weights import sha256_of
+from midog.yolo_modules import C3k2_LSConv, model_yaml
+from training.detector_trainer import DetectionErasing, MidogDetectionTrainer
+from training.train_detector import (
+    DetectorTrainingError,
+    load_detector_config,
+    main,
+    resolve_model,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+N_PARAMS = 2_471_981  # yolo11n-lsconv-ema, nc=1 (tests/test_yolo_modules.py)
+
+
+def make_yolo_dataset(root: Path, n_train: int = 3, n_val: int = 2, size: int = 96) -> Path:
+    """Pinkish tissue-like noise with one dark purple disc per image, labelled with a 24 px box."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            img = np.full((size, size, 3), (200, 170, 210), np.uint8) + rng.integers(0, 20, (size, size, 3), np.uint8)
+            cx, cy = (int(v) for v in rng.integers(20, size - 20, 2))
+            cv2.circle(img, (cx, cy), 7, (60, 20, 80), -1)
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
+            (root / "labels" / split / f"{i}.txt").write_text(f"0 {cx / size} {cy / size} {24 / size} {24 / size}\n")
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                    "names": {0: "mitotic figure"}}))
+    return data
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_yolo_dataset(tmp_path / "data")
+
+
+def test_config_holds_the_methods_settings():
+    cfg = load_detector_config()
+    t = cfg.train
+    assert cfg.model == "yolo11x-lsconv-ema"
+    assert (t["optimizer"], t["lr0"], t["lr0"] * t["lrf"], t["cos_lr"], t["weight_decay"]) == (
+        "AdamW", 1e-3, pytest.approx(1e-5), True, 5e-4)
+    assert (t["epochs"], t["imgsz"], t["degrees"], t["fliplr"], t["flipud"]) == (300, 512, 180, 0.5, 0.5)
+    assert (t["mixup"], t["close_mosaic"], t["pretrained"], t["plots"]) == (0.3, 20, False, False)
+    assert t["erasing"] > 0
+
+
+def test_model_names_resolve_to_the_scaled_yaml():
+    assert resolve_model("yolo11x-lsconv-ema") == str(model_yaml("x"))
+    assert resolve_model("yolo11n-lsconv-ema.yaml") == str(model_yaml("n"))
+    assert resolve_model("yolo11n.yaml") == "yolo11n.yaml"  # ultralytics' own models pass through
+    with pytest.raises(DetectorTrainingError, match="unknown model"):
+        resolve_model("yolo11q-lsconv-ema")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(DetectorTrainingError, match="dataset YAML not found"):
+        main(["--data", str(tmp_path / "nope.yaml")])
+
+
+def _labels(img: np.ndarray, boxes_xyxy: list[list[float]]) -> dict:
+    boxes = np.array(boxes_xyxy, dtype=np.float32)
+    return {"img": img, "cls": np.zeros((len(boxes), 1), np.float32),
+            "instances": Instances(boxes, np.zeros((len(boxes), 0, 2), np.float32), None, "xyxy", normalized=False)}
+
+
+def test_erasing_everything_drops_every_box():
+    img = np.zeros((64, 64, 3), np.uint8)
+    labels = DetectionErasing(p=1.0, area=(1.0, 1.0), aspect=(1.0, 1.0))(_labels(img, [[4, 4, 20, 20], [30, 30, 60, 50]]))
+    assert len(labels["instances"]) == 0 and labels["cls"].shape == (0, 1)
+    assert labels["img"].any() and not img.any()  # noise painted on a copy, the source image is untouched
+
+
+def test_erasing_keeps_boxes_that_stay_visible():
+    random.seed(3)
+    np.random.seed(3)
+    boxes = [[x, y, x + 12, y + 12] for x in range(0, 60, 10) for y in range(0, 60, 10)]
+    img = np.zeros((72, 72, 3), np.uint8)
+    out = DetectionErasing(p=1.0, area=(0.1, 0.1), aspect=(1.0, 1.0), min_visible=0.4)(_labels(img, boxes))
+    ys, xs = np.nonzero(out["img"].any(axis=2))
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    assert (x1 - x0) * (y1 - y0) == pytest.approx(0.1 * 72 * 72, rel=0.1)
+    visible = [1 - max(0, min(b[2], x1) - max(b[0], x0)) * max(0, min(b[3], y1) - max(b[1], y0)) / 144 for b in boxes]
+    expected = [b for b, v in zip(boxes, visible) if v >= 0.4]
+    assert 0 < len(expected) < len(boxes)
+    np.testing.assert_allclose(out["instances"].bboxes, np.array(expected, np.float32))
+    assert len(out["cls"]) == len(expected)
+
+
+def test_trainer_adds_erasing_and_ddp_workers_can_rebuild_it(tmp_path: Path, dataset: Path):
+    """What ultralytics' DDP launcher does: pickle the trainer class, args and model, rebuild them in a new process."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    trainer = MidogDetectionTrainer(overrides={
+        "model": str(model_yaml("n")), "data": str(dataset), "device": "cpu", "imgsz": 64, "epochs": 1,
+        "workers": 0, "plots": False, "pretrained": False, "erasing": 0.4, "project": str(tmp_path / "runs"),
+        "name": "ddp"})
+    trainer.model = trainer.get_model(cfg=str(model_yaml("n")), verbose=False)
+    train_set = trainer.build_dataset(str(dataset.parent / "images" / "train"), mode="train", batch=2)
+    assert any(isinstance(t, DetectionErasing) for t in train_set.transforms.transforms)
+    val_set = trainer.build_dataset(str(dataset.parent / "images" / "val"), mode="val", batch=2)
+    assert not any(isinstance(t, DetectionErasing) for t in val_set.transforms.transforms)
+    trainer.train_loader = SimpleNamespace(dataset=train_set)
+    trainer._close_dataloader_mosaic()
+    assert any(isinstance(t, DetectionErasing) for t in train_set.transforms.transforms)
+
+    script = generate_ddp_file(trainer)
+    try:
+        worker = textwrap.dedent(f"""
+            from ultralytics.nn import tasks
+            from ultralytics.utils import DEFAULT_CFG_DICT
+            from ultralytics.utils.patches import torch_load
+            state = torch_load({str(Path(script).with_suffix('.pt'))!r}, map_location="cpu")
+            cfg = DEFAULT_CFG_DICT.copy()
+            cfg.update(save_dir="")
+            trainer = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])
+            rebuilt = trainer.get_model(cfg={str(model_yaml('n'))!r}, verbose=False)
+            print(type(trainer).__module__, type(state["model"].model[16]).__name__,
+                  type(rebuilt.model[16]).__name__, hasattr(tasks.parse_model, "midog_original"))
+        """)
+        result = subprocess.run([sys.executable, "-c", worker], cwd=REPO_ROOT, capture_output=True, text=True,
+                                env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    finally:
+        ddp_cleanup(trainer, script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-4:] == ["training.detector_trainer", "C3k2_LSConv", "C3k2_LSConv", "True"]
+
+
+def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path):
+    out = tmp_path / "shipped" / "detector.pt"
+    code = main(["--data", str(dataset), "--model", "yolo11n-lsconv-ema", "--epochs", "1", "--batch", "2",
+                 "--imgsz", "64", "--device", "cpu", "--workers", "0", "--threads", "1",
+                 "--project", str(tmp_path / "runs"), "--name", "tiny", "--out", str(out)])
+    assert code == 0
+    weights = tmp_path / "runs" / "tiny" / "weights"
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["sha256"] == sha256_of(out) == sha256_of(weights / "best.pt")
+    assert card["architecture"] == "yolo11n-lsconv-ema" and card["parameters"] == N_PARAMS
+    assert card["training"]["optimizer"] == "AdamW" and card["training"]["epochs"] == 1
+    assert "metrics/mAP50(B)" in card["validation_metrics"]
+    image = cv2.imread(str(dataset.parent / "images" / "val" / "0.png"))
+    for path in (out, weights / "last.pt"):
+        model = YOLO(str(path), task="detect")
+        assert isinstance(model.model.model[16], C3k2_LSConv)
+        results = model.predict(image, imgsz=64, conf=0.0, device="cpu", verbose=False)
+        assert len(results) == 1 and results[0].orig_shape == (96, 96)
+        assert torch.is_tensor(results[0].boxes.xyxy)
