@@ -30,6 +30,10 @@ class RuntimeConfig:
 class ImageConfig:
     fallback_spacing_um: float = 0.25
     """Pixel spacing (µm/px) used when an image carries none."""
+    in_memory_max_megapixels: float = 200.0
+    """Track 1 ROIs up to this size are decoded once and kept in memory; larger ones are read tile by tile."""
+    segment_cache_mb: float = 256.0
+    """Decoded TIFF tiles/strips kept for reuse when a large image is read tile by tile."""
 
 
 @dataclass
@@ -49,6 +53,8 @@ class ProposalConfig:
     batch_size: int = 8
     half: bool = True
     max_detections_per_tile: int = 300
+    channels_last: bool = True
+    """Run the detector in channels-last memory format (faster on CUDA and on recent CPUs)."""
 
 
 @dataclass
@@ -56,6 +62,11 @@ class MergingConfig:
     strategy: str = "nms"
     iou: float = 0.5
     box_size_px: int = 50
+    class_agnostic: bool = True
+    """Merge boxes of different detector classes too: one point per location, whatever the class."""
+    tile_edge_px: int = 4
+    """Drop a detection within this many px of a tile side shared with a neighbour (the neighbour sees the whole
+    figure, since the overlap is wider than a figure); 0 keeps them all."""
 
 
 @dataclass
