@@ -61,7 +61,7 @@ class LSConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        kernels = self.perceive(x).view(b, self.kernel_channels, self.small_kernel**2, h, w)
+        kernels = self.perceive(x).reshape(b, self.kernel_channels, self.small_kernel**2, h, w)
         return x + self.bn(aggregate_dynamic(x, kernels))
 
 
@@ -75,11 +75,12 @@ def aggregate_dynamic(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     n_groups, k2 = kernels.shape[1], kernels.shape[2]
     k = int(round(k2**0.5))
     pad = k // 2
-    padded = F.pad(x, (pad, pad, pad, pad)).view(b, n_groups, c // n_groups, h + 2 * pad, w + 2 * pad)
-    out = torch.zeros_like(x).view(b, n_groups, c // n_groups, h, w)
+    # reshape, not view: ultralytics trains channels_last on CUDA
+    padded = F.pad(x, (pad, pad, pad, pad)).reshape(b, n_groups, c // n_groups, h + 2 * pad, w + 2 * pad)
+    out = x.new_zeros(b, n_groups, c // n_groups, h, w)
     for index, (dy, dx) in enumerate(itertools.product(range(k), range(k))):
         out = out + padded[..., dy : dy + h, dx : dx + w] * kernels[:, :, index : index + 1]
-    return out.view(b, c, h, w)
+    return out.reshape(b, c, h, w)
 
 
 class LSBottleneck(nn.Module):

@@ -87,6 +87,15 @@ def test_lsconv_keeps_shape_and_trains():
     _all_parameters_get_gradients(module, out)
 
 
+@pytest.mark.parametrize("block", [LSConv(32), EMA(32)], ids=["LSConv", "EMA"])
+def test_blocks_accept_channels_last_inputs(block: torch.nn.Module):
+    """ultralytics trains channels_last on CUDA; the result must not depend on the memory format."""
+    x = torch.randn(2, 32, 8, 8)
+    out = block(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, block(x))
+    _all_parameters_get_gradients(block, out)
+
+
 def test_lsconv_rejects_channels_it_cannot_group():
     with pytest.raises(ValueError, match="divisible"):
         LSConv(20)
