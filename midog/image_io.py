@@ -7,6 +7,9 @@ import logging
 import os
 import re
 import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -220,6 +223,7 @@ class MhaStack(PageStack):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._check_header()
         self._reader = sitk.ImageFileReader()
         self._reader.SetFileName(str(path))
         self._reader.SetImageIO("MetaImageIO")
@@ -234,23 +238,29 @@ class MhaStack(PageStack):
         self.num_pages = 1 if len(self._size) == 2 else self._size[2]
         if self.num_pages < 1:
             raise InputError(f"{path.name} holds no image page")
-        self._check_complete()
 
-    def _check_complete(self) -> None:
-        """An uncompressed MetaImage must hold every byte its header promises (a truncated one is refused now,
-        before any page is read; SimpleITK would report it with a misleading message)."""
+    def _check_header(self) -> None:
+        """Refuse a non-MetaImage, or an uncompressed one holding fewer bytes than its header promises, before
+        SimpleITK sees it: its MetaIO layer prints several lines of its own to stderr and then reports a
+        misleading reason."""
         with open(self.path, "rb") as handle:
             head = handle.read(1 << 16)
-        marker = re.search(rb"ElementDataFile\s*=\s*LOCAL\r?\n", head)
-        if marker is None:
-            return
-        fields = dict(re.findall(rb"^(\w+)\s*=\s*(.*?)\s*$", head[:marker.start()], flags=re.MULTILINE))
-        value_size = _MET_SIZES.get(fields.get(b"ElementType", b"").decode())
+        marker = re.search(rb"^ElementDataFile\s*=\s*(\S+)\s*?\r?\n", head, flags=re.MULTILINE)
+        fields = dict(re.findall(rb"^(\w+)\s*=\s*(.*?)\s*$", head[:marker.start()] if marker else b"",
+                                 flags=re.MULTILINE))
+        if marker is None or not {b"NDims", b"DimSize", b"ElementType"} <= fields.keys():
+            raise InputError(f"{self.path.name} is not a readable MetaImage (.mha) file")
+        if marker.group(1) != b"LOCAL":
+            raise InputError(f"{self.path.name} keeps its pixels in another file; a self-contained .mha is needed")
+        value_size = _MET_SIZES.get(fields[b"ElementType"].decode(errors="replace"))
         if fields.get(b"CompressedData", b"False").lower() == b"true" or value_size is None:
             return
-        channels = int(fields.get(b"ElementNumberOfChannels", b"1"))
-        expected = int(np.prod(self._size)) * channels * value_size
-        if self.path.stat().st_size - marker.end() < expected:
+        try:
+            values = int(np.prod([int(v) for v in fields[b"DimSize"].split()]))
+            values *= int(fields.get(b"ElementNumberOfChannels", b"1"))
+        except ValueError:
+            raise InputError(f"{self.path.name} is not a readable MetaImage (.mha) file") from None
+        if self.path.stat().st_size - marker.end() < values * value_size:
             raise InputError(f"{self.path.name} is truncated: it holds less pixel data than its header declares")
 
     def read_pages(self, start: int, stop: int) -> list[np.ndarray]:
@@ -272,3 +282,320 @@ class MhaStack(PageStack):
 
 
 # ---- Track 1: regions of interest, read tile by tile ---------------------------------------------------------------
+#
+# A Track 1 input is one .tif/.tiff/.mha region of interest (about 7,000 x 5,000 px at 0.25 µm/px), or a whole slide
+# of 100,000 x 80,000 px. `open_roi` returns an `RoiImage`: its size, its physical transform (pixel → mm, exactly as
+# SimpleITK's TransformContinuousIndexToPhysicalPoint, which the MIDOG reference container uses), and
+# `read_region`, which returns RGB uint8 pixels on demand. Images up to `image.in_memory_max_megapixels` are decoded
+# once and kept (fastest); larger ones are decoded one TIFF tile/strip (or one MetaImage region) at a time, with a
+# small cache, so memory stays bounded whatever the image size.
+
+ROI_SUFFIXES = (".tif", ".tiff", ".mha")
+ROI_PAD_VALUE = 255
+"""Pixels outside the image (a tile hanging over the border, a crop at the edge) read as white glass."""
+_SITK_UNSET_SPACING = 1.0
+_MM_PER_TIFF_UNIT = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}
+"""TIFF ResolutionUnit → mm: INCH and CENTIMETER (as ITK's TIFFImageIO), MILLIMETER and MICROMETER (tifffile)."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PhysicalTransform:
+    """Pixel index → physical millimetres: origin + direction · (spacing ⊙ index), as ITK defines it."""
+
+    spacing_mm: tuple[float, float]
+    origin_mm: tuple[float, float] = (0.0, 0.0)
+    direction: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)
+    """Row-major 2 x 2 direction cosines."""
+
+    @property
+    def spacing_um(self) -> tuple[float, float]:
+        return (self.spacing_mm[0] * 1000.0, self.spacing_mm[1] * 1000.0)
+
+    def to_mm(self, xy: np.ndarray) -> np.ndarray:
+        """(N, 2) continuous pixel coordinates (x, y) → (N, 2) millimetres."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(2, 2)
+        return np.asarray(self.origin_mm, dtype=np.float64) + (xy * np.asarray(self.spacing_mm)) @ direction.T
+
+
+class RoiImage:
+    """A region-of-interest image read on demand. Use `open_roi`; close it (or use it as a context manager)."""
+
+    path: Path
+    width: int
+    height: int
+    transform: PhysicalTransform
+    spacing_is_fallback: bool = False
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Pixels [y, y + height) x [x, x + width) as RGB uint8 (height, width, 3); outside the image is white."""
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, self.width), min(y + height, self.height)
+        if x0 == x and y0 == y and x1 == x + width and y1 == y + height:
+            return self._read_inside(x0, y0, x1, y1)
+        out = np.full((height, width, 3), ROI_PAD_VALUE, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._read_inside(x0, y0, x1, y1)
+        return out
+
+    def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "RoiImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArrayRoi(RoiImage):
+    """An image held in memory: small ROIs, and tests."""
+
+    def __init__(self, pixels: np.ndarray, transform: PhysicalTransform, path: Path | None = None,
+                 spacing_is_fallback: bool = False) -> None:
+        self.pixels = to_rgb_uint8(pixels)
+        self.height, self.width = self.pixels.shape[:2]
+        self.transform = transform
+        self.path = path or Path("<array>")
+        self.spacing_is_fallback = spacing_is_fallback
+
+    def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self.pixels[y0:y1, x0:x1]
+
+
+def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = 0.25,
+             in_memory_max_megapixels: float = 200.0, segment_cache_mb: float = 256.0) -> RoiImage:
+    """Open a .tif/.tiff/.mha ROI (level 0 of a pyramid); a missing, truncated or non-image file → InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    suffix = path.suffix.lower()
+    max_pixels = int(in_memory_max_megapixels * 1e6)
+    if suffix in (".tif", ".tiff"):
+        return TiffRoi(path, fallback_spacing_um, max_pixels, int(segment_cache_mb * 2**20))
+    if suffix == ".mha":
+        return MhaRoi(path, fallback_spacing_um, max_pixels)
+    raise InputError(f"unsupported image type '{path.suffix}' ({path.name}); expected {'/'.join(ROI_SUFFIXES)}")
+
+
+def _fallback_transform(path: Path, fallback_spacing_um: float, why: str) -> PhysicalTransform:
+    _log.warning("%s: %s; assuming %.4g µm/px", path.name, why, fallback_spacing_um)
+    spacing = fallback_spacing_um / 1000.0
+    return PhysicalTransform(spacing_mm=(spacing, spacing))
+
+
+def _uint8_scale(dtype: np.dtype, bits: int) -> float | None:
+    """Fixed scale to uint8 for a streamed image (a per-tile maximum would make tiles disagree); None = as is."""
+    if dtype == np.uint8:
+        return None
+    if np.issubdtype(dtype, np.integer):
+        return 255.0 / ((1 << max(8, bits)) - 1)
+    return 255.0  # floats in [0, 1]
+
+
+def _to_rgb_scaled(pixels: np.ndarray, scale: float | None) -> np.ndarray:
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if scale is not None:
+        pixels = np.clip(np.rint(pixels[..., :3].astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    return to_rgb_uint8(pixels)
+
+
+class TiffRoi(RoiImage):
+    """Level 0 of a plain, BigTIFF, tiled or pyramidal TIFF, through tifffile."""
+
+    def __init__(self, path: Path, fallback_spacing_um: float, max_pixels: int, cache_bytes: int) -> None:
+        self.path = path
+        try:
+            self._tif = tifffile.TiffFile(path)
+        except (ValueError, OSError, struct.error) as err:  # TiffFileError is a ValueError
+            raise InputError(f"{path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
+        try:
+            self._open(fallback_spacing_um, max_pixels, cache_bytes)
+        except BaseException:
+            self._tif.close()
+            raise
+
+    def _open(self, fallback_spacing_um: float, max_pixels: int, cache_bytes: int) -> None:
+        with _tifffile_errors() as errors:
+            try:
+                page = self._tif.series[0].levels[0].pages[0]
+            except (ValueError, OSError, struct.error, IndexError) as err:
+                errors.append(str(err))
+        if errors or page is None:
+            raise InputError(f"{self.path.name} is truncated or corrupt: {(errors or ['no image page'])[0]}")
+        self._page = page.keyframe if hasattr(page, "keyframe") else page
+        shaped = self._page.shaped  # (separate samples, depth, length, width, contiguous samples)
+        self.height, self.width = int(shaped[2]), int(shaped[3])
+        self.transform, self.spacing_is_fallback = self._read_transform(fallback_spacing_um)
+        photometric = getattr(self._page.photometric, "name", str(self._page.photometric))
+        if photometric not in _TIFF_PHOTOMETRICS:
+            raise InputError(f"{self.path.name} has unsupported colour model {photometric}")
+        size = self.path.stat().st_size
+        for offset, count in zip(self._page.dataoffsets, self._page.databytecounts):
+            if count and offset + count > size:
+                raise InputError(f"{self.path.name} is truncated: its pixel data ends past the end of the file")
+        streamable = shaped[0] == 1 and shaped[1] == 1 and photometric in ("RGB", "MINISBLACK", "YCBCR")
+        self._pixels: np.ndarray | None = None
+        self._lock = threading.Lock()
+        if self.width * self.height <= max_pixels or not streamable:
+            self._pixels = self._decode_whole()
+            return
+        self._scale = _uint8_scale(self._page.dtype, int(self._page.bitspersample))
+        chunks = self._page.chunks
+        self._seg_h, self._seg_w = int(chunks[0]), int(chunks[1])
+        self._seg_cols = int(self._page.chunked[1])
+        seg_bytes = self._seg_h * self._seg_w * 3
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = max(4, cache_bytes // max(seg_bytes, 1))
+        self._decode_args: dict[str, object] = {"_fullsize": self._page.is_tiled}
+        if self._page.compression in (6, 7, 34892, 33007):  # JPEG flavours need their tables
+            self._decode_args["jpegtables"] = self._page.jpegtables
+            self._decode_args["jpegheader"] = self._page.jpegheader
+
+    def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
+        tags = self._page.tags
+        unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2  # TIFF default: inch
+        try:
+            xres = _rational(tags["XResolution"].value) if "XResolution" in tags else 0.0
+            yres = _rational(tags["YResolution"].value) if "YResolution" in tags else 0.0
+        except (TypeError, ValueError, ZeroDivisionError):
+            xres = yres = 0.0
+        if unit in _MM_PER_TIFF_UNIT and xres > 0 and yres > 0:
+            return PhysicalTransform((_MM_PER_TIFF_UNIT[unit] / xres, _MM_PER_TIFF_UNIT[unit] / yres)), False
+        mpp = re.search(r"\bMPP\s*=\s*([0-9.]+)", self._page.description or "")  # Aperio SVS-style description
+        if mpp and float(mpp.group(1)) > 0:
+            spacing = float(mpp.group(1)) / 1000.0
+            return PhysicalTransform((spacing, spacing)), False
+        return _fallback_transform(self.path, fallback_spacing_um, "no resolution tag"), True
+
+    def _decode_whole(self) -> np.ndarray:
+        try:
+            pixels = self._page.asarray()
+        except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error, MemoryError) as err:
+            raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
+        if self._page.axes.startswith("S") and pixels.ndim == 3:  # planar configuration: samples first
+            pixels = np.moveaxis(pixels, 0, -1)
+        while pixels.ndim > 3 and pixels.shape[0] == 1:
+            pixels = pixels[0]
+        photometric = getattr(self._page.photometric, "name", "")
+        if photometric == "PALETTE" and self._page.colormap is not None:
+            colormap = np.asarray(self._page.colormap)
+            if colormap.dtype == np.uint16:
+                colormap = np.rint(colormap / 257.0).astype(np.uint8)
+            pixels = colormap[:, pixels].transpose(1, 2, 0)
+        elif photometric == "MINISWHITE" and np.issubdtype(pixels.dtype, np.integer):
+            pixels = ((1 << int(self._page.bitspersample)) - 1) - pixels
+        return to_rgb_uint8(pixels)
+
+    def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        if self._pixels is not None:
+            return self._pixels[y0:y1, x0:x1]
+        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        rows = range(y0 // self._seg_h, (y1 - 1) // self._seg_h + 1)
+        cols = range(x0 // self._seg_w, (x1 - 1) // self._seg_w + 1) if self._page.is_tiled else range(1)
+        seg_w = self._seg_w if self._page.is_tiled else self.width
+        wanted = [r * self._seg_cols + c for r in rows for c in cols]
+        segments = self._segments(wanted)
+        for index, segment in zip(wanted, segments):
+            sy, sx = (index // self._seg_cols) * self._seg_h, (index % self._seg_cols) * seg_w
+            ya, yb = max(y0, sy), min(y1, sy + segment.shape[0])
+            xa, xb = max(x0, sx), min(x1, sx + segment.shape[1])
+            out[ya - y0:yb - y0, xa - x0:xb - x0] = segment[ya - sy:yb - sy, xa - sx:xb - sx]
+        return out
+
+    def _segments(self, indices: list[int]) -> list[np.ndarray]:
+        """Decoded segments (tiles or strips) as RGB uint8, through an LRU cache; thread-safe."""
+        with self._lock:
+            missing = [i for i in indices if i not in self._cache]
+            if missing:
+                offsets = [self._page.dataoffsets[i] for i in missing]
+                counts = [self._page.databytecounts[i] for i in missing]
+                fh = self._tif.filehandle
+                try:
+                    for data, index in fh.read_segments(offsets, counts, indices=missing, sort=True):
+                        segment, _, shape = self._page.decode(data, index, **self._decode_args)
+                        if segment is None:  # an empty segment: tifffile leaves it to the fill value
+                            segment = np.zeros(shape, dtype=self._page.dtype)
+                        self._cache[index] = _to_rgb_scaled(np.asarray(segment).reshape(shape[1:]), self._scale)
+                except (ValueError, OSError, RuntimeError, EOFError, struct.error) as err:
+                    raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
+            result = []
+            for i in indices:
+                self._cache.move_to_end(i)
+                result.append(self._cache[i])
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return result
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _rational(value: object) -> float:
+    if isinstance(value, tuple):
+        return float(value[0]) / float(value[1])
+    return float(value)  # type: ignore[arg-type]
+
+
+class MhaRoi(RoiImage):
+    """A 2-D MetaImage through SimpleITK: decoded once when small or compressed, otherwise region by region."""
+
+    def __init__(self, path: Path, fallback_spacing_um: float, max_pixels: int) -> None:
+        self.path = path
+        self._reader = sitk.ImageFileReader()
+        self._reader.SetFileName(str(path))
+        self._reader.SetImageIO("MetaImageIO")
+        try:
+            self._reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(f"{path.name} is not a readable MetaImage (.mha) file") from None
+        size = list(self._reader.GetSize())
+        if len(size) == 3 and size[2] == 1:
+            size = size[:2]
+        channels = self._reader.GetNumberOfComponents()
+        if len(size) != 2 or not 1 <= channels <= 4:
+            raise InputError(f"{path.name}: expected a 2-D image, got size {size} with {channels} channels")
+        self.width, self.height = int(size[0]), int(size[1])
+        self.transform, self.spacing_is_fallback = self._read_transform(fallback_spacing_um)
+        self._lock = threading.Lock()
+        self._pixels: np.ndarray | None = None
+        compressed = self._reader.GetMetaData("CompressedData").lower() == "true" \
+            if self._reader.HasMetaDataKey("CompressedData") else False
+        if self.width * self.height <= max_pixels or compressed:
+            self._pixels = self._extract(0, 0, self.width, self.height, whole=True)
+
+    def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
+        spacing = tuple(float(s) for s in self._reader.GetSpacing()[:2])
+        if all(s == _SITK_UNSET_SPACING for s in spacing) or min(spacing) <= 0:
+            return _fallback_transform(self.path, fallback_spacing_um, "no pixel spacing (SimpleITK's unset 1.0)"), True
+        origin = tuple(float(o) for o in self._reader.GetOrigin()[:2])
+        direction = self._reader.GetDirection()
+        dim = len(self._reader.GetSize())
+        direction2 = (direction[0], direction[1], direction[dim], direction[dim + 1])
+        return PhysicalTransform(spacing, origin, tuple(float(d) for d in direction2)), False  # type: ignore[arg-type]
+
+    def _extract(self, x: int, y: int, width: int, height: int, whole: bool = False) -> np.ndarray:
+        dims = len(self._reader.GetSize())
+        self._reader.SetExtractIndex([x, y] + [0] * (dims - 2))
+        self._reader.SetExtractSize([width, height] + [1] * (dims - 2) if not whole else list(self._reader.GetSize()))
+        try:
+            pixels = sitk.GetArrayFromImage(self._reader.Execute())
+        except RuntimeError as err:
+            raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[-1]}") from None
+        if dims == 3:
+            pixels = pixels[0]
+        if whole:
+            return to_rgb_uint8(pixels)
+        return _to_rgb_scaled(pixels, _uint8_scale(pixels.dtype, 8 * pixels.dtype.itemsize))
+
+    def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        if self._pixels is not None:
+            return self._pixels[y0:y1, x0:x1]
+        with self._lock:
+            return self._extract(x0, y0, x1 - x0, y1 - y0)
