@@ -19,6 +19,8 @@ from midog.evaluate.tune import TunedThreshold, tune_classification, tune_detect
 from midog.outputs import write_json_atomic
 
 OVERLAY_MAX_SIDE = 1600
+OVERLAY_MARKER_SIZE = 150
+"""Marker area in points², constant whatever the image size."""
 DEFAULT_SPACING_UM = 0.25
 
 
@@ -158,14 +160,14 @@ def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, 
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
-    pixels = sitk.GetArrayViewFromImage(image)
-    if pixels.ndim == 4:  # z, y, x, c with a single plane
-        pixels = pixels[0]
+    view = sitk.GetArrayViewFromImage(image)  # only valid while `image` lives: copy what we keep below
+    if view.ndim == 4:  # z, y, x, c with a single plane
+        view = view[0]
     spacing_mm = spacing_um / 1000 if spacing_um else float(image.GetSpacing()[0])
     if not spacing_um and (spacing_mm <= 0 or spacing_mm == 1.0):
         spacing_mm = DEFAULT_SPACING_UM / 1000  # SimpleITK's 1.0 means "no spacing stored"
-    step = max(1, int(math.ceil(max(pixels.shape[:2]) / OVERLAY_MAX_SIDE)))
-    return np.ascontiguousarray(pixels[::step, ::step]), spacing_mm, step
+    step = max(1, int(math.ceil(max(view.shape[:2]) / OVERLAY_MAX_SIDE)))
+    return np.array(view[::step, ::step]), spacing_mm, step
 
 
 def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: float | None = None) -> Path:
@@ -179,14 +181,13 @@ def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: 
     ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
     other = pred.points[~pred.mitotic]
     if len(other):
-        ax.scatter(other[:, 0] * scale, other[:, 1] * scale, s=12, marker=".", color="lightgrey",
+        ax.scatter(other[:, 0] * scale, other[:, 1] * scale, s=40, marker="x", color="cyan", linewidths=1.2, zorder=4,
                    label=f"non-mitotic candidates ({len(other)})")
-    radius_px = 7.5e-3 * scale * 1.6
     groups = [(mitotic[matched], "lime", "o", "TP"), (mitotic[~matched], "red", "s", "FP"),
               (result.truth.points[~result.score.matched_truth], "yellow", "D", "FN")]
     for pts, colour, marker, label in groups:
         if len(pts):
-            ax.scatter(pts[:, 0] * scale, pts[:, 1] * scale, s=max(radius_px, 6) ** 2, facecolors="none",
+            ax.scatter(pts[:, 0] * scale, pts[:, 1] * scale, s=OVERLAY_MARKER_SIZE, facecolors="none",
                        edgecolors=colour, linewidths=1.8, marker=marker, label=f"{label} ({len(pts)})")
     s = result.score
     ax.set_title(f"{result.truth.name} ({result.truth.roi_type}, domain {result.truth.tumor_domain}): "

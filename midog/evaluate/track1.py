@@ -103,13 +103,13 @@ def parse_ground_truth(ground_truth: Mapping[str, Any]) -> dict[str, ImageTruth]
 
 
 def parse_points(payload: Any, pk: str) -> ImagePrediction:
-    """One job's "Multiple points" output (or its list of points), validated like the official container.
+    """One job's "Multiple points" output, validated like the official container.
 
     Rejected, with the job and the field named: no `points`, a point that is not a dictionary, a missing
     `name`/`probability`/`point`, a name other than "mitotic figure"/"non-mitotic figure", a probability that is not
     a finite number, a point that is not [x, y, z].
     """
-    points = payload.get("points") if isinstance(payload, Mapping) else payload
+    points = payload.get("points") if isinstance(payload, Mapping) else None
     if not isinstance(points, list):
         raise PredictionError(f"job {pk}: field 'points' is missing; results must be a dictionary with a 'points' list")
     coords, mitotic, probability = [], [], []
@@ -400,8 +400,9 @@ def evaluate_jobs(jobs: Sequence[Job], ground_truth: Mapping[str, Any], with_fro
 
 
 def jobs_from_mapping(predictions: Mapping[str, Any]) -> list[Job]:
-    """image name → "Multiple points" payload (or its list of points), in the mapping's order."""
-    return [Job(pk=str(name), image=str(name), payload=payload) for name, payload in predictions.items()]
+    """image name → "Multiple points" payload (or just its list of points), in the mapping's order."""
+    return [Job(pk=str(name), image=str(name), payload={"points": payload} if isinstance(payload, list) else payload)
+            for name, payload in predictions.items()]
 
 
 def evaluate(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any],

@@ -1,0 +1,96 @@
+"""Track 2 metrics with the official definitions, on hand-computed cases, and malformed outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from midog.evaluate import GroundTruthError, PredictionError
+from midog.evaluate.track2 import evaluate, score
+
+
+def entry(cls: str, confidence: float) -> dict:
+    return {"class": cls, "confidence": confidence}
+
+
+GT = [{"image": "s1.tiff", "labels": ["atypical", "normal", "atypical", "normal"], "tumordomains": [0, 0, 1, 1]},
+      {"image": "s2.tiff", "labels": ["normal", "atypical"], "tumordomains": [1, 1]}]
+
+
+def test_hand_computed_aggregates() -> None:
+    predictions = {
+        # truth:      A                         N                        A                        N
+        "s1.tiff": [entry("atypical", 0.9), entry("atypical", 0.6), entry("normal", 0.7), entry("normal", 0.8)],
+        # truth:      N                         A
+        "s2.tiff": [entry("normal", 0.55), entry("atypical", 0.51)],
+    }
+    agg = score(predictions, GT)
+    # Pages: TP (A->a), FP (N->a), FN (A->n), TN, TN, TP.  TP 2, FN 1, TN 2, FP 1.
+    assert agg["overall_sensitivity"] == 2 / 3
+    assert agg["overall_specificity"] == 2 / 3
+    assert agg["overall_balanced_accuracy"] == pytest.approx(2 / 3)
+    assert agg["overall_accuracy"] == 4 / 6
+    # P(atypical) as the container reads it: confidence for "atypical", 1 - confidence for "normal":
+    # A 0.9, N 0.6, A 0.3, N 0.2, N 0.45, A 0.51. Positive > negative pairs: 0.9 beats 3, 0.3 beats 1 (0.2),
+    # 0.51 beats 2 (0.2, 0.45) -> 6 of 9.
+    assert agg["overall_roc_auc"] == pytest.approx(6 / 9)
+    d0, d1 = agg["domain_0"], agg["domain_1"]
+    assert d0 == {"sensitivity": 1.0, "specificity": 0.0, "balanced_accuracy": 0.5, "accuracy": 0.5,
+                  "roc_auc": 1.0}
+    # Domain 1: A->n (FN), N->n, N->n, A->a (TP); scores A 0.3, N 0.2, N 0.45, A 0.51 -> 3 of 4 pairs.
+    assert d1["sensitivity"] == 0.5 and d1["specificity"] == 1.0 and d1["balanced_accuracy"] == 0.75
+    assert d1["accuracy"] == 0.75 and d1["roc_auc"] == pytest.approx(3 / 4)
+    assert list(agg) == ["overall_sensitivity", "overall_specificity", "overall_balanced_accuracy",
+                         "overall_roc_auc", "overall_accuracy", "domain_0", "domain_1"]
+
+
+def test_confidence_is_read_as_confidence_in_the_stated_class() -> None:
+    # Writing P(atypical) for "normal" pages (0.1 = very normal) makes the container read P(atypical) = 0.9.
+    gt = [{"image": "s.tiff", "labels": ["atypical", "normal"], "tumordomains": [0, 0]}]
+    as_class_confidence = score({"s.tiff": [entry("atypical", 0.8), entry("normal", 0.9)]}, gt)
+    as_p_atypical = score({"s.tiff": [entry("atypical", 0.8), entry("normal", 0.1)]}, gt)
+    assert as_class_confidence["overall_roc_auc"] == 1.0
+    assert as_p_atypical["overall_roc_auc"] == 0.0
+    assert as_p_atypical["overall_balanced_accuracy"] == 1.0  # the classes themselves are right
+
+
+def test_domain_with_one_class_has_undefined_roc_auc() -> None:
+    gt = [{"image": "s.tiff", "labels": ["normal", "atypical", "normal"], "tumordomains": [6, 1, 1]}]
+    agg = score({"s.tiff": [entry("normal", 0.8), entry("atypical", 0.7), entry("normal", 0.6)]}, gt)
+    assert math.isnan(agg["domain_6"]["roc_auc"])
+    assert agg["domain_6"]["sensitivity"] == 0.0 and agg["domain_6"]["specificity"] == 1.0
+
+
+@pytest.mark.parametrize("output, field", [
+    ([entry("atypical", 1), entry("normal", 0.5)], "'confidence' must be a float"),
+    ([entry("atypical", "0.7"), entry("normal", 0.5)], "'confidence' must be a float"),
+    ([entry("atypical", float("nan")), entry("normal", 0.5)], "'confidence' must be a float"),
+    ([{"class": "atypical"}, entry("normal", 0.5)], "'confidence' is missing"),
+    ([{"confidence": 0.5}, entry("normal", 0.5)], "'class' is missing"),
+    ([entry("Atypical", 0.7), entry("normal", 0.5)], "'class'"),
+    ([entry("atypical", 0.7)], "results length does not match GT length"),
+    ([entry("atypical", 0.7), entry("normal", 0.5), entry("normal", 0.5)], "result length=3, GT length=2"),
+    ({"class": "atypical", "confidence": 0.7}, "must be a list"),
+    ([entry("atypical", 0.7), "normal"], "entry 1 is not a dictionary"),
+])
+def test_malformed_outputs_name_the_job_and_the_field(output: object, field: str) -> None:
+    gt = [{"image": "stack_9.tiff", "labels": ["atypical", "normal"], "tumordomains": [0, 0]}]
+    with pytest.raises(PredictionError, match=field) as info:
+        score({"stack_9.tiff": output}, gt)
+    assert "job stack_9.tiff" in str(info.value)
+
+
+def test_unknown_image_and_bad_ground_truth() -> None:
+    with pytest.raises(PredictionError, match="no GT for this image: other.tiff"):
+        score({"other.tiff": [entry("normal", 0.5)]}, GT)
+    with pytest.raises(GroundTruthError, match="one tumour domain per label"):
+        score({"s.tiff": [entry("normal", 0.5)]}, [{"image": "s.tiff", "labels": ["normal"], "tumordomains": []}])
+    with pytest.raises(GroundTruthError, match="must be a list"):
+        score({"s.tiff": [entry("normal", 0.5)]}, {"s.tiff": ["normal"]})
+
+
+def test_evaluation_exposes_pages_in_job_order() -> None:
+    ev = evaluate({"s2.tiff": [entry("normal", 0.55), entry("atypical", 0.51)]}, GT)
+    assert ev.y_true.tolist() == [0, 1] and ev.y_pred.tolist() == [0, 1]
+    assert ev.y_score.tolist() == pytest.approx([0.45, 0.51])

@@ -1,0 +1,63 @@
+"""Threshold tuning: the best-F1 detection threshold and the best-balanced-accuracy Track 2 threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluate_factory import container_folder, payload, point, truth
+from midog.config import load_config
+from midog.evaluate import track1, track2
+from midog.evaluate.__main__ import main
+from midog.evaluate.tune import tune_classification, tune_detection, write_thresholds
+
+GT1 = {"a.tiff": truth([(0, 0), (100, 0)])}
+# Candidates: TP 0.9, FP 0.7, TP 0.6, FP 0.3 (names do not matter for tuning).
+# F1 at p >= 0.9: 2/3; >= 0.7: 1/2; >= 0.6: 4/5; >= 0.3: 2/3.
+PRED1 = {"a.tiff": payload([point(0, 0, 0.9), point(400, 0, 0.7, name="non-mitotic figure"),
+                            point(100, 0, 0.6, name="non-mitotic figure"), point(800, 0, 0.3)])}
+GT2 = [{"image": "s.tiff", "labels": ["atypical", "atypical", "normal", "normal", "normal"],
+        "tumordomains": [0] * 5}]
+# P(atypical): A 0.8, A 0.4, N 0.35, N 0.1, N 0.6 -> best balanced accuracy 5/6 at t = 0.4.
+PRED2 = {"s.tiff": [{"class": "atypical", "confidence": 0.8}, {"class": "normal", "confidence": 0.6},
+                    {"class": "normal", "confidence": 0.65}, {"class": "normal", "confidence": 0.9},
+                    {"class": "atypical", "confidence": 0.6}]}
+
+
+def test_detection_threshold_maximises_f1_over_all_candidates() -> None:
+    tuned = tune_detection(track1.evaluate(PRED1, GT1))
+    assert tuned.key == "verifier.threshold"
+    assert tuned.threshold == 0.6 and tuned.value == pytest.approx(4 / 5, abs=1e-6)
+
+
+def test_track2_threshold_maximises_balanced_accuracy() -> None:
+    tuned = tune_classification(track2.evaluate(PRED2, GT2))
+    assert tuned.key == "atypical.threshold"
+    assert tuned.threshold == pytest.approx(0.4) and tuned.value == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_thresholds_are_written_into_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("proposals:\n  confidence: 0.25\n")
+    write_thresholds(config, [tune_detection(track1.evaluate(PRED1, GT1)),
+                              tune_classification(track2.evaluate(PRED2, GT2))])
+    loaded = load_config(config)
+    assert loaded.verifier.threshold == 0.6
+    assert loaded.atypical.threshold == pytest.approx(0.4)
+    assert loaded.proposals.confidence == 0.25
+
+
+def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gt1.json").write_text(json.dumps(GT1))
+    (tmp_path / "gt2.json").write_text(json.dumps(GT2))
+    p1 = container_folder(tmp_path / "p1", PRED1)
+    p2 = container_folder(tmp_path / "p2", PRED2, track=2)
+    config = tmp_path / "tuned.yaml"
+    assert main(["tune", "--track1-ground-truth", str(tmp_path / "gt1.json"), "--track1-predictions", str(p1),
+                 "--track2-ground-truth", str(tmp_path / "gt2.json"), "--track2-predictions", str(p2),
+                 "--config", str(config)]) == 0
+    assert "verifier.threshold = 0.600000" in capsys.readouterr().out
+    assert load_config(config).verifier.threshold == 0.6
+    assert main(["tune", "--config", str(config)]) == 2
