@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from midog.classifier import BinaryClassifier, load_classifier
-from midog.config import AtypicalConfig
+from midog.config import AtypicalConfig, FoundationConfig
 from midog.errors import WeightsError
 from midog.outputs import ATYPICAL
 from midog.weights import find_weights
@@ -73,14 +73,18 @@ def resolve_threshold(models: Sequence[BinaryClassifier], configured: float | No
     return threshold
 
 
-def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu") -> AtypicalClassifier:
-    """Find (/opt/ml/model, then weights/) and load strictly every checkpoint named in `config.weights`."""
+def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
+                  foundation: FoundationConfig | None = None) -> AtypicalClassifier:
+    """Find (/opt/ml/model, then weights/) and load strictly every checkpoint named in `config.weights`.
+
+    `foundation` says where foundation-model base weights are, for checkpoints built on one (see midog.foundation).
+    """
     names = [config.weights] if isinstance(config.weights, str) else list(config.weights)
     if not names:
         raise WeightsError("no atypical classifier weights configured (atypical.weights is empty)")
     models = []
     for name in names:
-        model = load_classifier(find_weights(name), device=device)
+        model = load_classifier(find_weights(name), device=device, foundation=foundation)
         if model.positive != ATYPICAL:
             raise WeightsError(f"weights '{name}' classify '{model.positive}', not '{ATYPICAL}'")
         models.append(model)

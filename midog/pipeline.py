@@ -33,7 +33,8 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     image_path = find_single_image(input_dir / "images" / TRACK2_SLUG)
     with open_stack(image_path) as stack:
         started = time.perf_counter()
-        classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device))
+        classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
+                                   foundation=config.foundation)
         loaded = time.perf_counter()
         probabilities: list[float] = []
         for batch in stack.iter_batches(config.atypical.batch_size):
