@@ -154,3 +154,28 @@ def test_unknown_options_are_refused():
         options_from_dict({"lora": {"rank": 8}})
     with pytest.raises(ValueError, match="method"):
         options_from_dict({"method": "adapter"})
+
+
+def test_fold_ensemble_of_foundation_checkpoints_averages_in_the_atypical_stage(tmp_path: Path, tiny_base: Path):
+    """process.py's atypical stage takes foundation checkpoints like any other: P is the members' mean."""
+    from midog.atypical import load_atypical
+    from midog.config import AtypicalConfig
+
+    torch.manual_seed(1)
+    lora = build_classifier("test_vit", 32, positive="atypical", model_kwargs=tiny_options("lora", tiny_base))
+    for name, param in lora.model.named_parameters():
+        if param.requires_grad:  # as if trained: non-zero adapters
+            torch.nn.init.normal_(param, std=0.2)
+    lora.threshold = 0.4
+    linear = build_classifier("test_vit", 32, positive="atypical", model_kwargs=tiny_options("linear", tiny_base))
+    linear.threshold = 0.6
+    plain = build_classifier("test_vit", 32, positive="atypical", model_kwargs=None)  # an end-to-end timm member
+    plain.threshold = 0.5
+    paths = [m.save(tmp_path / f"fold{k}.pt") for k, m in enumerate((lora, linear, plain))]
+    stage = load_atypical(AtypicalConfig(weights=[str(p) for p in paths], tta=False))
+    x = crops(5, size=48, seed=3)
+    members = [load_classifier(p).predict_proba(x) for p in paths]
+    assert not np.allclose(members[0], members[1])
+    np.testing.assert_allclose(stage.predict_proba(x), np.mean(members, axis=0), atol=1e-6)
+    np.testing.assert_allclose(members[0], lora.predict_proba(x), atol=1e-5)
+    assert stage.threshold == pytest.approx(0.5)
