@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import SimpleITK as sitk
+import tifffile
+from roi_factory import he_roi, write_mha, write_tiff
+
+from midog.errors import InputError
+from midog.image_io import PhysicalTransform, TiffRoi, open_roi
+
+STREAM = {"in_memory_max_megapixels": 0.0}
+"""Force tile-by-tile reading, whatever the image size."""
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return he_roi(700, 500, seed=3)
+
+
+def sitk_point(path: Path, xy: tuple[float, float]) -> tuple[float, float]:
+    return sitk.ReadImage(str(path)).TransformContinuousIndexToPhysicalPoint(xy)
+
+
+def test_tiff_non_square_spacing_matches_simpleitk(tmp_path: Path, pixels: np.ndarray):
+    path = write_tiff(tmp_path / "roi.tif", pixels, spacing_um=(0.25, 0.5))
+    with open_roi(path) as roi:
+        assert (roi.width, roi.height) == (700, 500)
+        assert roi.transform.spacing_um == pytest.approx((0.25, 0.5))
+        assert not roi.spacing_is_fallback
+        mm = roi.transform.to_mm(np.array([[100.0, 40.0], [699.5, 499.5]]))
+    assert mm[0] == pytest.approx([0.025, 0.02])
+    assert mm[1] == pytest.approx(sitk_point(path, (699.5, 499.5)))
+
+
+def test_missing_spacing_falls_back_with_a_warning(tmp_path: Path, pixels: np.ndarray,
+                                                   caplog: pytest.LogCaptureFixture):
+    path = write_tiff(tmp_path / "roi.tif", pixels, spacing_um=None)  # tifffile writes 1/1 px per unit NONE
+    mha = write_mha(tmp_path / "roi.mha", pixels, spacing_mm=None)  # SimpleITK's unset 1.0
+    for image in (path, mha):
+        with caplog.at_level(logging.WARNING), open_roi(image, fallback_spacing_um=0.25) as roi:
+            assert roi.spacing_is_fallback
+            assert roi.transform.spacing_mm == pytest.approx((0.00025, 0.00025))
+            assert roi.transform.to_mm(np.array([[400.0, 4.0]]))[0] == pytest.approx([0.1, 0.001])
+        assert "assuming 0.25 µm/px" in caplog.text
+        caplog.clear()
+
+
+def test_mha_spacing_origin_and_pixels(tmp_path: Path, pixels: np.ndarray):
+    path = write_mha(tmp_path / "roi.mha", pixels, spacing_mm=(0.00025, 0.0003), origin_mm=(1.0, 2.0))
+    with open_roi(path) as roi:
+        assert roi.transform.spacing_um == pytest.approx((0.25, 0.3))
+        assert roi.transform.to_mm(np.array([[10.0, 20.0]]))[0] == pytest.approx(sitk_point(path, (10.0, 20.0)))
+        np.testing.assert_array_equal(roi.read_region(100, 50, 64, 32), pixels[50:82, 100:164])
+    with open_roi(path, **STREAM) as roi:  # region by region through SimpleITK's streaming reader
+        assert roi._pixels is None
+        np.testing.assert_array_equal(roi.read_region(100, 50, 64, 32), pixels[50:82, 100:164])
+
+
+@pytest.mark.parametrize("layout", [
+    {"bigtiff": True},
+    {"bigtiff": True, "tile": 128, "compression": "zlib"},
+    {"tile": 64, "pyramid_levels": 2, "compression": "jpeg"},
+    {"compression": "zlib"},  # strips
+])
+def test_tiff_layouts_read_the_same_in_memory_and_streamed(tmp_path: Path, pixels: np.ndarray, layout: dict):
+    path = write_tiff(tmp_path / "roi.tif", pixels, **layout)
+    expected = tifffile.imread(path, level=0) if layout.get("pyramid_levels") else tifffile.imread(path)
+    with open_roi(path) as whole, open_roi(path, **STREAM) as streamed:
+        assert isinstance(streamed, TiffRoi) and streamed._pixels is None
+        assert (streamed.width, streamed.height) == (700, 500)
+        assert streamed.transform.spacing_um == pytest.approx((0.25, 0.25))
+        for x, y, w, h in [(0, 0, 512, 512), (300, 200, 512, 512), (650, 450, 100, 100), (-20, -10, 50, 40)]:
+            a, b = whole.read_region(x, y, w, h), streamed.read_region(x, y, w, h)
+            assert a.shape == (h, w, 3) and a.dtype == np.uint8
+            np.testing.assert_array_equal(a, b)
+            x0, y0 = max(x, 0), max(y, 0)
+            np.testing.assert_array_equal(a[y0 - y:y0 - y + 20, x0 - x:x0 - x + 20], expected[y0:y0 + 20, x0:x0 + 20])
+        outside = whole.read_region(690, 490, 20, 20)
+        assert (outside[10:, :] == 255).all() and (outside[:, 10:] == 255).all()  # padded with white glass
+    if layout.get("compression") != "jpeg":
+        np.testing.assert_array_equal(expected, pixels)
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba", "16bit"])
+def test_gray_rgba_and_16_bit_come_out_rgb_uint8(tmp_path: Path, pixels: np.ndarray, kind: str):
+    if kind == "gray":
+        data, expected = pixels[..., 0], np.repeat(pixels[..., :1], 3, axis=-1)
+    elif kind == "rgba":
+        data, expected = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], -1), pixels
+    else:
+        data, expected = pixels.astype(np.uint16) * 257, pixels
+    path = write_tiff(tmp_path / "roi.tif", data, tile=128)
+    for options in ({}, STREAM):
+        with open_roi(path, **options) as roi:
+            np.testing.assert_array_equal(roi.read_region(0, 0, 700, 500), expected)
+
+
+def test_tiles_are_read_on_demand_in_bounded_memory(tmp_path: Path):
+    """A 20,000 x 16,000 px (960 MB as RGB) tiled BigTIFF: streamed by default, memory grows by a cache at most."""
+    width, height, tile = 20000, 16000, 512
+    rng = np.random.default_rng(0)
+    patch = rng.integers(0, 255, (tile, tile, 3), dtype=np.uint8)
+
+    def tiles():
+        for _ in range((height // tile + (height % tile > 0)) * (width // tile + (width % tile > 0))):
+            yield patch
+
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
+                     photometric="rgb", compression="zlib", resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    process = psutil.Process()
+    before = process.memory_info().rss
+    with open_roi(path, segment_cache_mb=64) as roi:
+        assert roi._pixels is None  # above the default in-memory limit
+        assert (roi.width, roi.height) == (width, height)
+        for x, y in [(0, 0), (9000, 7000), (19488, 15488), (5000, 12000)]:
+            region = roi.read_region(x, y, tile, tile)
+            np.testing.assert_array_equal(region[:8, :8], patch[y % tile:y % tile + 8, x % tile:x % tile + 8])
+        assert len(roi._cache) <= roi._cache_size
+        grown = process.memory_info().rss - before
+    assert grown < 200 * 2**20
+
+
+def test_unreadable_inputs_are_refused(tmp_path: Path, pixels: np.ndarray):
+    text = tmp_path / "roi.tif"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="not a readable TIFF"):
+        open_roi(text)
+    path = write_tiff(tmp_path / "full.tif", pixels, compression="zlib")
+    truncated = tmp_path / "cut.tif"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError):
+        with open_roi(truncated) as roi:
+            roi.read_region(0, 0, 700, 500)
+    with pytest.raises(InputError, match="unsupported image type"):
+        open_roi(tmp_path / "roi.png") if (tmp_path / "roi.png").write_bytes(b"x") else None
+
+
+def test_physical_transform_applies_direction_and_origin():
+    flipped = PhysicalTransform(spacing_mm=(0.001, 0.002), origin_mm=(5.0, 6.0), direction=(-1.0, 0.0, 0.0, 1.0))
+    assert flipped.to_mm(np.array([[10.0, 10.0]]))[0] == pytest.approx([4.99, 6.02])
