@@ -13,8 +13,8 @@ The conversion is four steps, each testable alone:
 2. `split_slides`: a deterministic slide-level train/val/test split, 7:1:2 within each tumour type.
 3. `plan_tiles`: a pure function of the image size and its boxes → tile origins (evenly spaced, 20 % overlap,
    the last tile ends on the border) and each tile's boxes, clipped at the tile border.
-4. `convert`: reads each image band by band (`TileReader`, never a whole slide set in memory: one image at a time
-   at most, and a memory map or one band of rows of it) and writes `images/{split}/*.png`, `labels/{split}/*.txt`,
+4. `convert`: reads each image one band of tile rows at a time (`midog.image_io.open_roi`, the pipeline's reader,
+   streaming TIFF strips/tiles: never more than one image, and by default only a band of it, in memory) and writes `images/{split}/*.png`, `labels/{split}/*.txt`,
    `data.yaml`, `slides.csv` and `summary.json`.
 
 Clipping rule: a box is first cut to the image (MIDOG++ boxes of cells on the border reach outside it), then to
@@ -36,13 +36,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
-import tifffile
 from PIL import Image
 from tqdm import tqdm
 
 from midog.errors import InputError
-from midog.image_io import to_rgb_uint8
+from midog.image_io import RoiImage, open_roi
 
 MITOTIC_FIGURE, HARD_NEGATIVE = 1, 2
 """MIDOG++ category ids."""
@@ -128,13 +126,22 @@ def _boxes_table(annotations: list[dict], image_ids: set[int], source: Path) -> 
 # ---------------------------------------------------------------------------------------------------- step 2
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
-    """`n` items divided in `ratios` by largest remainder (ties go to the earlier split); sums to `n`."""
+    """`n` items divided in `ratios` by largest remainder (ties go to the earlier split); sums to `n`.
+
+    When there are enough items, every split with a non-zero ratio gets at least one (taken from the largest), so
+    each tumour type is seen in validation and test even when it has only a handful of slides.
+    """
     total = float(sum(ratios))
     raw = [n * r / total for r in ratios]
     counts = [math.floor(v) for v in raw]
     order = sorted(range(len(ratios)), key=lambda i: (-(raw[i] - counts[i]), i))
     for i in order[: n - sum(counts)]:
         counts[i] += 1
+    if n >= sum(1 for r in ratios if r > 0):
+        for i, r in enumerate(ratios):
+            if r > 0 and counts[i] == 0:
+                counts[int(np.argmax(counts))] -= 1
+                counts[i] = 1
     return counts
 
 
@@ -247,66 +254,7 @@ def sample_tiles(plans: list[TilePlan], empty_fraction: float, seed: int, slide:
 
 # ---------------------------------------------------------------------------------------------------- step 4
 
-class TileReader:
-    """Regions of one RGB TIFF: through a memory map when the file allows it (uncompressed, contiguous), else
-    through SimpleITK's streaming reader, one band of rows at a time. Never the whole image in memory."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"image not found: {self.path}")
-        self._memmap: np.ndarray | None = None
-        self._reader: sitk.ImageFileReader | None = None
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                page = tif.pages[0]
-                shape, memmappable = page.shape, page.is_memmappable and page.planarconfig == 1
-        except (ValueError, OSError) as err:
-            raise InputError(f"{self.path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
-        if memmappable:
-            self._memmap = tifffile.memmap(self.path, page=0, mode="r")
-            self.height, self.width = int(shape[0]), int(shape[1])
-        else:
-            self._reader = sitk.ImageFileReader()
-            self._reader.SetFileName(str(self.path))
-            try:
-                self._reader.ReadImageInformation()
-            except RuntimeError:
-                raise InputError(f"{self.path.name}: SimpleITK cannot read this TIFF") from None
-            size = self._reader.GetSize()
-            self.width, self.height = int(size[0]), int(size[1])
-
-    def read(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
-        """Pixels [y0:y0+height, x0:x0+width] as RGB uint8 (height, width, 3)."""
-        if x0 < 0 or y0 < 0 or x0 + width > self.width or y0 + height > self.height:
-            raise ValueError(f"region {x0},{y0} {width}x{height} outside {self.width}x{self.height}")
-        if self._memmap is not None:
-            return to_rgb_uint8(np.array(self._memmap[y0:y0 + height, x0:x0 + width]))
-        index, size = [x0, y0], [width, height]
-        if self._reader.GetDimension() == 3:  # a single-page TIFF can come back as a depth-1 volume
-            index, size = index + [0], size + [1]
-        self._reader.SetExtractIndex(index)
-        self._reader.SetExtractSize(size)
-        pixels = sitk.GetArrayFromImage(self._reader.Execute())
-        while pixels.ndim > 3 or (pixels.ndim == 3 and pixels.shape[0] == 1 and height != 1):
-            pixels = pixels[0]
-        return to_rgb_uint8(pixels)
-
-    def close(self) -> None:
-        if self._memmap is not None:
-            mm = getattr(self._memmap, "_mmap", None)
-            self._memmap = None
-            if mm is not None:
-                mm.close()
-
-    def __enter__(self) -> "TileReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def iter_tiles(reader: TileReader, plans: list[TilePlan]) -> Iterator[tuple[TilePlan, np.ndarray]]:
+def iter_tiles(image: RoiImage, plans: list[TilePlan]) -> Iterator[tuple[TilePlan, np.ndarray]]:
     """Pixels of each planned tile, reading one band of rows (one tile high, the image wide) at a time."""
     by_row: dict[int, list[TilePlan]] = {}
     for plan in plans:
@@ -314,7 +262,7 @@ def iter_tiles(reader: TileReader, plans: list[TilePlan]) -> Iterator[tuple[Tile
     for y0 in sorted(by_row):
         row = by_row[y0]
         height = max(p.height for p in row)
-        band = reader.read(0, y0, reader.width, height)
+        band = image.read_region(0, y0, image.width, height)
         for plan in row:
             yield plan, band[:plan.height, plan.x0:plan.x0 + plan.width]
 
@@ -327,7 +275,10 @@ class ConvertConfig:
     image_format: str = "png"
     """png (lossless, large) or jpg (quality 95)."""
     workers: int = 1
-    """Slides converted in parallel (one process and one image in memory each)."""
+    """Slides converted in parallel (one process each)."""
+    in_memory_max_megapixels: float = 0.0
+    """Images up to this size are decoded whole (faster); larger ones (all, by default) are streamed by TIFF
+    strip/tile through `midog.image_io.open_roi`, so memory stays bounded whatever the image size."""
 
 
 def _slide_tiles(task: tuple[dict, np.ndarray, np.ndarray, str, Path, Path, ConvertConfig]) -> dict[str, int]:
@@ -337,11 +288,11 @@ def _slide_tiles(task: tuple[dict, np.ndarray, np.ndarray, str, Path, Path, Conv
     plans = sample_tiles(plans, cfg.tiles.empty_fraction, cfg.seed, int(slide["slide"]))
     counts = {"tiles": 0, "empty_tiles": 0, "mitotic_figure_boxes": 0, "hard_negative_boxes": 0}
     stem = Path(slide["file_name"]).stem
-    with TileReader(image_path) as reader:
-        if (reader.width, reader.height) != (int(slide["width"]), int(slide["height"])):
-            raise InputError(f"{image_path.name} is {reader.width}x{reader.height} but MIDOG++.json says "
+    with open_roi(image_path, in_memory_max_megapixels=cfg.in_memory_max_megapixels) as image:
+        if (image.width, image.height) != (int(slide["width"]), int(slide["height"])):
+            raise InputError(f"{image_path.name} is {image.width}x{image.height} but MIDOG++.json says "
                              f"{slide['width']}x{slide['height']}")
-        for plan, pixels in iter_tiles(reader, plans):
+        for plan, pixels in iter_tiles(image, plans):
             name = f"{stem}_{plan.x0:05d}_{plan.y0:05d}"
             image = Image.fromarray(pixels)
             if cfg.image_format == "jpg":
@@ -431,7 +382,28 @@ def convert(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.P
                "tiles": tiles, **annotation_counts(index, split)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_data_yaml(out, cfg.tiles.classes)
+    write_chain_annotations(index, split, images, out / "chain")
     return summary
+
+
+def write_chain_annotations(index: MidogppIndex, split: pd.Series, images: Path, folder: Path,
+                            spacing_um: float = 0.25) -> Path:
+    """`folder/annotations.json` for `training.evaluate_chain --detection folder`: every labelled slide (its
+    absolute image path), its split, tumour type and mitotic-figure centres in pixels, so the whole chain can be
+    scored on the untiled val/test images with the official metric."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = index.boxes[index.boxes["category"] == MITOTIC_FIGURE]
+    centres = {k: g for k, g in figures.groupby("slide")}
+    entries = {}
+    for row, name in zip(index.slides.itertuples(), split):
+        g = centres.get(row.slide)
+        points = [] if g is None else [{"x": round((a + b) / 2, 2), "y": round((c + d) / 2, 2)}
+                                       for a, b, c, d in g[["x1", "x2", "y1", "y2"]].itertuples(index=False)]
+        entries[str((images / row.file_name).resolve())] = {"split": name, "slide": f"{row.tumour}/{row.slide}",
+                                                           "figures": points}
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"source": "MIDOG++", "spacing_um": spacing_um, "images": entries}) + "\n")
+    return path
 
 
 def write_data_yaml(out: Path, classes: int) -> Path:

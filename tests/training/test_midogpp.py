@@ -16,7 +16,6 @@ from tests.conftest import shared_path
 from training.midogpp import (
     ConvertConfig,
     TileConfig,
-    TileReader,
     annotation_counts,
     clip_boxes,
     convert,
@@ -59,7 +58,10 @@ def test_split_counts_use_largest_remainder() -> None:
     assert split_counts(150, (0.7, 0.1, 0.2)) == [105, 15, 30]
     assert split_counts(55, (0.7, 0.1, 0.2)) == [39, 5, 11]
     assert split_counts(44, (0.7, 0.1, 0.2)) == [31, 4, 9]
-    assert sum(split_counts(7, (0.7, 0.1, 0.2))) == 7
+    assert split_counts(7, (0.7, 0.1, 0.2)) == [5, 1, 1]
+    assert split_counts(5, (0.7, 0.1, 0.2)) == [3, 1, 1]  # largest remainder alone would give [4, 0, 1]
+    assert split_counts(2, (0.7, 0.1, 0.2)) == [1, 0, 1]  # too few to fill every split
+    assert split_counts(10, (0.8, 0.2, 0.0)) == [8, 2, 0]
 
 
 def test_yolo_lines_normalise_by_the_tile_and_drop_hard_negatives_in_one_class_mode() -> None:
@@ -153,17 +155,19 @@ def _labels(path: Path) -> np.ndarray:
     return np.array([[float(v) for v in line.split()] for line in text.splitlines()]) if text else np.zeros((0, 5))
 
 
-def test_tile_reader_reads_regions_of_plain_and_compressed_tiffs(tmp_path: Path) -> None:
-    fake = write_fake_midogpp(tmp_path, slides_per_tumour=2)
-    for name in ("001.tiff", "002.tiff"):  # odd ids uncompressed (memory map), even ids deflate (SimpleITK)
-        with TileReader(fake.images / name) as reader:
-            assert (reader.width, reader.height) == (1100, 900) if name == "001.tiff" else (700, 520)
-            region = reader.read(10, 20, 300, 200)
-            assert region.shape == (200, 300, 3) and region.dtype == np.uint8
-            whole = np.asarray(Image.open(fake.images / name))
-            assert np.array_equal(region, whole[20:220, 10:310])
-            with pytest.raises(ValueError):
-                reader.read(reader.width - 10, 0, 20, 20)
+def test_tiles_of_plain_and_compressed_tiffs_hold_the_image_pixels(tmp_path: Path) -> None:
+    """Odd slide ids are uncompressed, even ones deflate-compressed in 32-row strips; both are streamed."""
+    fake = write_fake_midogpp(tmp_path / "src", slides_per_tumour=2)
+    index = load_midogpp(fake.annotations, fake.xvalidation)
+    convert(index, fake.images, tmp_path / "yolo", progress=False)
+    for name in ("001", "002"):
+        whole = np.asarray(Image.open(fake.images / f"{name}.tiff"))
+        tiles = list((tmp_path / "yolo" / "images").rglob(f"{name}_*.png"))
+        assert tiles
+        for tile in tiles:
+            _, x0, y0 = (int(v) for v in tile.stem.split("_"))
+            pixels = np.asarray(Image.open(tile))
+            assert np.array_equal(pixels, whole[y0:y0 + pixels.shape[0], x0:x0 + pixels.shape[1]])
 
 
 def test_full_conversion_of_generated_midogpp(tmp_path: Path) -> None:
@@ -220,6 +224,15 @@ def test_full_conversion_of_generated_midogpp(tmp_path: Path) -> None:
                     assert d.min() < 0.01
                     assert labels[int(np.argmin(d)), 0] == ann["category_id"] - 1
     assert found_clipped > 0 and found_border > 0  # the generated data did exercise clipping
+
+    # the untiled images and their figure centres, for scoring the whole chain (training.evaluate_chain)
+    chain = json.loads((out / "chain" / "annotations.json").read_text())
+    assert len(chain["images"]) == 20
+    first = chain["images"][str((fake.images / "001.tiff").resolve())]
+    assert first["split"] == slides.set_index("slide").loc[1, "split"]
+    assert first["slide"] == "human breast cancer/1"
+    assert len(first["figures"]) == sum(1 for a in coco_boxes[1] if a["category_id"] == 1)
+    assert first["figures"][0] == {"x": 5.0, "y": (coco_boxes[1][0]["bbox"][1] + 25.0)}
 
     # the real dark pixels: the disc of every mitotic figure is inside the tile that labels it
     assert summary["annotations"]["mitotic figure"]["train"] + summary["annotations"]["mitotic figure"]["val"] + \
