@@ -11,8 +11,9 @@ The conversion is four steps, each testable alone:
 
 1. `load_midogpp`: annotations + CSV → a table of slides (tumour type from the CSV) and a table of boxes.
 2. `split_slides`: a deterministic slide-level train/val/test split, 7:1:2 within each tumour type.
-3. `plan_tiles`: a pure function of the image size and its boxes → tile origins (evenly spaced, 20 % overlap,
-   the last tile ends on the border) and each tile's boxes, clipped at the tile border.
+3. `plan_tiles`: a pure function of the image size and its boxes → tile origins (the pipeline's own
+   `midog.tiling` layout: 20 % overlap, the last tile ends on the border) and each tile's boxes, clipped at the
+   tile border.
 4. `convert`: reads each image one band of tile rows at a time (`midog.image_io.open_roi`, the pipeline's reader,
    streaming TIFF strips/tiles: never more than one image, and by default only a band of it, in memory) and writes `images/{split}/*.png`, `labels/{split}/*.txt`,
    `data.yaml`, `slides.csv` and `summary.json`.
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from midog.errors import InputError
 from midog.image_io import RoiImage, open_roi
+from midog.tiling import axis_origins
 
 MITOTIC_FIGURE, HARD_NEGATIVE = 1, 2
 """MIDOG++ category ids."""
@@ -169,15 +171,10 @@ def split_slides(slides: pd.DataFrame, ratios: Sequence[float] = (0.7, 0.1, 0.2)
 # ---------------------------------------------------------------------------------------------------- step 3
 
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
-    """Evenly spaced origins along one axis: first at 0, last ending on the border, neighbours sharing at least
-    `overlap` of a tile. A side shorter than a tile gets one origin, 0 (the tile is then cut short)."""
-    if tile <= 0 or not 0 <= overlap < 1:
-        raise ValueError(f"need tile > 0 and 0 <= overlap < 1, got {tile}, {overlap}")
-    if length <= tile:
-        return [0]
-    stride = tile * (1 - overlap)
-    n = math.ceil((length - tile) / stride) + 1
-    return [int(round(v)) for v in np.linspace(0, length - tile, n)]
+    """Tile origins along one axis, exactly as the pipeline cuts images at inference (`midog.tiling`): steps of
+    `tile - int(overlap * tile)` px, the last tile moved inward to end on the border, one origin (0) for a side
+    shorter than a tile (whose training tile is then cut short rather than padded)."""
+    return axis_origins(length, tile, overlap)
 
 
 @dataclass
