@@ -16,34 +16,47 @@ from midog.classifier import build_classifier
 
 TRACK2_SLUG = "stacked-histopathology-roi-cropouts"
 
-_EOSIN = np.array([236, 178, 208], dtype=np.float32)       # pink stroma/cytoplasm
-_HEMATOXYLIN = np.array([118, 72, 152], dtype=np.float32)  # purple nuclei
-_CHROMATIN = np.array([52, 24, 86], dtype=np.float32)      # the dark condensed figure in the centre
+_EOSIN = np.array([214, 150, 206], dtype=np.float32)       # pink-purple cytoplasm and stroma
+_LUMEN = np.array([238, 222, 240], dtype=np.float32)       # white gaps between cells
+_HEMATOXYLIN = np.array([150, 96, 180], dtype=np.float32)  # open-chromatin nuclei
+_CHROMATIN = np.array([52, 20, 84], dtype=np.float32)      # condensed chromatin: the figure in the centre
 
 
 def he_pages(count: int, size: int = 128, seed: int = 0) -> np.ndarray:
-    """`count` H&E-like RGB uint8 crops (count, size, size, 3): stroma, a few nuclei, a dark figure in the centre."""
+    """`count` H&E-like RGB uint8 crops (count, size, size, 3): cytoplasm with white gaps, textured nuclei, and a
+    dark clumped mitotic-figure-like shape near the centre (compact or scattered)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     pages = np.empty((count, size, size, 3), dtype=np.uint8)
+
+    def noise(sigma: float) -> np.ndarray:
+        field = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma)
+        return field / (field.std() + 1e-6)
+
     for index in range(count):
-        texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 3)
+        lumen = np.clip((noise(size / 16) - 1.2) * 2, 0, 1)
         nuclei = np.zeros((size, size), np.float32)
-        for _ in range(rng.integers(3, 9)):
+        for _ in range(rng.integers(6, 14)):
             cy, cx = rng.uniform(0, size, 2)
-            ry, rx = rng.uniform(size / 30, size / 12, 2)
-            nuclei = np.maximum(nuclei, (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.float32))
+            ry, rx = rng.uniform(size / 16, size / 8, 2)
+            angle = rng.uniform(0, np.pi)
+            dy, dx = yy - cy, xx - cx
+            u, v = dy * np.cos(angle) + dx * np.sin(angle), -dy * np.sin(angle) + dx * np.cos(angle)
+            nuclei = np.maximum(nuclei, ((u / ry) ** 2 + (v / rx) ** 2 <= 1).astype(np.float32))
         figure = np.zeros((size, size), np.float32)
         for _ in range(rng.integers(1, 4)):  # one compact clump, or several scattered ones
             cy, cx = size / 2 + rng.normal(0, size / 14, 2)
-            r = rng.uniform(size / 24, size / 10)
-            figure = np.maximum(figure, (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).astype(np.float32))
-        nuclei = ndimage.gaussian_filter(nuclei, 1.2)[..., None]
-        figure = ndimage.gaussian_filter(figure, 0.8)[..., None]
-        rgb = _EOSIN + 10 * texture[..., None]
+            for _ in range(rng.integers(4, 10)):  # each clump: overlapping chromosome-sized blobs
+                by, bx = cy + rng.normal(0, size / 40, 2)
+                r = rng.uniform(size / 60, size / 28)
+                figure = np.maximum(figure, (((yy - by) ** 2 + (xx - bx) ** 2) <= r * r).astype(np.float32))
+        nuclei = (ndimage.gaussian_filter(nuclei, 1.0) * (0.75 + 0.25 * np.clip(noise(1.5), -1, 1)))[..., None]
+        figure = ndimage.gaussian_filter(figure, 0.7)[..., None]
+        rgb = _EOSIN + 14 * noise(2.0)[..., None]
+        rgb = rgb * (1 - lumen[..., None]) + _LUMEN * lumen[..., None]
         rgb = rgb * (1 - nuclei) + _HEMATOXYLIN * nuclei
         rgb = rgb * (1 - figure) + _CHROMATIN * figure
-        pages[index] = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
+        pages[index] = np.clip(rgb + rng.normal(0, 5, rgb.shape), 0, 255).astype(np.uint8)
     return pages
 
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Build the algorithm image. Usage: ./build.sh [extra docker build args, e.g. --build-arg BASE_IMAGE=...]
+set -euo pipefail
+cd "$(dirname "$0")"
+IMAGE_TAG="${IMAGE_TAG:-midog}"
+
+if [ ! -d weights ]; then
+    echo "error: weights/ is missing: the image ships the trained checkpoints from there (see docs/container.md)" >&2
+    exit 1
+fi
+docker build --tag "$IMAGE_TAG" "$@" .
+echo "built image $IMAGE_TAG"
