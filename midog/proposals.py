@@ -1,0 +1,241 @@
+"""Proposal stage: an ultralytics YOLO detector on batches of tiles → candidate boxes in tile coordinates.
+
+The model is loaded once from an ultralytics checkpoint (any YOLO11 size, or our LSConv/EMA model), fused once, and
+called directly on batched tensors; NMS is ultralytics' own `non_max_suppression`, with the arguments its
+`DetectionPredictor` passes, so a tile gives the boxes `YOLO.predict` would give for it. Tiles are read and checked
+for tissue in a background thread while the model runs. On CUDA: fp16 autocast, channels-last, pinned host memory;
+an out-of-memory error halves the batch and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from midog.config import ProposalConfig, TilingConfig
+from midog.errors import WeightsError
+from midog.image_io import RoiImage
+from midog.tiling import has_tissue
+from midog.weights import verify_checksum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileDetections:
+    """Detections of one tile, in that tile's pixel coordinates."""
+
+    origin: tuple[int, int]
+    boxes: np.ndarray
+    """(n, 4) float32 x1, y1, x2, y2, clipped to the tile."""
+    scores: np.ndarray
+    """(n,) float32 detector confidence."""
+    classes: np.ndarray
+    """(n,) int64 detector class index."""
+
+
+@dataclass
+class ProposalStats:
+    tiles_total: int = 0
+    tiles_run: int = 0
+    """Tiles the detector saw; the others held no tissue."""
+    batch_size: int = 0
+    """The batch size in use at the end (smaller than configured after an out-of-memory error)."""
+
+
+def register_custom_modules() -> None:
+    """Make our custom YOLO blocks known to ultralytics, when the module that defines them is present."""
+    try:
+        from midog.yolo_modules import register_custom_modules as register
+    except ImportError:
+        return
+    register()
+
+
+def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.nn.Module:
+    """An ultralytics checkpoint → its detection model, fused, in eval mode, on `device`.
+
+    The checkpoint is a pickle (ultralytics' format): load only files from a trusted source; its model card's sha256
+    is checked first.
+    """
+    path = Path(path)
+    verify_checksum(path)
+    register_custom_modules()
+    from ultralytics.nn.tasks import load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(str(path), device="cpu")
+    except Exception as err:  # torch/pickle raise many types for truncated or foreign files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise WeightsError(f"cannot load detector weights {path}: {first}") from None
+    if not hasattr(model, "fuse") or getattr(model, "task", "detect") != "detect":
+        raise WeightsError(f"{path} is not an ultralytics detection checkpoint")
+    model = model.fuse(verbose=False).eval().to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class YoloProposer:
+    """Runs the detector on tiles. `propose` reads, filters and batches the tiles itself; `predict` takes pixels."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, config: ProposalConfig) -> None:
+        self.model = model
+        self.device = device
+        self.config = config
+        self.batch_size = max(1, int(config.batch_size))
+        self.stride = int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 32))
+        self.end2end = bool(getattr(model, "end2end", False))
+        self.half = bool(config.half) and device.type == "cuda"
+        self.channels_last = bool(config.channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike[str], device: torch.device, config: ProposalConfig) -> "YoloProposer":
+        return cls(load_detector(path, device), device, config)
+
+    # -- pixels → detections ------------------------------------------------------------------------------------------
+
+    def to_tensor(self, tiles: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float in [0, 1] on the device.
+
+        ultralytics' numpy path expects BGR and flips it to RGB; we hand the model RGB tensors directly, as its
+        tensor path does, so no flip happens anywhere in this module. The permuted NHWC buffer is already
+        channels-last in memory.
+        """
+        batch = torch.from_numpy(tiles)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        return batch if self.channels_last else batch.contiguous()
+
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Boxes (tile px, clipped), scores and classes for each of (B, H, W, 3) uint8 RGB tiles."""
+        if tiles.shape[1] % self.stride or tiles.shape[2] % self.stride:
+            raise ValueError(f"tile size {tiles.shape[1:3]} must be a multiple of the model stride {self.stride}")
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        start = 0
+        while start < len(tiles):
+            chunk = tiles[start:start + self.batch_size]
+            try:
+                out.extend(self._predict_chunk(chunk))
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of GPU memory: detector batch size lowered to %d", self.batch_size)
+                continue
+            start += len(chunk)
+        return out
+
+    def _predict_chunk(self, tiles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        from ultralytics.utils import nms
+
+        batch = self.to_tensor(tiles)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.half):
+            preds = self.model(batch)
+        if isinstance(preds, (list, tuple)):
+            preds = preds[0]
+        detections = nms.non_max_suppression(
+            preds.float(), self.config.confidence, self.config.nms_iou, None, False,
+            max_det=self.config.max_detections_per_tile, nc=0, end2end=self.end2end,
+        )
+        height, width = tiles.shape[1:3]
+        result = []
+        for det in detections:
+            det = det.float().cpu()
+            boxes = det[:, :4].clone()
+            boxes[:, 0::2].clamp_(0, width)  # as ultralytics' Results: boxes clipped to the image they came from
+            boxes[:, 1::2].clamp_(0, height)
+            result.append((boxes.numpy().astype(np.float32), det[:, 4].numpy().astype(np.float32),
+                           det[:, 5].numpy().astype(np.int64)))
+        return result
+
+    # -- image → detections per tile ------------------------------------------------------------------------------------
+
+    def propose(self, image: RoiImage, origins: Sequence[tuple[int, int]], tiling: TilingConfig,
+                progress: bool = True) -> tuple[list[TileDetections], ProposalStats]:
+        """Detections of every tissue tile at `origins`; reading overlaps with the detector."""
+        from tqdm import tqdm
+
+        stats = ProposalStats(tiles_total=len(origins))
+        results: list[TileDetections] = []
+        with tqdm(total=len(origins), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+            for batch_origins, pixels, skipped in _prefetch(image, origins, tiling, self.batch_size):
+                bar.update(skipped)
+                if not batch_origins:
+                    continue
+                for origin, (boxes, scores, classes) in zip(batch_origins, self.predict(pixels)):
+                    results.append(TileDetections(origin, boxes, scores, classes))
+                stats.tiles_run += len(batch_origins)
+                bar.update(len(batch_origins))
+        stats.batch_size = self.batch_size
+        return results, stats
+
+
+_DONE = object()
+
+
+def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: TilingConfig,
+              batch_size: int) -> Iterator[tuple[list[tuple[int, int]], np.ndarray, int]]:
+    """Batches of (origins, tiles, number of tiles skipped for lack of tissue), read by a background thread.
+
+    Decoding (tifffile/imagecodecs, numpy) releases the GIL, so reading the next batch overlaps with the model.
+    """
+    size = tiling.tile_size
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            kept: list[tuple[int, int]] = []
+            tiles: list[np.ndarray] = []
+            skipped = 0
+            for x, y in origins:
+                if stop.is_set():
+                    return
+                tile = image.read_region(x, y, size, size)
+                if not has_tissue(tile, tiling.tissue_saturation, tiling.tissue_min_fraction):
+                    skipped += 1
+                    continue
+                kept.append((x, y))
+                tiles.append(tile)
+                if len(kept) == batch_size:
+                    items.put((kept, np.stack(tiles), skipped))
+                    kept, tiles, skipped = [], [], 0
+            if kept or skipped:
+                items.put((kept, np.stack(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8), skipped))
+            items.put(_DONE)
+        except BaseException as err:  # handed to the consuming thread, which raises it
+            items.put(err)
+
+    worker = threading.Thread(target=produce, name="tile-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()

@@ -1,0 +1,93 @@
+"""Verification stage: each candidate's box crop, resized to `verifier.crop_size`, → P(mitotic figure).
+
+The crop is the candidate's box (grown by `verifier.context_px` on each side, clipped to the image) resized to a
+square with antialiased bilinear interpolation, the same resize `BinaryClassifier.preprocess` applies. A degenerate
+box (no area left after clipping) is replaced by a `merging.box_size_px` square around its centre.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from midog.classifier import BinaryClassifier, load_classifier
+from midog.config import VerifierConfig
+from midog.image_io import RoiImage
+from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
+
+PROBABILITY_MODES = ("verifier", "product")
+
+
+def crop_boxes(boxes: np.ndarray, width: int, height: int, context_px: int, fallback_px: int) -> np.ndarray:
+    """(n, 4) float boxes → (n, 4) int crop regions x0, y0, x1, y1 inside the image, each at least 1 px."""
+    grown = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) + np.array([-1, -1, 1, 1]) * context_px
+    regions = np.stack([np.floor(grown[:, 0]), np.floor(grown[:, 1]), np.ceil(grown[:, 2]), np.ceil(grown[:, 3])], 1)
+    regions = np.clip(regions, 0, [width, height, width, height]).astype(np.int64)
+    degenerate = (regions[:, 2] <= regions[:, 0]) | (regions[:, 3] <= regions[:, 1])
+    if degenerate.any():
+        centres = (grown[degenerate, :2] + grown[degenerate, 2:]) / 2
+        half = fallback_px / 2
+        square = np.concatenate([np.floor(centres - half), np.ceil(centres + half)], 1)
+        regions[degenerate] = np.clip(square, 0, [width, height, width, height]).astype(np.int64)
+        regions[:, 0] = np.minimum(regions[:, 0], width - 1)
+        regions[:, 1] = np.minimum(regions[:, 1], height - 1)
+        regions[:, 2] = np.maximum(regions[:, 2], regions[:, 0] + 1)
+        regions[:, 3] = np.maximum(regions[:, 3], regions[:, 1] + 1)
+    return regions
+
+
+def resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (size, size, 3) uint8, antialiased bilinear (as `BinaryClassifier.preprocess`)."""
+    if crop.shape[0] == size and crop.shape[1] == size:
+        return crop
+    tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -> np.ndarray:
+    """The output `probability`: the verifier's P(mitotic figure) ("verifier"), or detector confidence times it
+    ("product", which ranks candidates the two stages agree on first)."""
+    if mode == "verifier":
+        return verifier.astype(np.float32)
+    if mode == "product":
+        return (detector * verifier).astype(np.float32)
+    raise ValueError(f"unknown verifier.probability '{mode}'; expected one of {', '.join(PROBABILITY_MODES)}")
+
+
+@dataclass
+class Verifier:
+    classifier: BinaryClassifier
+    config: VerifierConfig
+    fallback_box_px: int = 50
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
+                     fallback_box_px: int = 50) -> "Verifier":
+        return cls(load_classifier(path, device), config, fallback_box_px)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config.threshold)
+
+    def crops(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
+        """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes."""
+        size = self.config.crop_size
+        regions = crop_boxes(boxes, image.width, image.height, self.config.context_px, self.fallback_box_px)
+        out = np.empty((len(regions), size, size, 3), dtype=np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(regions):
+            out[i] = resize_crop(image.read_region(int(x0), int(y0), int(x1 - x0), int(y1 - y0)), size)
+        return out
+
+    def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
+        """P(mitotic figure) per box, in order."""
+        if len(boxes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.classifier.predict_proba(self.crops(image, boxes), batch_size=self.config.batch_size)
+
+    def labels(self, probabilities: np.ndarray) -> list[str]:
+        return [MITOTIC_FIGURE if p >= self.threshold else NON_MITOTIC_FIGURE for p in probabilities]

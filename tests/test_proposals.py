@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from roi_factory import he_roi, tiny_detector
+
+from midog.config import ProposalConfig, TilingConfig
+from midog.errors import WeightsError
+from midog.image_io import ArrayRoi, PhysicalTransform
+from midog.proposals import YoloProposer, load_detector
+from midog.tiling import tile_origins
+
+SPACING = PhysicalTransform((0.00025, 0.00025))
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_detector(tmp_path_factory.mktemp("w") / "detector.pt", class_bias=5.0)
+
+
+@pytest.fixture(scope="module")
+def proposer(detector: Path) -> YoloProposer:
+    return YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def tiles() -> np.ndarray:
+    return np.stack([he_roi(512, 512, seed=s) for s in range(3)])
+
+
+def test_same_boxes_as_ultralytics_predict(detector: Path, proposer: YoloProposer, tiles: np.ndarray):
+    from ultralytics import YOLO
+
+    yolo = YOLO(str(detector), task="detect")
+    ours = proposer.predict(tiles)
+    assert sum(len(scores) for _, scores, _ in ours) > 0
+    for tile, (boxes, scores, classes) in zip(tiles, ours):
+        # ultralytics' numpy path wants BGR: this is the flip our tensor path never needs
+        result = yolo.predict(tile[..., ::-1], imgsz=512, conf=0.2, iou=0.3, verbose=False, device="cpu")[0]
+        assert len(result.boxes) == len(boxes)
+        np.testing.assert_allclose(result.boxes.xyxy.numpy(), boxes, atol=0.05)
+        np.testing.assert_allclose(result.boxes.conf.numpy(), scores, atol=1e-4)
+        assert ((boxes >= 0) & (boxes <= 512)).all()
+        assert boxes.dtype == np.float32 and classes.dtype == np.int64
+
+
+def test_channels_last_and_batch_size_do_not_change_results(detector: Path, proposer: YoloProposer,
+                                                           tiles: np.ndarray):
+    plain = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=1, channels_last=False))
+    for (a, sa, _), (b, sb, _) in zip(proposer.predict(tiles), plain.predict(tiles)):
+        np.testing.assert_allclose(a, b, atol=0.05)
+        np.testing.assert_allclose(sa, sb, atol=1e-4)
+
+
+def test_background_tiles_are_skipped(proposer: YoloProposer):
+    pixels = he_roi(1500, 1000, seed=2, background=0.45)
+    origins = tile_origins(1500, 1000, 512, 0.2)
+    results, stats = proposer.propose(ArrayRoi(pixels, SPACING), origins, TilingConfig(), progress=False)
+    assert stats.tiles_total == len(origins) == 12
+    # glass from x = 825 on: the columns at x 820 (5 px of tissue, under 2 %) and 988 are skipped
+    assert stats.tiles_run == len(results) == 6
+    assert {r.origin for r in results} == {o for o in origins if o[0] < 820}
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(detector: Path, tiles: np.ndarray,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    proposer = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=8))
+    expected = proposer.predict(tiles)
+    original = proposer._predict_chunk
+
+    def small_memory(chunk: np.ndarray):
+        if len(chunk) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(chunk)
+
+    monkeypatch.setattr(proposer, "_predict_chunk", small_memory)
+    got = proposer.predict(tiles)
+    assert proposer.batch_size == 1
+    for (a, _, _), (b, _, _) in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=0.05)
+
+
+def test_reader_errors_reach_the_caller(proposer: YoloProposer):
+    class Broken(ArrayRoi):
+        def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+            raise OSError("disk gone")
+
+    roi = Broken(np.zeros((600, 600, 3), np.uint8), SPACING)
+    with pytest.raises(OSError, match="disk gone"):
+        proposer.propose(roi, tile_origins(600, 600, 512, 0.2), TilingConfig(), progress=False)
+
+
+def test_tiles_must_fit_the_model_stride(proposer: YoloProposer):
+    with pytest.raises(ValueError, match="stride"):
+        proposer.predict(np.zeros((1, 500, 500, 3), np.uint8))
+
+
+def test_corrupt_detector_weights_are_refused(tmp_path: Path, detector: Path):
+    broken = tmp_path / "detector.pt"
+    broken.write_bytes(detector.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="cannot load detector weights"):
+        load_detector(broken, torch.device("cpu"))

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from roi_factory import he_roi, tiny_verifier
+
+from midog.config import VerifierConfig
+from midog.image_io import ArrayRoi, PhysicalTransform
+from midog.verifier import Verifier, combine_probability, crop_boxes, resize_crop
+
+
+@pytest.fixture(scope="module")
+def verifier(tmp_path_factory: pytest.TempPathFactory) -> Verifier:
+    path = tiny_verifier(tmp_path_factory.mktemp("w") / "verifier.pt")
+    return Verifier.from_weights(path, VerifierConfig(threshold=0.5), torch.device("cpu"))
+
+
+def test_crop_regions_are_the_boxes_clipped_with_context_and_fallback():
+    boxes = np.array([[10.2, 20.7, 60.0, 70.5], [-10, -5, 30, 25], [90, 90, 130, 130], [50, 50, 50, 50]])
+    regions = crop_boxes(boxes, 100, 100, context_px=0, fallback_px=20)
+    assert regions.tolist() == [[10, 20, 60, 71], [0, 0, 30, 25], [90, 90, 100, 100], [40, 40, 60, 60]]
+    assert crop_boxes(boxes[:1], 100, 100, context_px=8, fallback_px=20).tolist() == [[2, 12, 68, 79]]
+
+
+def test_crops_are_resized_boxes(verifier: Verifier):
+    pixels = he_roi(300, 200, seed=1)
+    roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
+    crops = verifier.crops(roi, np.array([[100, 50, 164, 114], [0, 0, 32, 16]], np.float32))
+    assert crops.shape == (2, 64, 64, 3) and crops.dtype == np.uint8
+    np.testing.assert_array_equal(crops[0], pixels[50:114, 100:164])  # already 64 px: untouched
+    np.testing.assert_array_equal(crops[1], resize_crop(pixels[0:16, 0:32], 64))
+    probabilities = verifier.probabilities(roi, np.array([[100, 50, 164, 114]], np.float32))
+    np.testing.assert_allclose(probabilities, verifier.classifier.predict_proba(crops[:1]), rtol=1e-6)
+    assert verifier.probabilities(roi, np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+def test_labels_follow_the_threshold(verifier: Verifier):
+    assert verifier.labels(np.array([0.2, 0.5, 0.9])) == ["non-mitotic figure", "mitotic figure", "mitotic figure"]
+
+
+def test_probability_modes():
+    detector, verified = np.array([0.5, 0.9]), np.array([0.8, 0.1])
+    np.testing.assert_allclose(combine_probability(detector, verified, "verifier"), [0.8, 0.1])
+    np.testing.assert_allclose(combine_probability(detector, verified, "product"), [0.4, 0.09])
+    with pytest.raises(ValueError, match="verifier.probability"):
+        combine_probability(detector, verified, "max")
