@@ -1,0 +1,197 @@
+"""Candidate crops for the Track 1 verifier, cut exactly as the pipeline cuts them, in an ImageFolder-like layout.
+
+    python -m training.verifier_data --annotations MIDOG++.json --xvalidation datasets_xvalidation.csv \\
+        --images DIR --out DIR [--detections detections.csv] [--splits train val] [--seed 0]
+
+    OUT/train/mitotic_figure/001_00012.png    positives: the MIDOG++ mitotic figures
+    OUT/train/hard_negative/001_00003.png     negatives: the experts' look-alikes (MIDOG++ category 2)
+    OUT/train/false_positive/001_fp0004.png   negatives: the proposal network's false positives (optional)
+    OUT/val/...                               the same for the validation slides
+
+`training.train_verifier` reads this layout (the `mitotic_figure` folder is positive, every other folder negative).
+Slides are split with `training.midogpp.split_slides` and the same seed as the YOLO dataset, so the verifier never
+trains on a slide that the detector is validated or tested on.
+
+A crop is the candidate's box grown by `verifier.context_px`, clipped to the image, resized (antialiased bilinear)
+to `verifier.crop_size` — `midog.verifier.crop_boxes` and `resize_crop`, the pipeline's own functions, so training
+and inference crops are the same.
+
+False positives: a detection (from the proposal network run on the training slides, e.g. with the pipeline's
+proposal stage at its low confidence) whose centre is farther than `radius_px` (30 px = 7.5 µm at 0.25 µm/px, the
+challenge's matching radius) from every mitotic figure. Detections near a true figure are never used as negatives,
+even when they are duplicates the evaluation would count as false positives: their crops show a mitotic figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from midog.config import VerifierConfig
+from midog.errors import InputError, MidogError
+from midog.image_io import open_roi
+from midog.verifier import crop_boxes, resize_crop
+from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, MidogppIndex, load_midogpp, split_slides
+from training.train_verifier import POSITIVE_FOLDER
+
+HARD_NEGATIVE_FOLDER = "hard_negative"
+FALSE_POSITIVE_FOLDER = "false_positive"
+DETECTION_COLUMNS = ("slide", "x1", "y1", "x2", "y2", "score")
+
+
+@dataclass
+class CropConfig:
+    crop_size: int = VerifierConfig.crop_size
+    context_px: int = VerifierConfig.context_px
+    box_size_px: int = 50
+    """Side of the square used for a degenerate box (as `merging.box_size_px` in the pipeline)."""
+    radius_px: float = 30.0
+    """A detection farther than this from every mitotic figure is a false positive."""
+    min_score: float = 0.0
+    """Detections below this confidence are ignored."""
+    max_false_positives_per_slide: int = 0
+    """Keep at most this many false positives per slide, highest scores first (0 = all)."""
+
+
+def false_positives(pred_boxes: np.ndarray, gt_boxes: np.ndarray, radius_px: float,
+                    scores: np.ndarray | None = None, min_score: float = 0.0) -> np.ndarray:
+    """Indices of the predictions whose centre lies farther than `radius_px` from every ground-truth centre.
+
+    `pred_boxes`, `gt_boxes`: (N, 4) / (M, 4) [x1, y1, x2, y2] in image pixels; pass only the mitotic figures as
+    ground truth. Predictions below `min_score` are left out. Indices come sorted by descending score.
+    """
+    pred = np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
+    gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.ones(len(pred)) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(pred):
+        raise ValueError(f"{len(pred)} boxes but {len(scores)} scores")
+    pc = (pred[:, :2] + pred[:, 2:]) / 2
+    gc = (gt[:, :2] + gt[:, 2:]) / 2
+    if len(gc):
+        nearest = np.sqrt(((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    else:
+        nearest = np.full(len(pc), np.inf)
+    keep = np.flatnonzero((nearest > radius_px) & (scores >= min_score))
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
+def cut_crops(image, boxes: np.ndarray, cfg: CropConfig) -> np.ndarray:
+    """(N, crop_size, crop_size, 3) uint8 crops of `boxes` from an `RoiImage`, as the pipeline's verifier cuts them."""
+    regions = crop_boxes(np.asarray(boxes).reshape(-1, 4), image.width, image.height, cfg.context_px,
+                         cfg.box_size_px)
+    out = np.empty((len(regions), cfg.crop_size, cfg.crop_size, 3), dtype=np.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(regions):
+        out[i] = resize_crop(image.read_region(int(x0), int(y0), int(x1 - x0), int(y1 - y0)), cfg.crop_size)
+    return out
+
+
+def false_positive_crops(image, pred_boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray,
+                         cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of the detector's false positives on one image, and their indices into `pred_boxes`."""
+    index = false_positives(pred_boxes, gt_boxes, cfg.radius_px, scores, cfg.min_score)
+    if cfg.max_false_positives_per_slide > 0:
+        index = index[:cfg.max_false_positives_per_slide]
+    return cut_crops(image, np.asarray(pred_boxes).reshape(-1, 4)[index], cfg), index
+
+
+def load_detections(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A CSV with columns slide (MIDOG++ image id), x1, y1, x2, y2 (image pixels), score."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"detections file not found: {path}")
+    table = pd.read_csv(path)
+    missing = set(DETECTION_COLUMNS) - set(table.columns)
+    if missing:
+        raise InputError(f"{path} lacks columns {sorted(missing)} (expected {', '.join(DETECTION_COLUMNS)})")
+    return table
+
+
+def extract(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.PathLike[str],
+            splits: Sequence[str] = ("train", "val"), seed: int = 0, cfg: CropConfig | None = None,
+            detections: pd.DataFrame | None = None, progress: bool = True) -> dict[str, dict[str, int]]:
+    """Write the crops of every slide in `splits`; returns the number of crops per split and folder."""
+    cfg = cfg or CropConfig()
+    images, out = Path(images), Path(out)
+    split = split_slides(index.slides, seed=seed)
+    chosen = index.slides.assign(split=split.to_numpy())
+    chosen = chosen[chosen["split"].isin(list(splits))]
+    absent = [f for f in chosen["file_name"] if not (images / f).is_file()]
+    if absent:
+        raise InputError(f"{len(absent)} MIDOG++ images are missing from {images}, e.g. {absent[0]}")
+    counts = {s: {POSITIVE_FOLDER: 0, HARD_NEGATIVE_FOLDER: 0, FALSE_POSITIVE_FOLDER: 0} for s in splits}
+    boxes_by_slide = dict(tuple(index.boxes.groupby("slide")))
+    dets_by_slide = dict(tuple(detections.groupby("slide"))) if detections is not None else {}
+    for row in tqdm(chosen.itertuples(), total=len(chosen), desc="verifier crops", disable=not progress):
+        slide = int(row.slide)
+        own = boxes_by_slide.get(slide, index.boxes.iloc[:0])
+        xyxy = own[["x1", "y1", "x2", "y2"]].to_numpy()
+        with open_roi(images / row.file_name) as image:
+            for category, folder in ((MITOTIC_FIGURE, POSITIVE_FOLDER), (HARD_NEGATIVE, HARD_NEGATIVE_FOLDER)):
+                mask = (own["category"] == category).to_numpy()
+                crops = cut_crops(image, xyxy[mask], cfg)
+                ids = own.index[mask]
+                _save(out / row.split / folder, [f"{slide:03d}_{int(i):05d}" for i in ids], crops)
+                counts[row.split][folder] += len(crops)
+            if slide in dets_by_slide:
+                det = dets_by_slide[slide]
+                crops, idx = false_positive_crops(image, det[["x1", "y1", "x2", "y2"]].to_numpy(),
+                                                  det["score"].to_numpy(), xyxy[own["category"] == MITOTIC_FIGURE],
+                                                  cfg)
+                _save(out / row.split / FALSE_POSITIVE_FOLDER, [f"{slide:03d}_fp{int(i):05d}" for i in idx], crops)
+                counts[row.split][FALSE_POSITIVE_FOLDER] += len(crops)
+    (out / "crops.json").write_text(json.dumps({"seed": seed, "crop_size": cfg.crop_size,
+                                                "context_px": cfg.context_px, "counts": counts}, indent=2) + "\n")
+    return counts
+
+
+def _save(folder: Path, names: list[str], crops: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, crop in zip(names, crops):
+        Image.fromarray(crop).save(folder / f"{name}.png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", required=True, type=Path)
+    parser.add_argument("--xvalidation", required=True, type=Path)
+    parser.add_argument("--images", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--detections", type=Path, help="CSV slide,x1,y1,x2,y2,score of the proposal network")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=("train", "val", "test"))
+    parser.add_argument("--seed", type=int, default=0, help="slide split seed (use the YOLO dataset's)")
+    parser.add_argument("--crop-size", type=int, default=CropConfig.crop_size)
+    parser.add_argument("--context-px", type=int, default=CropConfig.context_px)
+    parser.add_argument("--radius-px", type=float, default=CropConfig.radius_px)
+    parser.add_argument("--min-score", type=float, default=CropConfig.min_score)
+    parser.add_argument("--max-fp-per-slide", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = CropConfig(crop_size=args.crop_size, context_px=args.context_px, radius_px=args.radius_px,
+                     min_score=args.min_score, max_false_positives_per_slide=args.max_fp_per_slide)
+    try:
+        index = load_midogpp(args.annotations, args.xvalidation)
+        detections = load_detections(args.detections) if args.detections else None
+        counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections)
+    except MidogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
