@@ -18,7 +18,7 @@ def _track1(args: argparse.Namespace) -> Any:
 
     gt = read_json(args.ground_truth, GroundTruthError, "ground truth")
     jobs = load_jobs(args.predictions, 1, set(gt) if isinstance(gt, dict) else set())
-    return track1.evaluate_jobs(jobs, gt, with_froc=not args.no_froc)
+    return track1.evaluate_jobs(jobs, gt, with_froc=not args.no_froc, ap_backend=args.ap_backend)
 
 
 def _track2(args: argparse.Namespace) -> Any:
@@ -72,7 +72,7 @@ def run_tune(args: argparse.Namespace) -> None:
     tuned = []
     if args.track1_ground_truth:
         ns = argparse.Namespace(ground_truth=args.track1_ground_truth, predictions=args.track1_predictions,
-                                no_froc=True)
+                                no_froc=True, ap_backend="numpy")
         tuned.append(tune.tune_detection(_track1(ns)))
     if args.track2_ground_truth:
         ns = argparse.Namespace(ground_truth=args.track2_ground_truth, predictions=args.track2_predictions)
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t1.add_argument("--spacing-um", type=float, default=None, help="µm per pixel of the images (default: read it)")
     t1.add_argument("--max-overlays", type=int, default=12)
     t1.add_argument("--no-froc", action="store_true", help="skip the FROC AUC (faster)")
+    t1.add_argument("--ap-backend", choices=("numpy", "torchmetrics"), default="numpy",
+                    help="numpy: the same AP computed ~100x faster (default); torchmetrics: the container's code path")
     t1.set_defaults(func=run_track1)
 
     t2 = sub.add_parser("track2", help="atypical/normal metrics, as the official Track 2 evaluation container")

@@ -20,11 +20,12 @@ def _track1_folder() -> Path:
     return shared_path("grand-challenge", "track1-evaluation")
 
 
-def test_track1_reproduces_every_aggregate_of_the_official_metrics_json() -> None:
+@pytest.mark.parametrize("ap_backend", ["numpy", "torchmetrics"])
+def test_track1_reproduces_every_aggregate_of_the_official_metrics_json(ap_backend: str) -> None:
     root = _track1_folder()
     gt = json.loads((root / "ground_truth" / "ground_truth.json").read_text())
     expected = json.loads((root / "test" / "output" / "metrics.json").read_text())
-    ev = evaluate_track1(load_jobs(root / "test" / "input", 1, set(gt)), gt)
+    ev = evaluate_track1(load_jobs(root / "test" / "input", 1, set(gt)), gt, ap_backend=ap_backend)
     assert expected["aggregates"], "the official file has aggregates"
     for key, value in expected["aggregates"].items():
         assert ev.aggregates[key] == pytest.approx(value, abs=1e-6, rel=0), key

@@ -169,3 +169,40 @@ def test_aggregates_are_plain_json_numbers() -> None:
 def test_api_accepts_a_bare_list_of_points() -> None:
     gt = {"a.tiff": truth([(0, 0)])}
     assert score({"a.tiff": [point(0, 0)]}, gt) == score({"a.tiff": payload([point(0, 0)])}, gt)
+
+
+def _random_images(rng: np.random.Generator, ties: bool) -> list:
+    from midog.evaluate.track1 import ImagePrediction, ImageTruth
+
+    images = []
+    for i in range(int(rng.integers(1, 5))):
+        n_truth, n_pred = int(rng.integers(0, 5)), int(rng.integers(0, 8))
+        truth_xy = rng.uniform(0, 0.1, (n_truth, 2))
+        anchor = truth_xy[rng.integers(0, n_truth, n_pred)] if n_truth else rng.uniform(0, 0.1, (n_pred, 2))
+        pred_xy = np.where(rng.uniform(size=(n_pred, 1)) < 0.6, anchor + rng.normal(0, 0.006, (n_pred, 2)),
+                           rng.uniform(0, 0.1, (n_pred, 2)))
+        probs = rng.choice([0.3, 0.5, 0.9], n_pred) if ties else rng.uniform(0, 1, n_pred)
+        images.append((ImageTruth(str(i), np.c_[truth_xy, np.zeros(n_truth)], 0, "hotspot"),
+                       ImagePrediction(str(i), np.c_[pred_xy, np.zeros(n_pred)], np.ones(n_pred, bool), probs)))
+    return images
+
+
+def test_numpy_ap_equals_torchmetrics_to_the_last_bit() -> None:
+    from midog.evaluate.track1 import average_precision
+
+    rng = np.random.default_rng(7)
+    for case in range(40):
+        images = _random_images(rng, ties=case % 2 == 0)
+        assert average_precision(images, "numpy") == average_precision(images, "torchmetrics"), case
+
+
+def test_numpy_ap_equals_torchmetrics_at_the_iou_boundary() -> None:
+    from midog.evaluate.track1 import average_precision
+
+    gt = {"a.tiff": truth([(0, 0), (100, 0)]), "b.tiff": truth([(0, 0)])}
+    # 7.5 µm apart is IoU ~0.5; several predictions compete for one truth with equal scores.
+    ev = evaluate({"a.tiff": payload([point(7.5, 0, 0.5), point(-7.5, 0, 0.5), point(100, 7.5, 0.5)]),
+                   "b.tiff": payload([point(0, 7.5, 0.5), point(7.49, 0, 0.4)])}, gt)
+    pairs = [(r.truth, r.prediction) for r in ev.images]
+    assert average_precision(pairs, "numpy") == average_precision(pairs, "torchmetrics")
+    assert average_precision(pairs[:0], "numpy") == -1.0
