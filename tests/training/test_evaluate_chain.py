@@ -1,0 +1,79 @@
+"""training.evaluate_chain: ground truth from a built set, threshold tuning on val, scoring on test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from midog.config import load_config
+from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
+from tests.training.test_amibr_detection import _cfg, _write_amibr
+from training import amibr_detection as ad
+from training import evaluate_chain as ec
+
+
+@pytest.fixture(scope="module")
+def detection(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("amibr")
+    _write_amibr(root, {f"MIDOG21/{i:03d}.tiff": 3 for i in range(10)}, np.random.default_rng(2))
+    out = tmp_path_factory.mktemp("built")
+    ad.build(root, out, seed=0, cfg=_cfg())
+    return out / "detection"
+
+
+def _oracle(detection: Path, rng: np.random.Generator):
+    """Every true figure found with P 0.9 (2 µm off), plus false candidates with P 0.4 and 0.95 on some images."""
+    truth = {**ec.load_split(detection, "val").ground_truth, **ec.load_split(detection, "test").ground_truth}
+
+    def predict(image: Path) -> dict:
+        points = [{"name": MITOTIC_FIGURE, "point": [x + 0.002, y, 0.0], "probability": 0.9}
+                  for x, y, _ in truth[image.name]["annotations"]]
+        points += [{"name": NON_MITOTIC_FIGURE, "point": [0.001, 0.001 + 0.01 * k, 0.0], "probability": 0.4}
+                   for k in range(3)]
+        return {"name": "Points of interest", "type": "Multiple points", "points": points}
+
+    return predict
+
+
+def test_ground_truth_is_in_millimetres(detection):
+    split = ec.load_split(detection, "test")
+    assert split.images and all(p.name in split.ground_truth for p in split.images)
+    entry = split.ground_truth[split.images[0].name]
+    assert entry["tumor domain"] == "MIDOG21" and entry["roi type"] == "hotspot"
+    coords = np.array(entry["annotations"])
+    assert coords[:, :2].max() <= 256 * 0.25e-3 and coords[:, 2].max() == 0.0
+
+
+def test_tuning_on_val_and_scoring_on_test(detection, tmp_path):
+    config_path = tmp_path / "pipeline.yaml"
+    report = ec.evaluate_chain(detection, _oracle(detection, np.random.default_rng(0)), config_path)
+    # the false candidates (P 0.4) sit below the true ones (P 0.9): the best threshold drops them all
+    assert 0.4 < report["tuned"]["threshold"] <= 0.9
+    assert report["test_at_tuned"]["f1"] == pytest.approx(1.0, abs=1e-6)
+    assert report["test_at_tuned"]["false_positives"] == 0
+    assert report["test_at_tuned"]["true_positives"] == report["figures"]["test"]
+    written = yaml.safe_load(config_path.read_text())
+    assert written == {"verifier": {"threshold": report["tuned"]["threshold"]}}
+    assert load_config(config_path).verifier.threshold == report["tuned"]["threshold"]
+
+
+def test_relabel_names_by_threshold():
+    payload = {"x.tif": {"points": [{"name": MITOTIC_FIGURE, "point": [0, 0, 0], "probability": 0.3},
+                                    {"name": NON_MITOTIC_FIGURE, "point": [1, 0, 0], "probability": 0.7}]}}
+    names = [p["name"] for p in ec.relabel(payload, 0.5)["x.tif"]["points"]]
+    assert names == [NON_MITOTIC_FIGURE, MITOTIC_FIGURE]
+
+
+def test_roi_tiff_carries_the_spacing(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    path = ec.write_roi_tiff(rgb, tmp_path / "roi.tif")
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        np.testing.assert_array_equal(page.asarray(), rgb)
+        x_res = page.tags["XResolution"].value
+        assert page.tags["ResolutionUnit"].value == 3  # centimetre
+        assert 1e4 / (x_res[0] / x_res[1]) == pytest.approx(0.25, rel=1e-6)  # µm per pixel
