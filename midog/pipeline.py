@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import logging
 import time
 
+import numpy as np
 import torch
 
-from midog.atypical import load_atypical
+from midog.atypical import AtypicalClassifier, load_atypical
 from midog.cli import TRACK2_SLUG
 from midog.config import PipelineConfig
 from midog.devices import resolve_device
-from midog.image_io import find_single_image, open_stack
-from midog.outputs import TRACK2_FILENAME, track2_classification, write_json_atomic
+from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, open_stack
+from midog.merging import build_merger, merge_tiles
+from midog.outputs import (ATYPICAL, MITOTIC_FIGURE, NORMAL, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME,
+                           TRACK2_FILENAME, multiple_points, track2_classification, write_json_atomic)
+from midog.proposals import YoloProposer
+from midog.tiling import tile_origins
+from midog.verifier import Verifier, combine_probability
+from midog.weights import find_weights
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,170 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
 
 
 # ---- Track 1: detection on a region of interest ------------------------------------------------------------------
+#
+# read (image_io) → tile (tiling) → propose (proposals) → shift + merge (merging) → verify (verifier)
+# → label atypical (atypical) → write (outputs). `Track1Detector` holds the loaded models and runs the chain on one
+# image; training and evaluation code use it directly, `run_track1` wraps it for process.py.
+
+TRACK1_IMAGE_FOLDER = "histopathology-roi-cropout"
+
+
+@dataclass
+class Detection:
+    """One merged candidate. `probability` is what the output file carries (see `verifier.probability`)."""
+
+    x: float
+    """Box centre, pixels (continuous index, as the MIDOG reference container)."""
+    y: float
+    x_mm: float
+    y_mm: float
+    box: tuple[float, float, float, float]
+    detector_confidence: float
+    verifier_probability: float
+    probability: float
+    label: str
+    """"mitotic figure" or "non-mitotic figure"."""
+    atypical_probability: float | None = None
+    """P(atypical), for mitotic figures only."""
+    atypical: bool | None = None
+
+    @property
+    def is_mitotic_figure(self) -> bool:
+        return self.label == MITOTIC_FIGURE
+
+
+@dataclass
+class Track1Result:
+    detections: list[Detection]
+    width: int
+    height: int
+    spacing_um: tuple[float, float]
+    tiles_total: int
+    tiles_run: int
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage."""
+
+    @property
+    def mitotic_figures(self) -> list[Detection]:
+        return [d for d in self.detections if d.is_mitotic_figure]
+
+
+class Track1Detector:
+    """The Track 1 chain with its models loaded once; `detect(image)` runs it on one image."""
+
+    def __init__(self, config: PipelineConfig, proposer: YoloProposer, verifier: Verifier,
+                 atypical: AtypicalClassifier | None) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.verifier = verifier
+        self.atypical = atypical
+        combine_probability(np.zeros(0), np.zeros(0), config.verifier.probability)  # reject a bad mode now
+        build_merger(config.merging)
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, device: str | torch.device | None = None,
+                    with_atypical: bool = True) -> "Track1Detector":
+        """Load the detector, verifier and (unless `with_atypical` is False) atypical weights named by `config`."""
+        device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
+        if config.runtime.num_threads > 0:
+            torch.set_num_threads(config.runtime.num_threads)
+        proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals)
+        verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
+                                         config.merging.box_size_px)
+        atypical = load_atypical(config.atypical, device=device) if with_atypical else None
+        return cls(config, proposer, verifier, atypical)
+
+    def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:
+        """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal."""
+        if isinstance(image, RoiImage):
+            return self._detect(image, progress)
+        cfg = self.config.image
+        with open_roi(image, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb) as roi:
+            return self._detect(roi, progress)
+
+    def _detect(self, image: RoiImage, progress: bool) -> Track1Result:
+        cfg = self.config
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = now - clock
+            clock = now
+
+        origins = tile_origins(image.width, image.height, cfg.tiling.tile_size, cfg.tiling.overlap)
+        tiles, stats = self.proposer.propose(image, origins, cfg.tiling, progress=progress)
+        lap("proposals")
+        candidates = merge_tiles(tiles, cfg.tiling.tile_size, image.width, image.height, cfg.merging)
+        lap("merging")
+        verified = self.verifier.probabilities(image, candidates.boxes)
+        probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)
+        labels = self.verifier.labels(verified)
+        lap("verification")
+        centres = candidates.centres if len(candidates) else np.zeros((0, 2))
+        millimetres = image.transform.to_mm(centres)
+        detections = [
+            Detection(x=float(cx), y=float(cy), x_mm=float(mx), y_mm=float(my),
+                      box=tuple(float(v) for v in box), detector_confidence=float(score),
+                      verifier_probability=float(pv), probability=float(p), label=label)
+            for (cx, cy), (mx, my), box, score, pv, p, label
+            in zip(centres, millimetres, candidates.boxes, candidates.scores, verified, probability, labels)
+        ]
+        self._label_atypical(image, [d for d in detections if d.is_mitotic_figure])
+        lap("atypical")
+        detections.sort(key=lambda d: -d.probability)
+        return Track1Result(detections, image.width, image.height, image.transform.spacing_um,
+                            stats.tiles_total, stats.tiles_run, timings)
+
+    def _label_atypical(self, image: RoiImage, figures: list[Detection]) -> None:
+        if self.atypical is None or not figures:
+            return
+        size = self.config.atypical.crop_size
+        crops = np.stack([image.read_region(int(round(d.x)) - size // 2, int(round(d.y)) - size // 2, size, size)
+                          for d in figures])
+        probabilities = self.atypical.predict_proba(crops)
+        for detection, p, atypical in zip(figures, probabilities, self.atypical.is_atypical(probabilities)):
+            detection.atypical_probability = float(p)
+            detection.atypical = bool(atypical)
+
+
+def track1_outputs(result: Track1Result) -> tuple[dict, dict]:
+    """(mitotic-figures.json, atypical-mitotic-figures.json) payloads. Every candidate goes into the first (the
+    official AP/FROC need the rejected ones too); mitotic figures only into the second, with P(atypical)."""
+    figures = multiple_points([
+        {"name": d.label, "point": [d.x_mm, d.y_mm, 0.0], "probability": d.probability} for d in result.detections
+    ])
+    atypical = multiple_points([
+        {"name": f"{ATYPICAL if d.atypical else NORMAL} {MITOTIC_FIGURE}", "point": [d.x_mm, d.y_mm, 0.0],
+         "probability": d.atypical_probability}
+        for d in result.mitotic_figures if d.atypical_probability is not None
+    ])
+    return figures, atypical
+
 
 def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
-    raise NotImplementedError("Track 1 pipeline")
+    """The one ROI in images/histopathology-roi-cropout/ → mitotic-figures.json and atypical-mitotic-figures.json.
+
+    The image is opened (and checked) before the weights are loaded; both files are written atomically at the end,
+    so a failure anywhere leaves no output file.
+    """
+    started = time.perf_counter()
+    image_path = find_single_image(input_dir / "images" / TRACK1_IMAGE_FOLDER, ROI_SUFFIXES)
+    cfg = config.image
+    with open_roi(image_path, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb) as roi:
+        opened = time.perf_counter()
+        detector = Track1Detector.from_config(config)
+        loaded = time.perf_counter()
+        result = detector.detect(roi, progress=True)
+    figures, atypical = track1_outputs(result)
+    path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)
+    write_json_atomic(output_dir / TRACK1_ATYPICAL_FILENAME, atypical)
+    stages = " ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings.items())
+    log.info("track 1: %s, %d x %d px at %.4g x %.4g µm/px, %d/%d tiles with tissue", image_path.name,
+             result.width, result.height, *result.spacing_um, result.tiles_run, result.tiles_total)
+    log.info("track 1: %d candidates, %d mitotic figures (%d atypical)", len(result.detections),
+             len(result.mitotic_figures), sum(bool(d.atypical) for d in result.mitotic_figures))
+    log.info("track 1 timings: open %.2f s, model load %.2f s, %s, total %.2f s", opened - started,
+             loaded - opened, stages, time.perf_counter() - started)
+    return path

@@ -88,11 +88,14 @@ def write_mha(path: Path, pixels: np.ndarray, spacing_mm: tuple[float, float] | 
 
 
 def track1_input(root: Path, pixels: np.ndarray | None = None, name: str = "roi.tif", **tiff_kwargs) -> Path:
-    """A grand-challenge Track 1 input folder: inputs.json and images/histopathology-roi-cropout/<name>."""
+    """A grand-challenge Track 1 input folder: inputs.json and images/histopathology-roi-cropout/<name>.
+
+    `tiff_kwargs` go to `write_tiff`; for a .mha only `spacing_um` is used (None: no spacing)."""
     image = root / "images" / TRACK1_FOLDER / name
     if pixels is not None:
         if name.endswith(".mha"):
-            write_mha(image, pixels)
+            spacing_um = tiff_kwargs.get("spacing_um", (0.25, 0.25))
+            write_mha(image, pixels, None if spacing_um is None else (spacing_um[0] / 1e3, spacing_um[1] / 1e3))
         else:
             write_tiff(image, pixels, **tiff_kwargs)
     (root / "inputs.json").write_text(json.dumps([{

@@ -1,0 +1,128 @@
+"""The whole Track 1 chain through process.py's main(), on generated ROIs with tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from roi_factory import he_roi, tiny_atypical, tiny_detector, tiny_verifier, track1_input
+
+from midog.cli import main
+from midog.config import load_config
+from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME
+from midog.pipeline import Track1Detector
+
+SPACING_UM = (0.25, 0.3)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("weights")
+    tiny_detector(folder / "detector.pt", class_bias=4.0)
+    tiny_verifier(folder / "verifier.pt")
+    tiny_atypical(folder / "atypical.pt")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _tiny_weights(weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIDOG_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("MIDOG_ATYPICAL__TTA", "false")
+
+
+@pytest.fixture(scope="module")
+def roi() -> np.ndarray:
+    return he_roi(1100, 900, seed=5, figures=[(300, 300), (450, 600)])
+
+
+def run(input_dir: Path, output_dir: Path) -> tuple[int, dict, dict]:
+    code = main(["--input", str(input_dir), "--output", str(output_dir)])
+    if code:
+        return code, {}, {}
+    return (code, json.loads((output_dir / TRACK1_FILENAME).read_text()),
+            json.loads((output_dir / TRACK1_ATYPICAL_FILENAME).read_text()))
+
+
+def assert_multiple_points(payload: dict) -> None:
+    assert payload["name"] == "Points of interest"
+    assert payload["type"] == "Multiple points"
+    assert payload["version"] == {"major": 1, "minor": 0}
+    for point in payload["points"]:
+        assert set(point) == {"name", "point", "probability"}
+        assert len(point["point"]) == 3 and point["point"][2] == 0.0
+        assert all(type(v) is float for v in point["point"]) and type(point["probability"]) is float
+        assert 0.0 <= point["probability"] <= 1.0
+
+
+def test_whole_chain_writes_official_points_in_millimetres(tmp_path: Path, roi: np.ndarray):
+    track1_input(tmp_path / "in", roi, spacing_um=SPACING_UM)
+    code, figures, atypical = run(tmp_path / "in", tmp_path / "out")
+    assert code == 0
+    assert_multiple_points(figures)
+    assert_multiple_points(atypical)
+    assert figures["points"], "the tiny detector is biased to propose something"
+    assert {p["name"] for p in figures["points"]} <= {"mitotic figure", "non-mitotic figure"}
+
+    # the same chain through the Python API: pixel centres → mm through the spacing (non-square here)
+    result = Track1Detector.from_config(load_config()).detect(
+        tmp_path / "in" / "images" / "histopathology-roi-cropout" / "roi.tif", progress=False)
+    assert len(result.detections) == len(figures["points"])
+    for detection, point in zip(result.detections, figures["points"]):
+        assert point["point"][:2] == pytest.approx([detection.x * SPACING_UM[0] / 1000,
+                                                    detection.y * SPACING_UM[1] / 1000])
+        assert point["probability"] == pytest.approx(detection.verifier_probability)  # "verifier" mode
+        assert point["name"] == ("mitotic figure" if detection.verifier_probability >= 0.5 else "non-mitotic figure")
+        assert 0 <= detection.x <= 1100 and 0 <= detection.y <= 900
+
+    accepted = [p for p in figures["points"] if p["name"] == "mitotic figure"]
+    assert [p["point"] for p in atypical["points"]] == [p["point"] for p in accepted]
+    assert {p["name"] for p in atypical["points"]} <= {"atypical mitotic figure", "normal mitotic figure"}
+    assert set(result.timings) == {"proposals", "merging", "verification", "atypical"}
+
+
+def test_white_image_gives_no_mitotic_figures(tmp_path: Path):
+    track1_input(tmp_path / "in", np.full((700, 900, 3), 255, np.uint8))
+    code, figures, atypical = run(tmp_path / "in", tmp_path / "out")
+    assert code == 0
+    assert figures["points"] == [] and atypical["points"] == []
+
+
+def test_small_mha_roi_without_spacing_uses_the_fallback(tmp_path: Path, roi: np.ndarray,
+                                                        caplog: pytest.LogCaptureFixture):
+    track1_input(tmp_path / "in", roi[:300, :400], name="roi.mha", spacing_um=None)  # smaller than a tile, SimpleITK spacing 1.0
+    code, figures, _ = run(tmp_path / "in", tmp_path / "out")
+    assert code == 0
+    assert "assuming 0.25 µm/px" in caplog.text
+    for point in figures["points"]:
+        assert 0 <= point["point"][0] <= 400 * 0.00025 and 0 <= point["point"][1] <= 300 * 0.00025
+
+
+def test_product_probability_mode(tmp_path: Path, roi: np.ndarray, monkeypatch: pytest.MonkeyPatch):
+    track1_input(tmp_path / "in", roi)
+    monkeypatch.setenv("MIDOG_VERIFIER__PROBABILITY", "product")
+    result = Track1Detector.from_config(load_config()).detect(
+        tmp_path / "in" / "images" / "histopathology-roi-cropout" / "roi.tif", progress=False)
+    assert result.detections
+    for d in result.detections:
+        assert d.probability == pytest.approx(d.detector_confidence * d.verifier_probability)
+
+
+def test_missing_weights_fail_cleanly_without_output(tmp_path: Path, roi: np.ndarray,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]):
+    track1_input(tmp_path / "in", roi)
+    monkeypatch.setenv("MIDOG_PROPOSALS__WEIGHTS", "absent.pt")
+    code, _, _ = run(tmp_path / "in", tmp_path / "out")
+    assert code == 3
+    assert "absent.pt" in capsys.readouterr().err
+    assert not (tmp_path / "out" / TRACK1_FILENAME).exists()
+
+
+def test_two_images_are_refused(tmp_path: Path, roi: np.ndarray, capsys: pytest.CaptureFixture[str]):
+    track1_input(tmp_path / "in", roi, name="a.tif")
+    track1_input(tmp_path / "in", roi, name="b.tif")
+    code, _, _ = run(tmp_path / "in", tmp_path / "out")
+    assert code == 2
+    assert "expected one image" in capsys.readouterr().err
