@@ -417,6 +417,8 @@ class FoundationClassifier(BinaryClassifier):
 
     spec: BackboneSpec = field(default_factory=lambda: BackboneSpec("none", "none"))
     options: FoundationOptions = field(default_factory=FoundationOptions)
+    base_weights: str | None = None
+    """The local file the pretrained backbone was loaded from (None: random or self-contained)."""
 
     def features(self, crops: Any, batch_size: int = 64) -> torch.Tensor:
         """Pooled backbone features (N, D) of uint8 RGB crops (N, H, W, 3), in order, on the CPU."""
@@ -490,7 +492,7 @@ def build_foundation_classifier(
     return FoundationClassifier(
         model=model, arch=arch, input_size=int(input_size or spec.input_size), mean=spec.mean, std=spec.std,
         threshold=threshold, positive=positive, model_kwargs=_plain(dataclasses.asdict(options)),
-        spec=spec, options=options,
+        spec=spec, options=options, base_weights=str(base) if base is not None else None,
     )
 
 
@@ -532,5 +534,5 @@ def load_foundation_classifier(state: Mapping[str, Any], path: Path, device: str
         model=model, arch=state["arch"], input_size=int(state["input_size"]), mean=tuple(state["mean"]),
         std=tuple(state["std"]), threshold=float(state["threshold"]), positive=state.get("positive", "positive"),
         model_kwargs=model_kwargs, meta=dict(state.get("meta", {})), spec=spec,
-        options=options,
+        options=options, base_weights=str(base) if base is not None else None,
     )
