@@ -21,7 +21,6 @@ from midog.outputs import write_json_atomic
 OVERLAY_MAX_SIDE = 1600
 OVERLAY_MARKER_SIZE = 150
 """Marker area in points², constant whatever the image size."""
-DEFAULT_SPACING_UM = 0.25
 
 
 def _pyplot():
@@ -155,39 +154,54 @@ def _find_image(images_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, float, int]:
-    """Pixels (every `step`-th row and column), the spacing in mm/px and the step."""
-    import SimpleITK as sitk
+def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, Any]:
+    """Every `step`-th pixel of the ROI (read in strips, so a large ROI never sits in memory whole), and a
+    function mm (N, 2) → downscaled pixel coordinates. The image's own pixel → mm transform is used (what the
+    pipeline wrote its points with) unless `spacing_um` overrides it."""
+    from midog.image_io import open_roi
 
-    image = sitk.ReadImage(str(path))
-    view = sitk.GetArrayViewFromImage(image)  # only valid while `image` lives: copy what we keep below
-    if view.ndim == 4:  # z, y, x, c with a single plane
-        view = view[0]
-    spacing_mm = spacing_um / 1000 if spacing_um else float(image.GetSpacing()[0])
-    if not spacing_um and (spacing_mm <= 0 or spacing_mm == 1.0):
-        spacing_mm = DEFAULT_SPACING_UM / 1000  # SimpleITK's 1.0 means "no spacing stored"
-    step = max(1, int(math.ceil(max(view.shape[:2]) / OVERLAY_MAX_SIDE)))
-    return np.array(view[::step, ::step]), spacing_mm, step
+    with open_roi(path) as roi:
+        step = max(1, int(math.ceil(max(roi.width, roi.height) / OVERLAY_MAX_SIDE)))
+        rows = []
+        strip = step * 256
+        for y in range(0, roi.height, strip):
+            rows.append(roi.read_region(0, y, roi.width, min(strip, roi.height - y))[::step, ::step])
+        pixels = np.concatenate(rows, axis=0)
+        transform = roi.transform
+    if spacing_um:
+        def to_px(mm: np.ndarray) -> np.ndarray:
+            return np.asarray(mm, dtype=np.float64)[:, :2] / (spacing_um / 1000.0) / step
+    else:
+        direction = np.asarray(transform.direction, dtype=np.float64).reshape(2, 2)
+        inverse = np.linalg.inv(direction)
+
+        def to_px(mm: np.ndarray) -> np.ndarray:
+            local = (np.asarray(mm, dtype=np.float64)[:, :2] - np.asarray(transform.origin_mm)) @ inverse.T
+            return local / np.asarray(transform.spacing_mm) / step
+    return pixels, to_px
 
 
 def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: float | None = None) -> Path:
     plt = _pyplot()
-    pixels, spacing_mm, step = _read_downscaled(image_path, spacing_um)
-    scale = 1.0 / (spacing_mm * step)  # mm -> downscaled pixels
+    pixels, to_px = _read_downscaled(image_path, spacing_um)
     pred = result.prediction
     mitotic = _flatten_z(pred.points[pred.mitotic])
     matched = result.score.matched_predictions
     fig, ax = plt.subplots(figsize=(9, 9 * pixels.shape[0] / max(pixels.shape[1], 1)))
-    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+    ax.imshow(pixels)
+    ax.set_xlim(-0.5, pixels.shape[1] - 0.5)
+    ax.set_ylim(pixels.shape[0] - 0.5, -0.5)
     other = pred.points[~pred.mitotic]
     if len(other):
-        ax.scatter(other[:, 0] * scale, other[:, 1] * scale, s=40, marker="x", color="cyan", linewidths=1.2, zorder=4,
+        xy = to_px(other)
+        ax.scatter(xy[:, 0], xy[:, 1], s=40, marker="x", color="cyan", linewidths=1.2, zorder=4,
                    label=f"non-mitotic candidates ({len(other)})")
     groups = [(mitotic[matched], "lime", "o", "TP"), (mitotic[~matched], "red", "s", "FP"),
               (result.truth.points[~result.score.matched_truth], "yellow", "D", "FN")]
     for pts, colour, marker, label in groups:
         if len(pts):
-            ax.scatter(pts[:, 0] * scale, pts[:, 1] * scale, s=OVERLAY_MARKER_SIZE, facecolors="none",
+            xy = to_px(pts)
+            ax.scatter(xy[:, 0], xy[:, 1], s=OVERLAY_MARKER_SIZE, facecolors="none",
                        edgecolors=colour, linewidths=1.8, marker=marker, label=f"{label} ({len(pts)})")
     s = result.score
     ax.set_title(f"{result.truth.name} ({result.truth.roi_type}, domain {result.truth.tumor_domain}): "

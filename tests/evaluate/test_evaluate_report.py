@@ -80,3 +80,16 @@ def test_report_is_not_written_for_bad_input(tmp_path: Path, bad: str) -> None:
     assert main(["track1", "--ground-truth", str(tmp_path / "gt.json"), "--predictions", str(folder),
                  "--report", str(tmp_path / "rep")]) == 2
     assert not (tmp_path / "rep").exists()
+
+
+def test_overlay_uses_the_image_spacing_unless_overridden(tmp_path: Path) -> None:
+    from midog.evaluate.report import _read_downscaled
+
+    path = tmp_path / "roi.tiff"
+    # 0.25 µm/px in the resolution tags (40000 px per cm), 3400 px wide: downscaled by 3 to fit 1600 px.
+    tifffile.imwrite(path, np.zeros((100, 3400, 3), dtype=np.uint8), resolution=(40000, 40000), resolutionunit=3)
+    pixels, to_px = _read_downscaled(path, None)
+    assert pixels.shape == (34, 1134, 3)
+    assert to_px(np.array([[0.3, 0.015, 0.0]])) == pytest.approx(np.array([[400.0, 20.0]]))
+    _, to_px_override = _read_downscaled(path, 1.0)
+    assert to_px_override(np.array([[0.3, 0.015, 0.0]])) == pytest.approx(np.array([[100.0, 5.0]]))

@@ -61,3 +61,19 @@ def test_cli_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "verifier.threshold = 0.600000" in capsys.readouterr().out
     assert load_config(config).verifier.threshold == 0.6
     assert main(["tune", "--config", str(config)]) == 2
+
+
+def test_tuned_f1_is_the_official_f1_once_the_points_are_renamed_at_the_threshold() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    gt, pred = {}, {}
+    for i in range(6):
+        truth_um = rng.uniform(0, 400, (int(rng.integers(0, 8)), 2))
+        cand = np.r_[truth_um + rng.normal(0, 4, truth_um.shape), rng.uniform(0, 400, (10, 2))]
+        gt[f"{i}.tiff"] = truth([tuple(t) for t in truth_um.tolist()])
+        pred[f"{i}.tiff"] = payload([point(x, y, float(p)) for (x, y), p in zip(cand.tolist(), rng.uniform(size=len(cand)))])
+    tuned = tune_detection(track1.evaluate(pred, gt))
+    renamed = {k: payload([{**p, "name": "mitotic figure" if p["probability"] >= tuned.threshold
+                            else "non-mitotic figure"} for p in v["points"]]) for k, v in pred.items()}
+    assert track1.score(renamed, gt, with_froc=False)["f1_score"] == pytest.approx(tuned.value, abs=1e-12)
