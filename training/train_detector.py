@@ -78,8 +78,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """The ultralytics arguments: the config's, then the command-line flags, then --set pairs."""
-    train = dict(cfg.train)
+    """The ultralytics arguments: the config's, then the command-line flags, then --set pairs.
+
+    A resumed run keeps its checkpoint's settings: only the flags and --set pairs given now are passed (ultralytics
+    accepts a few, e.g. batch, device, workers), never the config file's values.
+    """
+    train = {} if args.resume else dict(cfg.train)
     for key in ("epochs", "batch", "imgsz", "device", "workers", "project", "name", "seed"):
         value = getattr(args, key)
         if value is not None:

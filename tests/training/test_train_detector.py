@@ -166,3 +166,24 @@ def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path)
         results = model.predict(image, imgsz=64, conf=0.0, device="cpu", verbose=False)
         assert len(results) == 1 and results[0].orig_shape == (96, 96)
         assert torch.is_tensor(results[0].boxes.xyxy)
+
+
+def test_an_interrupted_run_resumes_with_its_own_settings(tmp_path: Path, dataset: Path):
+    from midog.yolo_modules import register_custom_modules
+
+    register_custom_modules()
+    model = YOLO(str(model_yaml("n")), task="detect")
+
+    def interrupt(trainer):  # after the first epoch's last.pt (with optimizer state) is written
+        raise KeyboardInterrupt
+
+    model.add_callback("on_model_save", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(trainer=MidogDetectionTrainer, data=str(dataset), epochs=2, imgsz=64, batch=2, device="cpu",
+                    workers=0, plots=False, pretrained=False, project=str(tmp_path / "runs"), name="cut")
+    last = tmp_path / "runs" / "cut" / "weights" / "last.pt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    assert main(["--data", str(dataset), "--resume", str(last), "--device", "cpu", "--workers", "0"]) == 0
+    finished = torch.load(last, map_location="cpu", weights_only=False)
+    assert finished["epoch"] == -1 and finished["optimizer"] is None  # a completed, stripped checkpoint
+    assert finished["train_args"]["imgsz"] == 64 and finished["train_args"]["batch"] == 2  # not the config's 512/16
