@@ -72,7 +72,8 @@ def test_tuned_f1_is_the_official_f1_once_the_points_are_renamed_at_the_threshol
         truth_um = rng.uniform(0, 400, (int(rng.integers(0, 8)), 2))
         cand = np.r_[truth_um + rng.normal(0, 4, truth_um.shape), rng.uniform(0, 400, (10, 2))]
         gt[f"{i}.tiff"] = truth([tuple(t) for t in truth_um.tolist()])
-        pred[f"{i}.tiff"] = payload([point(x, y, float(p)) for (x, y), p in zip(cand.tolist(), rng.uniform(size=len(cand)))])
+        probs = rng.uniform(size=len(cand))
+        pred[f"{i}.tiff"] = payload([point(x, y, float(p)) for (x, y), p in zip(cand.tolist(), probs)])
     tuned = tune_detection(track1.evaluate(pred, gt))
     renamed = {k: payload([{**p, "name": "mitotic figure" if p["probability"] >= tuned.threshold
                             else "non-mitotic figure"} for p in v["points"]]) for k, v in pred.items()}
