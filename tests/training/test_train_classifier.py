@@ -1,0 +1,149 @@
+"""The atypical classifier's training loop on generated crops with a tiny timm model: it learns, saves a checkpoint
+that reloads strictly with its validation threshold, resumes to the same weights, and ships with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import training.train_classifier as tc
+from midog.classifier import load_classifier
+from midog.weights import read_model_card, sha256_of
+from training.train_classifier import (Dist, TrainConfig, balanced_accuracy, best_threshold, load_train_config,
+                                       main, train_fold)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _crop(atypical: bool, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """H&E-like noise with a dark (atypical) or faint (normal) centred blob: learnable in a few steps."""
+    image = rng.normal([215, 170, 205], 12, (size, size, 3))
+    yy, xx = np.mgrid[:size, :size]
+    image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2] = [70, 40, 110] if atypical else [180, 140, 190]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _write_amibr(root: Path, n_slides: int = 6, per_slide: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(n_slides):
+        for i in range(per_slide):
+            label = "Atypical" if i % 3 == 0 else "Normal"
+            (root / label).mkdir(parents=True, exist_ok=True)
+            name = f"S{s}_{i}.png"
+            Image.fromarray(_crop(label == "Atypical", rng)).save(root / label / name)
+            rows.append({"slide": f"{s:03d}.tiff", "dataset": "FAKE", "dataset_uid": name, "final_label": label})
+    pd.DataFrame(rows).to_csv(root / "amibr_train_split.csv")
+    return root
+
+
+def _config(root: Path, out: Path, **kw) -> TrainConfig:
+    cfg = load_train_config(REPO / "training/configs/atypical.yaml",
+                            {"data_root": str(root), "out": str(out), "arch": "test_resnet", "input_size": 32,
+                             "folds": 2, "epochs": 3, "min_epochs": 1, "patience": 5, "batch_size": 8, "lr": 3e-3,
+                             "warmup_epochs": 0.5, **kw})
+    return cfg
+
+
+def test_shipped_config_loads_and_rejects_unknown_keys(tmp_path):
+    cfg = load_train_config(REPO / "training/configs/atypical.yaml")
+    assert cfg.arch and cfg.input_size > 0 and cfg.positive == "atypical"
+    with pytest.raises(ValueError, match="unknown"):
+        load_train_config(None, {"learning_rate": 1})
+
+
+def test_threshold_maximises_balanced_accuracy():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.9])
+    threshold, score = best_threshold(labels, probs)
+    assert score == pytest.approx(balanced_accuracy(labels, probs, threshold))
+    assert 0.3 < threshold <= 0.5 and score == pytest.approx(0.875)   # catches both positives, one false alarm
+
+
+def test_cross_validation_trains_saves_reloads_and_ships(tmp_path, monkeypatch):
+    root = _write_amibr(tmp_path / "amibr")
+    cfg = _config(root, tmp_path / "run")
+    torch.set_num_threads(1)
+    results = tc.cross_validate(cfg, tmp_path / "run", Dist())
+    assert [r.fold for r in results] == [0, 1]
+    summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
+    assert summary["data"]["slides"] == 6 and summary["cv"]["roc_auc"]["mean"] > 0.9   # the blobs are learnable
+    for r in results:
+        clf = load_classifier(r.checkpoint)            # strict load
+        assert clf.threshold == pytest.approx(r.threshold) and clf.positive == "atypical"
+        assert clf.meta["fold"] == r.fold
+        history = pd.read_csv(Path(r.checkpoint).parent / "metrics.csv")
+        assert list(history["epoch"]) == [1, 2, 3] and "balanced_accuracy" in history
+
+    target = tmp_path / "weights" / "atypical_fold0.pt"
+    tc.ship(cfg, Path(results[0].checkpoint), target, summary, {"ensemble": ["atypical_fold0.pt"]}, half=True)
+    card = read_model_card(target)
+    assert card["sha256"] == sha256_of(target) and card["architecture"] == "test_resnet"
+    assert card["cross_validation"]["balanced_accuracy"]["folds"] == summary["cv"]["balanced_accuracy"]["folds"]
+    shipped, original = load_classifier(target), load_classifier(results[0].checkpoint)
+    assert next(iter(shipped.model.state_dict().values())).dtype == torch.float32   # fp16 on disk, fp32 loaded
+    crops = np.stack([_crop(True, np.random.default_rng(1)), _crop(False, np.random.default_rng(2))])
+    np.testing.assert_allclose(shipped.predict_proba(crops), original.predict_proba(crops), atol=2e-3)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    root = _write_amibr(tmp_path / "amibr")
+    torch.set_num_threads(1)
+    index, crops, labels = tc.prepare_data(_config(root, tmp_path))
+    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
+    cfg = _config(root, tmp_path, epochs=2)
+
+    straight = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "a", Dist())
+
+    real_epoch, calls = tc.train_epoch, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "train_epoch", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "b", Dist())
+    monkeypatch.setattr(tc, "train_epoch", real_epoch)
+    resumed = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "b", Dist(), resume=True)
+
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert b["state"]["epoch"] == 2 and len(b["state"]["history"]) == 2
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, msg=key)
+    assert resumed.threshold == pytest.approx(straight.threshold)
+
+
+def test_cli_single_fold_and_full_retrain(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 1\nmin_epochs: 1\n"
+                      f"batch_size: 8\nfolds: 2\nout: {tmp_path / 'run'}\n")
+    assert main(["--config", str(config), "--fold", "1"]) == 0
+    assert (tmp_path / "run" / "fold1" / "best.pt").is_file() and not (tmp_path / "run" / "cv_summary.json").exists()
+    assert main(["--config", str(config), "--fold", "0"]) == 0
+    assert (tmp_path / "run" / "cv_summary.json").is_file()
+    assert main(["--config", str(config), "--evaluate-tta", "--ship-folds", str(tmp_path / "w" / "atypical.pt"),
+                 "--half"]) == 0
+    report = json.loads((tmp_path / "run" / "tta_report.json").read_text())
+    assert len(report["tta"]["roc_auc"]["folds"]) == 2 and 0 <= report["no_tta"]["pooled_roc_auc"] <= 1
+    for k in range(2):
+        card = read_model_card(tmp_path / "w" / f"atypical_fold{k}.pt")
+        assert card["ensemble"]["members"] == ["atypical_fold0.pt", "atypical_fold1.pt"]
+        assert card["ensemble"]["this_fold"] == k and card["validation_tta"] == report
+        assert load_classifier(tmp_path / "w" / f"atypical_fold{k}.pt").threshold == pytest.approx(
+            load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").threshold)
+    assert main(["--config", str(config), "--full", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
+    summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
+    clf = load_classifier(tmp_path / "w" / "atypical.pt")
+    assert clf.threshold == pytest.approx(float(np.median(summary["thresholds"])))
+    assert clf.meta["trained_on"] == "all crops"

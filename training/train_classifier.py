@@ -1,0 +1,582 @@
+"""Train the atypical-vs-normal mitotic figure classifier on AMi-Br with slide-grouped cross-validation.
+
+    python -m training.train_classifier --config training/configs/atypical.yaml [--folds 5] [--fold k]
+                                        [--out DIR] [--resume] [--full]
+
+Per fold: AdamW + linear warmup + cosine decay, BCE with a positive-class weight for the imbalance, early stopping
+on validation balanced accuracy, a decision threshold chosen on the validation fold (max balanced accuracy) and
+stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
+`--full` trains one model on all crops for the median best epoch of the CV folds.
+
+Multi-GPU: `torchrun --nproc_per_node N -m training.train_classifier ...` (DDP, DistributedSampler; every rank
+evaluates the whole, small, validation fold so they take the same early-stopping decision; rank 0 writes).
+
+The pieces (build_model, make_datasets, train_epoch, evaluate, train_fold, cross_validate) are separate functions
+so other training recipes (foundation-model probing, LoRA) can reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from midog.classifier import BinaryClassifier, build_classifier, load_classifier
+from midog.weights import write_model_card
+from training.amibr import CropDataset, load_crops, load_index, slide_folds
+from training.augment import AugmentConfig, train_transform
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = "../shared/data/amibr"
+    """AMi-Br folder (Atypical/, Normal/, amibr_train_split.csv); relative paths are from the repo root."""
+    csv: str | None = None
+    """Split CSV; default `<data_root>/amibr_train_split.csv`."""
+    arch: str = "resnet18"
+    """Any timm model name (created with pretrained=False)."""
+    input_size: int = 96
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    positive: str = "atypical"
+    folds: int = 5
+    fold_seed: int = 0
+    seed: int = 0
+    epochs: int = 30
+    min_epochs: int = 8
+    """Early stopping never stops before this epoch."""
+    patience: int = 8
+    """Stop after this many epochs without a better validation balanced accuracy."""
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    pos_weight: str | float = "balanced"
+    """BCE weight of the positive class: 'balanced' (n_negative / n_positive), 'sqrt', or a number."""
+    label_smoothing: float = 0.0
+    num_threads: int = 1
+    """CPU threads for torch (0 = torch default); ignored on GPU."""
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    out: str = "runs/atypical"
+
+
+def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    values = {**(values or {}), **(overrides or {})}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+    augment = AugmentConfig(**(values.pop("augment", None) or {}))
+    return TrainConfig(**values, augment=augment)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """DDP when launched by torchrun (WORLD_SIZE > 1), a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return Dist(rank=dist.get_rank(), world_size=world, device=device)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_model(cfg: TrainConfig) -> BinaryClassifier:
+    return build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs)
+
+
+def resolve_data_root(cfg: TrainConfig) -> Path:
+    root = Path(cfg.data_root)
+    return root if root.is_absolute() else (REPO_ROOT / root)
+
+
+def make_datasets(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                  val_idx: np.ndarray) -> tuple[CropDataset, CropDataset]:
+    size = crops.shape[1]
+    train = CropDataset(crops[train_idx], labels[train_idx], transform=train_transform(cfg.augment, size))
+    val = CropDataset(crops[val_idx], labels[val_idx])
+    return train, val
+
+
+def make_train_loader(cfg: TrainConfig, dataset: CropDataset, ctx: Dist, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
+        if ctx.world_size > 1 else None
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=len(dataset) > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+
+
+def positive_weight(cfg: TrainConfig, labels: np.ndarray) -> float:
+    n_pos = max(int(labels.sum()), 1)
+    n_neg = max(len(labels) - n_pos, 1)
+    if cfg.pos_weight == "balanced":
+        return n_neg / n_pos
+    if cfg.pos_weight == "sqrt":
+        return math.sqrt(n_neg / n_pos)
+    return float(cfg.pos_weight)
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (no weight decay on norms and biases) with linear warmup then cosine decay to 1 % of `lr`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
+    pred = probs >= threshold
+    pos, neg = labels == 1, labels == 0
+    sens = float(pred[pos].mean()) if pos.any() else 0.0
+    spec = float((~pred[neg]).mean()) if neg.any() else 0.0
+    return 0.5 * (sens + spec)
+
+
+def best_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """The threshold maximising balanced accuracy (midpoint between neighbouring scores), and that accuracy."""
+    if labels.min() == labels.max():
+        return 0.5, balanced_accuracy(labels, probs, 0.5)
+    values = np.unique(probs)
+    candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]]) if len(values) > 1 else values
+    scores = [balanced_accuracy(labels, probs, t) for t in candidates]
+    i = int(np.argmax(scores))
+    return float(candidates[i]), float(scores[i])
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    pred = probs >= threshold
+    pos, neg = labels == 1, labels == 0
+    both = pos.any() and neg.any()
+    return {
+        "balanced_accuracy": balanced_accuracy(labels, probs, threshold),
+        "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+        "roc_auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- loops
+
+def train_epoch(clf: BinaryClassifier, model: torch.nn.Module, loader: DataLoader,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ctx: Dist,
+                desc: str = "train") -> float:
+    """One pass over `loader`; `model` is `clf.model` or its DDP wrapper. Returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    use_amp = ctx.device.type == "cuda"
+    bar = tqdm(loader, desc=desc, leave=False, disable=not ctx.main, mininterval=1 if sys.stderr.isatty() else 60)
+    for images, labels in bar:
+        batch = clf.preprocess(images.permute(0, 2, 3, 1))  # uint8 NHWC → resized, normalised, on device
+        labels = labels.to(ctx.device, non_blocking=True)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(batch).float().view(-1)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(labels)
+        count += len(labels)
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def predict(clf: BinaryClassifier, dataset: CropDataset, batch_size: int, tta: bool = False) -> np.ndarray:
+    crops = dataset.crops.permute(0, 2, 3, 1)
+    return clf.predict_proba(crops, tta=tta, batch_size=batch_size)
+
+
+def make_loss(cfg: TrainConfig, train_labels: np.ndarray, device: torch.device
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight(cfg, train_labels), device=device))
+    eps = cfg.label_smoothing
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return bce(logits, labels * (1 - eps) + 0.5 * eps)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------- one fold
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_epoch: int
+    threshold: float
+    metrics: dict[str, float]
+    """Validation metrics of the best epoch at the chosen threshold, plus balanced accuracy at 0.5."""
+    checkpoint: str
+
+
+def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+               val_idx: np.ndarray | None, out_dir: Path, ctx: Dist, resume: bool = False,
+               fixed_epochs: int | None = None, name: str = "fold", meta: dict[str, Any] | None = None
+               ) -> FoldResult:
+    """Train on `train_idx`, early-stop on `val_idx`; without `val_idx`, train `fixed_epochs` and keep the last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    clf = build_model(cfg).to(ctx.device)
+    train_set, val_set = make_datasets(cfg, crops, labels, train_idx,
+                                       val_idx if val_idx is not None else np.zeros(0, dtype=int))
+    loader = make_train_loader(cfg, train_set, ctx, cfg.seed)
+    model: torch.nn.Module = clf.model
+    if ctx.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            clf.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    epochs = fixed_epochs if fixed_epochs is not None else cfg.epochs
+    optimizer, scheduler = make_optimizer(dataclasses.replace(cfg, epochs=epochs), clf.model, len(loader))
+    loss_fn = make_loss(cfg, labels[train_idx], ctx.device)
+
+    last_path, best_path, csv_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.csv"
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_threshold": 0.5, "best_metrics": {},
+             "stale": 0, "history": []}
+    if resume and last_path.is_file():
+        saved = torch.load(last_path, map_location=ctx.device, weights_only=False)
+        clf.model.load_state_dict(saved["model"], strict=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        np.random.set_state(saved["numpy_rng"])
+        random.setstate(saved["python_rng"])
+        loader.generator.set_state(saved["loader_rng"])
+        state = saved["state"]
+        if ctx.main:
+            print(f"[{name}] resumed after epoch {state['epoch']}", flush=True)
+
+    while state["epoch"] < epochs and (val_idx is None or state["stale"] < cfg.patience
+                                       or state["epoch"] < cfg.min_epochs):
+        epoch = state["epoch"] + 1
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        loss = train_epoch(clf, model, loader, optimizer, scheduler, loss_fn, ctx, desc=f"{name} ep{epoch}")
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
+        improved = val_idx is None
+        if val_idx is not None:
+            probs = predict(clf, val_set, cfg.eval_batch_size)
+            threshold, score = best_threshold(val_set.labels.numpy(), probs)
+            metrics = binary_metrics(val_set.labels.numpy(), probs, threshold)
+            metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(val_set.labels.numpy(), probs, 0.5)
+            row.update({"threshold": round(threshold, 4), **{k: round(v, 4) for k, v in metrics.items()}})
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, best_threshold=threshold, best_metrics=metrics,
+                             stale=0)
+            else:
+                state["stale"] += 1
+        else:
+            state.update(best_epoch=epoch)
+        row["seconds"] = round(time.time() - t0, 1)
+        state["epoch"] = epoch
+        state["history"].append(row)
+        if ctx.main:
+            print(f"[{name}] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            if improved:
+                clf.threshold = state["best_threshold"]
+                clf.save(best_path, meta={**(meta or {}), "epoch": epoch, "val": state["best_metrics"]})
+            _write_csv(csv_path, state["history"])
+            _save_resume(last_path, clf, optimizer, scheduler, loader, state)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return FoldResult(fold=-1, best_epoch=state["best_epoch"], threshold=state["best_threshold"],
+                      metrics=state["best_metrics"], checkpoint=str(best_path))
+
+
+def _save_resume(path: Path, clf: BinaryClassifier, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": clf.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                "loader_rng": loader.generator.get_state(), "state": state}, tmp)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- CV
+
+def prepare_data(cfg: TrainConfig) -> tuple[Any, np.ndarray, np.ndarray]:
+    index = load_index(resolve_data_root(cfg), cfg.csv)
+    return index, load_crops(index["path"]), index["label"].to_numpy()
+
+
+def data_description(cfg: TrainConfig, index: Any, n_folds: int) -> dict[str, Any]:
+    return {
+        "dataset": "AMi-Br training split (MIDOG21 + TUPAC16 crops, 128x128)",
+        "csv": Path(cfg.csv).name if cfg.csv else "amibr_train_split.csv",
+        "crops": int(len(index)), "atypical": int(index["label"].sum()),
+        "slides": int(index["group"].nunique()),
+        "split": f"{n_folds}-fold StratifiedGroupKFold by slide (seed {cfg.fold_seed}), no slide in two folds",
+    }
+
+
+def cross_validate(cfg: TrainConfig, out_dir: Path, ctx: Dist, only_fold: int | None = None,
+                   resume: bool = False) -> list[FoldResult]:
+    index, crops, labels = prepare_data(cfg)
+    fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
+    results = []
+    folds = [only_fold] if only_fold is not None else list(range(cfg.folds))
+    for k in folds:
+        train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        meta = {"fold": k, "folds": cfg.folds, "fold_seed": cfg.fold_seed, "val_slides": int(
+            index["group"].iloc[val_idx].nunique()), "val_crops": int(len(val_idx))}
+        result = train_fold(cfg, crops, labels, train_idx, val_idx, out_dir / f"fold{k}", ctx, resume=resume,
+                            name=f"fold{k}", meta=meta)
+        result.fold = k
+        results.append(result)
+        if ctx.main:
+            (out_dir / f"fold{k}" / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    if ctx.main:
+        summary = summarise(out_dir, cfg.folds)
+        if summary:
+            summary["data"] = data_description(cfg, index, cfg.folds)
+            (out_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary["cv"], indent=2), flush=True)
+    return results
+
+
+def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
+    """Mean ± std over folds of the best-epoch validation metrics, once every fold has a result.json."""
+    files = [out_dir / f"fold{k}" / "result.json" for k in range(n_folds)]
+    if not all(f.is_file() for f in files):
+        return None
+    results = [json.loads(f.read_text()) for f in files]
+    cv = {}
+    for key in results[0]["metrics"]:
+        values = np.array([r["metrics"][key] for r in results], dtype=float)
+        cv[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4),
+                   "folds": [round(float(v), 4) for v in values]}
+    return {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
+            "thresholds": [round(r["threshold"], 4) for r in results]}
+
+
+# ---------------------------------------------------------------------------------------------------- shipping
+
+def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None, extra: dict[str, Any]
+               ) -> dict[str, Any]:
+    state = torch.load(clf_path, map_location="cpu", weights_only=True)
+    card = {
+        "task": "Track 2: atypical vs normal mitotic figure; output P(atypical)",
+        "architecture": state["arch"], "model_kwargs": state["model_kwargs"],
+        "input_size": state["input_size"], "crop_size": 128, "threshold": state["threshold"],
+        "positive": state["positive"], "pretrained": "none (trained from scratch)",
+        "training_config": _plain(dataclasses.asdict(cfg)),
+        "git_commit": git_commit(),
+    }
+    if summary:
+        card["training_data"] = summary.get("data")
+        card["cross_validation"] = summary["cv"]
+    card.update(extra)
+    return card
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, Any] | None,
+         extra: dict[str, Any], half: bool = False) -> Path:
+    """Copy a best.pt to `target` (optionally with fp16 tensors) and write its model card beside it."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if half:
+        state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+    write_model_card(target, model_card(cfg, target, summary, extra))
+    return target
+
+
+def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
+    """Each fold's best.pt on its own validation fold (with or without 8-fold dihedral TTA), at its stored
+    threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC."""
+    index, crops, labels = prepare_data(cfg)
+    fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
+    per_fold, oof = [], np.zeros(len(labels))
+    for k in range(cfg.folds):
+        clf = load_classifier(out_dir / f"fold{k}" / "best.pt")
+        val = np.flatnonzero(fold_of == k)
+        oof[val] = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
+        per_fold.append(binary_metrics(labels[val], oof[val], clf.threshold))
+    report: dict[str, Any] = {"tta": tta}
+    for key in per_fold[0]:
+        values = np.array([m[key] for m in per_fold])
+        report[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4),
+                       "folds": [round(float(v), 4) for v in values]}
+    report["pooled_roc_auc"] = round(float(roc_auc_score(labels, oof)), 4)
+    return report
+
+
+def ship_folds(cfg: TrainConfig, out_dir: Path, weights_dir: Path, stem: str, summary: dict[str, Any],
+               extra: dict[str, Any], half: bool) -> list[Path]:
+    """Every fold's best.pt as `weights_dir/{stem}_fold{k}.pt` with a model card naming the whole ensemble."""
+    names = [f"{stem}_fold{k}.pt" for k in range(cfg.folds)]
+    members = []
+    for k, name in enumerate(names):
+        members.append(ship(cfg, out_dir / f"fold{k}" / "best.pt", weights_dir / name, summary,
+                            {"ensemble": {"members": names, "this_fold": k,
+                                          "combine": "mean of P(atypical); threshold = mean of member thresholds"},
+                             **extra}, half=half))
+    return members
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/atypical.yaml"))
+    parser.add_argument("--folds", type=int, help="number of slide-grouped folds (overrides the config)")
+    parser.add_argument("--fold", type=int, help="train only this fold")
+    parser.add_argument("--out", help="output folder (overrides the config)")
+    parser.add_argument("--resume", action="store_true", help="continue from each fold's last.pt")
+    parser.add_argument("--full", action="store_true",
+                        help="after CV (or from an existing cv_summary.json), train one model on all crops")
+    parser.add_argument("--epochs", type=int, help="override the epoch budget")
+    parser.add_argument("--ship", help="write the result to this .pt (+ .json model card), e.g. weights/atypical.pt")
+    parser.add_argument("--ship-folds", metavar="PATH",
+                        help="fold ensemble: PATH=weights/atypical.pt writes weights/atypical_fold{k}.pt (+ cards)")
+    parser.add_argument("--evaluate-tta", action="store_true",
+                        help="after CV, score the fold models on their validation folds with and without TTA")
+    parser.add_argument("--half", action="store_true", help="store shipped tensors as fp16")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.folds:
+        overrides["folds"] = args.folds
+    if args.out:
+        overrides["out"] = args.out
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    cfg = load_train_config(args.config, overrides)
+    ctx = init_distributed()
+    if ctx.device.type == "cpu" and cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    out_dir = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO_ROOT / cfg.out
+    summary_path = out_dir / "cv_summary.json"
+    skip_cv = (args.full or args.ship_folds or args.evaluate_tta) and summary_path.is_file()
+    if not skip_cv:
+        cross_validate(cfg, out_dir, ctx, only_fold=args.fold, resume=args.resume)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if args.full:
+        if summary is None:
+            raise SystemExit("--full needs a finished cross-validation (cv_summary.json) to pick the epochs")
+        index, crops, labels = prepare_data(cfg)
+        epochs = int(np.median(summary["best_epochs"]))
+        result = train_fold(cfg, crops, labels, np.arange(len(labels)), None, out_dir / "full", ctx,
+                            resume=args.resume, fixed_epochs=epochs, name="full",
+                            meta={"trained_on": "all crops", "epochs": epochs})
+        if ctx.main:
+            # no validation data: the threshold is the median of the folds' validation thresholds
+            path = Path(result.checkpoint)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state["threshold"] = float(np.median(summary["thresholds"]))
+            torch.save(state, path)
+    tta_report = None
+    if args.evaluate_tta and ctx.main and summary is not None:
+        tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
+        (out_dir / "tta_report.json").write_text(json.dumps(tta_report, indent=2))
+        print(json.dumps(tta_report, indent=2), flush=True)
+    if args.ship_folds and ctx.main and summary is not None:
+        extra = {"validation_tta": tta_report} if tta_report else {}
+        for path in ship_folds(cfg, out_dir, Path(args.ship_folds).parent, Path(args.ship_folds).stem, summary,
+                               extra, half=args.half):
+            print(f"shipped {path}", flush=True)
+    elif args.ship and ctx.main:
+        source = out_dir / ("full" if args.full else f"fold{args.fold or 0}") / "best.pt"
+        ship(cfg, source, Path(args.ship), summary, {}, half=args.half)
+    if ctx.world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
