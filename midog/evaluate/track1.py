@@ -107,7 +107,7 @@ def parse_points(payload: Any, pk: str) -> ImagePrediction:
 
     Rejected, with the job and the field named: no `points`, a point that is not a dictionary, a missing
     `name`/`probability`/`point`, a name other than "mitotic figure"/"non-mitotic figure", a probability that is not
-    a finite number, a point that is not [x, y, z].
+    a finite number, a point with fewer than three coordinates (the container would crash on it).
     """
     points = payload.get("points") if isinstance(payload, Mapping) else None
     if not isinstance(points, list):
@@ -125,9 +125,10 @@ def parse_points(payload: Any, pk: str) -> ImagePrediction:
         if not is_number(point["probability"]):
             raise PredictionError(f"{where}: field 'probability' must be a float, got {point['probability']!r}")
         xyz = point["point"]
-        if not isinstance(xyz, list) or len(xyz) != 3 or not all(is_number(v) for v in xyz):
+        # The container keeps point[0:3] and needs all three; anything after z is ignored, as there.
+        if not isinstance(xyz, list) or len(xyz) < 3 or not all(is_number(v) for v in xyz[:3]):
             raise PredictionError(f"{where}: field 'point' must be [x, y, z] in mm, got {xyz!r}")
-        coords.append(xyz)
+        coords.append(xyz[:3])
         mitotic.append(point["name"] == MITOTIC_FIGURE)
         probability.append(float(point["probability"]))
     return ImagePrediction(pk=pk, points=np.asarray(coords, dtype=np.float64).reshape(-1, 3),

@@ -135,6 +135,24 @@ def test_output_without_points_is_rejected() -> None:
         score({"a.tiff": {"type": "Multiple points"}}, {"a.tiff": truth([])})
 
 
+def test_coordinates_after_z_are_ignored_like_the_container() -> None:
+    extra = {"name": "mitotic figure", "point": [0.0, 0.0, 0.0, 7.0], "probability": 0.9}
+    ev = evaluate({"a.tiff": payload([extra])}, {"a.tiff": truth([(0, 0)])})
+    assert ev.metrics()["results"][0]["pred"] == [[0.0, 0.0, 0.0, 1, 0.9]]
+
+
+def test_duplicate_images_are_rejected(tmp_path) -> None:
+    from evaluate_factory import container_folder
+    from midog.evaluate.io import load_jobs
+    from midog.evaluate.track1 import evaluate_jobs
+
+    folder = container_folder(tmp_path, {"a.tiff": payload([]), "b.tiff": payload([])})
+    jobs = load_jobs(folder, 1, {"a.tiff", "b.tiff"})
+    with pytest.raises(PredictionError, match="job job-1: image a.tiff was already scored"):
+        evaluate_jobs([jobs[0], type(jobs[1])(pk="job-1", image="a.tiff", payload=jobs[1].payload)],
+                      {"a.tiff": truth([]), "b.tiff": truth([])})
+
+
 def test_integer_probability_is_accepted_like_the_container() -> None:
     assert score({"a.tiff": payload([point(0, 0, probability=1)])}, {"a.tiff": truth([(0, 0)])})["recall"] > 0.99
 
