@@ -1,7 +1,8 @@
 """Candidate crops for the Track 1 verifier, cut exactly as the pipeline cuts them, in an ImageFolder-like layout.
 
     python -m training.verifier_data --annotations MIDOG++.json --xvalidation datasets_xvalidation.csv \\
-        --images DIR --out DIR [--detections detections.csv] [--splits train val] [--seed 0]
+        --images DIR --out DIR [--detector weights/detector.pt | --detections detections.csv]
+        [--config PIPELINE.yaml] [--splits train val] [--seed 0]
 
     OUT/train/mitotic_figure/001_00012.png    positives: the MIDOG++ mitotic figures
     OUT/train/hard_negative/001_00003.png     negatives: the experts' look-alikes (MIDOG++ category 2)
@@ -16,8 +17,9 @@ A crop is the candidate's box grown by `verifier.context_px`, clipped to the ima
 to `verifier.crop_size` — `midog.verifier.crop_boxes` and `resize_crop`, the pipeline's own functions, so training
 and inference crops are the same.
 
-False positives: a detection (from the proposal network run on the training slides, e.g. with the pipeline's
-proposal stage at its low confidence) whose centre is farther than `radius_px` (30 px = 7.5 µm at 0.25 µm/px, the
+False positives: a detection of the proposal network on a training/validation slide (`--detector`: run here with
+the pipeline's own tiling, proposal and merging stages and settings, written to OUT/detections.csv; or
+`--detections`: a CSV made elsewhere) whose centre is farther than `radius_px` (30 px = 7.5 µm at 0.25 µm/px, the
 challenge's matching radius) from every mitotic figure. Detections near a true figure are never used as negatives,
 even when they are duplicates the evaluation would count as false positives: their crops show a mitotic figure.
 """
@@ -37,9 +39,13 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from midog.config import VerifierConfig
+from midog.config import PipelineConfig, VerifierConfig, load_config
+from midog.devices import resolve_device
 from midog.errors import InputError, MidogError
-from midog.image_io import open_roi
+from midog.image_io import RoiImage, open_roi
+from midog.merging import merge_tiles
+from midog.proposals import YoloProposer
+from midog.tiling import tile_origins
 from midog.verifier import crop_boxes, resize_crop
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
@@ -116,6 +122,32 @@ def load_detections(path: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
+def propose(proposer: YoloProposer, image: RoiImage, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The proposal network's merged candidates on one image, exactly as the pipeline finds them before
+    verification: (n, 4) boxes in image pixels and (n,) confidences."""
+    origins = tile_origins(image.width, image.height, config.tiling.tile_size, config.tiling.overlap)
+    tiles, _ = proposer.propose(image, origins, config.tiling, progress=False)
+    candidates = merge_tiles(tiles, config.tiling.tile_size, image.width, image.height, config.merging)
+    return np.asarray(candidates.boxes, dtype=np.float64).reshape(-1, 4), np.asarray(candidates.scores)
+
+
+def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector: str | os.PathLike[str],
+                  splits: Sequence[str] = ("train", "val"), seed: int = 0, config: PipelineConfig | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Run the proposal network over every slide of `splits`: a table slide, x1, y1, x2, y2, score."""
+    config = config or load_config()
+    proposer = YoloProposer.from_weights(detector, resolve_device(config.runtime.device), config.proposals)
+    split = split_slides(index.slides, seed=seed)
+    chosen = index.slides[split.isin(list(splits)).to_numpy()]
+    rows = []
+    for row in tqdm(chosen.itertuples(), total=len(chosen), desc="proposals", disable=not progress):
+        with open_roi(Path(images) / row.file_name, config.image.fallback_spacing_um,
+                      config.image.in_memory_max_megapixels, config.image.segment_cache_mb) as image:
+            boxes, scores = propose(proposer, image, config)
+        rows += [(int(row.slide), *map(float, box), float(score)) for box, score in zip(boxes, scores)]
+    return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
+
+
 def extract(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.PathLike[str],
             splits: Sequence[str] = ("train", "val"), seed: int = 0, cfg: CropConfig | None = None,
             detections: pd.DataFrame | None = None, progress: bool = True) -> dict[str, dict[str, int]]:
@@ -167,7 +199,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--xvalidation", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--detections", type=Path, help="CSV slide,x1,y1,x2,y2,score of the proposal network")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--detector", type=Path, help="proposal network weights: run it on the slides for false "
+                        "positives (writes OUT/detections.csv)")
+    source.add_argument("--detections", type=Path, help="CSV slide,x1,y1,x2,y2,score of the proposal network")
+    parser.add_argument("--config", type=Path, help="partial pipeline config for --detector (tiling, proposals, "
+                        "merging); default: midog/configs/default.yaml")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=("train", "val", "test"))
     parser.add_argument("--seed", type=int, default=0, help="slide split seed (use the YOLO dataset's)")
     parser.add_argument("--crop-size", type=int, default=CropConfig.crop_size)
@@ -185,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = load_midogpp(args.annotations, args.xvalidation)
         detections = load_detections(args.detections) if args.detections else None
+        if args.detector:
+            detections = detect_slides(index, args.images, args.detector, args.splits, args.seed,
+                                       load_config(args.config))
+            args.out.mkdir(parents=True, exist_ok=True)
+            detections.to_csv(args.out / "detections.csv", index=False)
         counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections)
     except MidogError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -118,3 +118,27 @@ def test_extract_refuses_missing_images(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="001.tiff"):
         extract(index, fake.images, tmp_path / "o", splits=("train", "val", "test"), progress=False)
+
+
+def test_detector_false_positives_are_mined_with_the_pipeline_stages(tmp_path: Path) -> None:
+    from tests.roi_factory import tiny_detector
+
+    fake = write_fake_midogpp(tmp_path / "src", slides_per_tumour=5)
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)  # proposes boxes everywhere
+    out = tmp_path / "crops"
+    assert main(["--annotations", str(fake.annotations), "--xvalidation", str(fake.xvalidation), "--images",
+                 str(fake.images), "--out", str(out), "--detector", str(detector), "--max-fp-per-slide", "3"]) == 0
+    detections = pd.read_csv(out / "detections.csv")
+    index = load_midogpp(fake.annotations, fake.xvalidation)
+    split = split_slides(index.slides, seed=0)
+    allowed = set(index.slides["slide"][split.isin(["train", "val"]).to_numpy()])
+    assert len(detections) > 0 and set(detections["slide"]) <= allowed
+    assert (detections["score"] >= 0.2).all()  # the pipeline's proposal confidence
+    expected = 0
+    for slide, group in detections.groupby("slide"):
+        truth = index.boxes[(index.boxes["slide"] == slide) & (index.boxes["category"] == 1)]
+        fp = false_positives(group[["x1", "y1", "x2", "y2"]].to_numpy(), truth[["x1", "y1", "x2", "y2"]].to_numpy(),
+                             30.0, group["score"].to_numpy())
+        expected += min(len(fp), 3)
+    counts = json.loads((out / "crops.json").read_text())["counts"]
+    assert counts["train"]["false_positive"] + counts["val"]["false_positive"] == expected > 0
