@@ -233,6 +233,12 @@ def test_full_conversion_of_generated_midogpp(tmp_path: Path) -> None:
     assert first["slide"] == "human breast cancer/1"
     assert len(first["figures"]) == sum(1 for a in coco_boxes[1] if a["category_id"] == 1)
     assert first["figures"][0] == {"x": 5.0, "y": (coco_boxes[1][0]["bbox"][1] + 25.0)}
+    from training.evaluate_chain import load_split
+
+    test_set = load_split(out / "chain", "test")
+    assert sorted(p.name for p in test_set.images) == sorted(f"{s:03d}.tiff" for s in slides["slide"][
+        slides["split"] == "test"])
+    assert all(p.is_file() for p in test_set.images)
 
     # the real dark pixels: the disc of every mitotic figure is inside the tile that labels it
     assert summary["annotations"]["mitotic figure"]["train"] + summary["annotations"]["mitotic figure"]["val"] + \
