@@ -110,14 +110,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def _count_parameters(checkpoint: Path) -> int:
+def _describe(checkpoint: Path) -> tuple[str, int]:
+    """The architecture name (the model YAML's stem, scale included) and parameter count of a checkpoint."""
     from ultralytics.nn.tasks import load_checkpoint
 
     model, _ = load_checkpoint(str(checkpoint))
-    return sum(p.numel() for p in model.parameters())
+    return Path(model.yaml.get("yaml_file", "unknown")).stem, sum(p.numel() for p in model.parameters())
 
 
-def ship(best: Path, out: Path, model_name: str, train: dict[str, Any], metrics: dict[str, Any]) -> Path:
+def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], classes: dict[int, str]) -> Path:
     """Copy best.pt to `out` and write its model card beside it; returns the card's path."""
     import ultralytics
 
@@ -125,15 +126,17 @@ def ship(best: Path, out: Path, model_name: str, train: dict[str, Any], metrics:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, out)
+    architecture, parameters = _describe(out)
     card = {
         "task": "track1-proposals",
-        "architecture": model_name,
+        "architecture": architecture,
         "framework": f"ultralytics {ultralytics.__version__}",
-        "parameters": _count_parameters(out),
+        "parameters": parameters,
         "input_size": train.get("imgsz"),
+        "classes": {int(k): str(v) for k, v in classes.items()},
         "training": {k: v for k, v in train.items() if k not in {"project", "name", "exist_ok"}},
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
-        "loading": "YOLO(path) after midog.yolo_modules.register_custom_modules()",
+        "loading": "ultralytics YOLO(path) or midog.proposals.load_detector; the custom blocks are midog.yolo_modules",
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
@@ -158,7 +161,9 @@ def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None
     if out is None:
         return best
     metrics = {k: v for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
-    ship(best, out, Path(model_name).stem, train, metrics)
+    # the values the run used (a resumed run takes most of them from its checkpoint)
+    used = {k: getattr(trainer.args, k) for k in sorted(set(cfg.train) | set(train)) if hasattr(trainer.args, k)}
+    ship(best, out, used, metrics, trainer.data["names"])
     return out
 
 

@@ -158,6 +158,7 @@ def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path)
     assert card["sha256"] == sha256_of(out) == sha256_of(weights / "best.pt")
     assert card["architecture"] == "yolo11n-lsconv-ema" and card["parameters"] == N_PARAMS
     assert card["training"]["optimizer"] == "AdamW" and card["training"]["epochs"] == 1
+    assert card["classes"] == {"0": "mitotic figure"} and card["input_size"] == 64
     assert "metrics/mAP50(B)" in card["validation_metrics"]
     image = cv2.imread(str(dataset.parent / "images" / "val" / "0.png"))
     for path in (out, weights / "last.pt"):
@@ -183,7 +184,12 @@ def test_an_interrupted_run_resumes_with_its_own_settings(tmp_path: Path, datase
                     workers=0, plots=False, pretrained=False, project=str(tmp_path / "runs"), name="cut")
     last = tmp_path / "runs" / "cut" / "weights" / "last.pt"
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
-    assert main(["--data", str(dataset), "--resume", str(last), "--device", "cpu", "--workers", "0"]) == 0
+    out = tmp_path / "resumed.pt"
+    assert main(["--data", str(dataset), "--resume", str(last), "--device", "cpu", "--workers", "0",
+                 "--out", str(out)]) == 0
     finished = torch.load(last, map_location="cpu", weights_only=False)
     assert finished["epoch"] == -1 and finished["optimizer"] is None  # a completed, stripped checkpoint
     assert finished["train_args"]["imgsz"] == 64 and finished["train_args"]["batch"] == 2  # not the config's 512/16
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["architecture"] == "yolo11n-lsconv-ema" and card["input_size"] == 64
+    assert card["training"]["epochs"] == 2 and card["training"]["imgsz"] == 64
