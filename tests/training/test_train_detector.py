@@ -118,7 +118,11 @@ def test_trainer_adds_erasing_and_ddp_workers_can_rebuild_it(tmp_path: Path, dat
         "name": "ddp"})
     trainer.model = trainer.get_model(cfg=str(model_yaml("n")), verbose=False)
     train_set = trainer.build_dataset(str(dataset.parent / "images" / "train"), mode="train", batch=2)
-    assert any(isinstance(t, DetectionErasing) for t in train_set.transforms.transforms)
+    steps = train_set.transforms.transforms
+    assert isinstance(steps[-2], DetectionErasing) and type(steps[-1]).__name__ == "Format"  # erase, then format
+    assert steps[-2].p == 0.4
+    sample = train_set[0]
+    assert tuple(sample["img"].shape) == (3, 64, 64) and sample["bboxes"].shape[1] == 4
     val_set = trainer.build_dataset(str(dataset.parent / "images" / "val"), mode="val", batch=2)
     assert not any(isinstance(t, DetectionErasing) for t in val_set.transforms.transforms)
     trainer.train_loader = SimpleNamespace(dataset=train_set)
