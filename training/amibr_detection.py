@@ -26,6 +26,7 @@ Output (`--out DIR`):
     detection/data.yaml                                                   dataset file for ultralytics
     detection/annotations.json     exact figure centres per canvas (for point-based evaluation)
     verifier/{train,val,test}/{mitotic_figure,non_mitotic_figure}/*.png   candidate crops (verifier_crop px)
+    verifier/{train,val}/false_positive/*.png   with --mine-false-positives: a trained detector's false positives
     slides.csv                     slide → split;   manifest.json: settings and counts
 """
 
@@ -45,13 +46,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from midog.errors import InputError
+from midog.errors import InputError, MidogError
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "amibr_detection.yaml"
 SPLITS = ("train", "val", "test")
 CLASS_NAME = "mitotic figure"
 POSITIVE_DIR = "mitotic_figure"
 NEGATIVE_DIR = "non_mitotic_figure"
+FALSE_POSITIVE_DIR = "false_positive"
 
 
 @dataclass
@@ -448,6 +450,42 @@ def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0,
     return manifest
 
 
+def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequence[str] = ("train", "val"),
+                         confidence: float | None = None, match_radius: float = 30.0) -> dict[str, int]:
+    """Run a trained detector (the pipeline's own proposal stage) on the canvases of `splits` and save every
+    candidate farther than `match_radius` px (7.5 µm, the official matching radius) from all labelled figures as a
+    verifier negative in `verifier/<split>/false_positive/`: the crop is the candidate's box, as the pipeline's
+    verifier cuts it. Returns the number of crops per split."""
+    import torch
+
+    from midog.config import load_config
+    from midog.proposals import YoloProposer
+    from midog.verifier import crop_boxes
+
+    out = Path(out_dir)
+    config = load_config(overrides={"proposals.confidence": confidence} if confidence is not None else None)
+    proposer = YoloProposer.from_weights(detector, torch.device("cpu"), config.proposals)
+    counts = {}
+    for split in splits:
+        folder = out / "verifier" / split / FALSE_POSITIVE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        counts[split] = 0
+        for path, centres in read_annotations(out / "detection", split).items():
+            image = np.array(Image.open(path).convert("RGB"))
+            boxes, _, _ = proposer.predict(image[None])[0]
+            if not len(boxes):
+                continue
+            middle = (boxes[:, :2] + boxes[:, 2:]) / 2
+            far = np.ones(len(boxes), dtype=bool) if not len(centres) else \
+                np.min(np.linalg.norm(middle[:, None] - centres[None], axis=2), axis=1) > match_radius
+            regions = crop_boxes(boxes[far], image.shape[1], image.shape[0], config.verifier.context_px,
+                                 config.merging.box_size_px)
+            for k, (x0, y0, x1, y1) in enumerate(regions):
+                Image.fromarray(image[y0:y1, x0:x1]).save(folder / f"{path.stem}_{k:03d}.png")
+            counts[split] += len(regions)
+    return counts
+
+
 def read_annotations(detection_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     """Image path → (N, 2) figure centres for one split of a built detection set."""
     data = json.loads((Path(detection_dir) / "annotations.json").read_text())
@@ -461,10 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--mine-false-positives", type=Path, metavar="DETECTOR_PT",
+                        help="instead of building: add this detector's false positives on the train and val "
+                             "canvases of OUT to OUT/verifier/<split>/false_positive")
+    parser.add_argument("--confidence", type=float, help="detector confidence for mining (default: the pipeline's)")
     args = parser.parse_args(argv)
     try:
+        if args.mine_false_positives is not None:
+            counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence)
+            print(json.dumps(counts))
+            return 0
         manifest = build(args.amibr, args.out, args.seed, load_construction_config(args.config))
-    except InputError as err:
+    except MidogError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     print(json.dumps(manifest["counts"], indent=2))

@@ -77,3 +77,53 @@ def test_roi_tiff_carries_the_spacing(tmp_path):
         x_res = page.tags["XResolution"].value
         assert page.tags["ResolutionUnit"].value == 3  # centimetre
         assert 1e4 / (x_res[0] / x_res[1]) == pytest.approx(0.25, rel=1e-6)  # µm per pixel
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    from roi_factory import tiny_detector, tiny_verifier
+
+    folder = tmp_path_factory.mktemp("weights")
+    tiny_detector(folder / "detector.pt", class_bias=4.0)
+    tiny_verifier(folder / "verifier.pt")
+    return folder
+
+
+def test_the_pipeline_chain_runs_on_canvases(detection, tiny_weights, tmp_path, monkeypatch):
+    """The real chain (tiny random models) on two val and two test canvases: a complete report and config."""
+    monkeypatch.setenv("MIDOG_WEIGHTS_DIR", str(tiny_weights))
+    predictor = ec.pipeline_predictor(load_config(), tmp_path)
+    report = ec.evaluate_chain(detection, predictor, tmp_path / "tuned.yaml", limit=2)
+    assert report["test_at_tuned"]["images"] == 2
+    assert report["test_as_predicted"]["true_positives"] + report["test_as_predicted"]["false_negatives"] \
+        == report["figures"]["test"]
+    assert 0.0 <= report["tuned"]["threshold"] <= 1.0
+    assert load_config(tmp_path / "tuned.yaml").verifier.threshold == report["tuned"]["threshold"]
+    assert not list(tmp_path.glob("*.tif"))  # the temporary TIFFs are gone
+
+
+def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path / "set"
+    shutil.copytree(detection, out / "detection")
+    counts = ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), confidence=0.01)
+    crops = sorted((out / "verifier" / "val" / ad.FALSE_POSITIVE_DIR).glob("*.png"))
+    assert counts == {"val": len(crops)} and crops, "a biased tiny detector proposes something"
+    assert all(min(Image.open(p).size) >= 1 for p in crops)
+    # the same count, independently: candidates more than 30 px from every labelled figure
+    import torch
+
+    from midog.config import ProposalConfig
+    from midog.proposals import YoloProposer
+
+    proposer = YoloProposer.from_weights(tiny_weights / "detector.pt", torch.device("cpu"),
+                                         ProposalConfig(confidence=0.01))
+    far = 0
+    for path, centres in ad.read_annotations(out / "detection", "val").items():
+        boxes, _, _ = proposer.predict(np.array(Image.open(path).convert("RGB"))[None])[0]
+        middle = (boxes[:, :2] + boxes[:, 2:]) / 2
+        far += sum(np.hypot(*(centres - m).T).min() > 30 for m in middle)
+    assert far == len(crops)
