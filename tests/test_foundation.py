@@ -179,3 +179,14 @@ def test_fold_ensemble_of_foundation_checkpoints_averages_in_the_atypical_stage(
     np.testing.assert_allclose(stage.predict_proba(x), np.mean(members, axis=0), atol=1e-6)
     np.testing.assert_allclose(members[0], lora.predict_proba(x), atol=1e-5)
     assert stage.threshold == pytest.approx(0.5)
+
+
+def test_lora_with_gradient_checkpointing_still_trains_every_adapter(tiny_base: Path):
+    clf = build_classifier("test_vit", 32, model_kwargs=tiny_options("lora", tiny_base, grad_checkpointing=True))
+    assert clf.model.backbone.grad_checkpointing
+    clf.model.train()
+    clf.model(clf.preprocess(crops(2))).sum().backward()
+    adapters = {n: p for n, p in clf.model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in adapters.values())
+    # B starts at zero (so A's gradient is zero on the first step); B's must flow through the recomputed blocks
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in adapters.items() if "lora_B" in n and "blocks." in n)
