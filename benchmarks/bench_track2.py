@@ -1,0 +1,148 @@
+"""Track 2 speed and memory: model load and classification of a 16-page stack timed apart, then a 2,000-page stack
+end to end (run_track2) with its peak resident memory.
+
+    python benchmarks/bench_track2.py [--large-pages 2000] [--repeats 5] [--threads 0]
+
+Target on the development CPU: classifying a 16-page stack takes under 1 s once the model is loaded.
+Uses the shipped atypical weights (found like the container finds them) when present; otherwise a randomly
+initialised stand-in with the architecture and input size of training/configs/atypical.yaml, and says so.
+Numbers are printed, never asserted (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from midog.atypical import load_atypical  # noqa: E402
+from midog.classifier import build_classifier  # noqa: E402
+from midog.config import load_config  # noqa: E402
+from midog.errors import WeightsError  # noqa: E402
+from midog.image_io import open_stack  # noqa: E402
+from midog.outputs import TRACK2_FILENAME  # noqa: E402
+from midog.pipeline import run_track2  # noqa: E402
+from midog.weights import find_weights  # noqa: E402
+
+
+def stack_factory():
+    spec = importlib.util.spec_from_file_location("stack_factory", REPO_ROOT / "tests" / "stack_factory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def resolve_weights(config, scratch: Path) -> tuple[str, str]:
+    """(weights to use, how they were chosen)."""
+    names = [config.atypical.weights] if isinstance(config.atypical.weights, str) else config.atypical.weights
+    try:
+        paths = [str(find_weights(name)) for name in names]
+        return paths if len(paths) > 1 else paths[0], f"shipped weights {', '.join(paths)}"
+    except WeightsError:
+        training = yaml.safe_load((REPO_ROOT / "training" / "configs" / "atypical.yaml").read_text())
+        arch, size = training["arch"], int(training["input_size"])
+        torch.manual_seed(0)
+        path = build_classifier(arch, input_size=size, positive="atypical").save(scratch / "standin.pt")
+        return str(path), f"STAND-IN: random {arch} at {size} px (no shipped atypical weights found)"
+
+
+class PeakRss:
+    """Peak resident set size of this process, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large-pages", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for the large run (0: torch's default). 1 by default: on a shared "
+                             "machine more threads than free cores make every OpenMP barrier wait")
+    args = parser.parse_args()
+    factory = stack_factory()
+    config = load_config()
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        weights, source = resolve_weights(config, scratch)
+        config.atypical.weights = weights
+        print(f"weights: {source}")
+        print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+              f"torch {torch.__version__} with {torch.get_num_threads()} threads, load average "
+              f"{', '.join(f'{v:.1f}' for v in psutil.getloadavg())}")
+        print(f"config: tta={config.atypical.tta}, batch_size={config.atypical.batch_size}")
+
+        started = time.perf_counter()
+        classifier = load_atypical(config.atypical, foundation=config.foundation)
+        load_s = time.perf_counter() - started
+        model = classifier.models[0]
+        print(f"model load: {load_s:.3f} s ({model.arch}, {model.input_size} px, {len(classifier.models)} member(s), "
+              f"threshold {classifier.threshold:.3f})")
+
+        small = factory.write_tiff(scratch / "stack16.tiff", factory.he_pages(16, size=128, seed=0))
+        default_threads = torch.get_num_threads()
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            timings = []
+            for _ in range(args.repeats + 1):
+                started = time.perf_counter()
+                with open_stack(small) as stack:
+                    for batch in stack.iter_batches(config.atypical.batch_size):
+                        classifier.predict_proba(batch)
+                timings.append(time.perf_counter() - started)
+            median = statistics.median(timings[1:])
+            print(f"16 pages, {threads} thread(s) (read + classify, after load): first {timings[0]:.3f} s, then "
+                  f"median {median:.3f} s (min {min(timings[1:]):.3f}) over {args.repeats} runs "
+                  f"-> target < 1 s: {'MET' if median < 1 else 'NOT MET'}")
+        torch.set_num_threads(args.threads or default_threads)
+
+        large_input = scratch / "large"
+        pages = factory.he_pages(50, size=128, seed=1)
+        factory.write_tiff(factory.track2_input(large_input), [pages[i % 50] for i in range(args.large_pages)])
+        size_mb = next((large_input / "images").rglob("*.tiff")).stat().st_size / 2**20
+        rss_before = psutil.Process().memory_info().rss
+        with PeakRss() as peak:
+            started = time.perf_counter()
+            run_track2(large_input, scratch / "out", config)
+            large_s = time.perf_counter() - started
+        entries = len(json.loads((scratch / "out" / TRACK2_FILENAME).read_text()))
+        print(f"{args.large_pages} pages end to end, {torch.get_num_threads()} thread(s) ({size_mb:.0f} MiB stack, "
+              f"{entries} entries out): {large_s:.1f} s "
+              f"({1000 * large_s / args.large_pages:.1f} ms/page incl. model load), peak RSS "
+              f"{peak.peak / 2**20:.0f} MiB (+{(peak.peak - rss_before) / 2**20:.0f} MiB over the "
+              f"{rss_before / 2**20:.0f} MiB before the run)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
