@@ -152,8 +152,12 @@ def options_from_dict(values: Mapping[str, Any] | None) -> FoundationOptions:
 
 
 def is_foundation(arch: str, model_kwargs: Mapping[str, Any] | None = None) -> bool:
-    """True for registry names, `hf-hub:` names, and any timm name whose model_kwargs choose a `method`."""
-    return _registry_name(arch) is not None or "method" in (model_kwargs or {})
+    """True for registry names, `hf-hub:` names, and any timm name whose model_kwargs choose a `method`.
+
+    Every `hf-hub:` name lands here, so an unknown one gets a clear error instead of timm reaching for the hub.
+    """
+    return (_registry_name(arch) is not None or arch.lower().startswith(("hf-hub:", "hf_hub:"))
+            or "method" in (model_kwargs or {}))
 
 
 def _registry_name(arch: str) -> str | None:
