@@ -65,7 +65,9 @@ def make_track2_case(seed: int, margin: float, max_tries: int, config: Path | No
             (expected_dir / "expected_output.json").write_text(json.dumps(entries, indent=4) + "\n")
             return seed + attempt, entries
         print(f"seed {seed + attempt}: a page lies {closest:.4f} from the threshold {threshold:.4f}; next seed")
-    raise SystemExit(f"no seed in {seed}..{seed + max_tries - 1} keeps every page {margin} from the threshold")
+    shutil.rmtree(input_dir, ignore_errors=True)  # no case without its expected output
+    raise SystemExit(f"no seed in {seed}..{seed + max_tries - 1} keeps every page {margin} from the threshold; "
+                     "no case written")
 
 
 def _threshold(config: Path | None) -> float:

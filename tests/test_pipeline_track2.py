@@ -220,3 +220,19 @@ def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path: Path, wei
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
     assert not (tmp_path / "out" / TRACK2_FILENAME).exists()
+
+
+def test_shipped_container_case_matches_its_expected_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """`make run` / test.sh in miniature: the shipped weights on test/input/track2-generated."""
+    case = REPO_ROOT / "test" / "input" / "track2-generated"
+    if not (REPO_ROOT / "weights" / "atypical.pt").is_file() or not case.is_dir():
+        pytest.skip("needs the shipped weights/atypical.pt and the case test/make_cases.py writes from them")
+    monkeypatch.delenv("MIDOG_ATYPICAL__WEIGHTS")
+    monkeypatch.delenv("MIDOG_WEIGHTS_DIR", raising=False)
+    code, errors = run(case, tmp_path / "out", capsys)
+    assert code == 0 and errors == []
+    from midog.compare import main as compare_main
+
+    assert compare_main([str(tmp_path / "out"), str(REPO_ROOT / "test" / "output" / "track2-generated")]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
