@@ -55,6 +55,8 @@ class ProposalConfig:
     max_detections_per_tile: int = 300
     channels_last: bool = True
     """Run the detector in channels-last memory format (faster on CUDA and on recent CPUs)."""
+    backend: str = "auto"
+    """auto (ONNX Runtime on the CPU when installed, PyTorch on CUDA), torch, or onnxruntime (CPU only)."""
 
 
 @dataclass

@@ -121,7 +121,8 @@ class Track1Detector:
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
         if config.runtime.num_threads > 0:
             torch.set_num_threads(config.runtime.num_threads)
-        proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals)
+        proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
+                                             config.tiling.tile_size, config.runtime.num_threads)
         verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
                                          config.merging.box_size_px)
         atypical = load_atypical(config.atypical, device=device) if with_atypical else None

@@ -21,9 +21,12 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_detector(tmp_path_factory.mktemp("w") / "detector.pt", class_bias=5.0)
 
 
-@pytest.fixture(scope="module")
-def proposer(detector: Path) -> YoloProposer:
-    return YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=4))
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def proposer(detector: Path, request: pytest.FixtureRequest) -> YoloProposer:
+    proposer = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=4,
+                                                                                      backend=request.param))
+    assert proposer.backend == request.param
+    return proposer
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,10 @@ def test_same_boxes_as_ultralytics_predict(detector: Path, proposer: YoloPropose
         assert boxes.dtype == np.float32 and classes.dtype == np.int64
 
 
-def test_channels_last_and_batch_size_do_not_change_results(detector: Path, proposer: YoloProposer,
-                                                           tiles: np.ndarray):
-    plain = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=1, channels_last=False))
+def test_backend_channels_last_and_batch_size_do_not_change_results(detector: Path, proposer: YoloProposer,
+                                                                   tiles: np.ndarray):
+    plain = YoloProposer.from_weights(detector, torch.device("cpu"),
+                                      ProposalConfig(batch_size=1, channels_last=False, backend="torch"))
     for (a, sa, _), (b, sb, _) in zip(proposer.predict(tiles), plain.predict(tiles)):
         np.testing.assert_allclose(a, b, atol=0.05)
         np.testing.assert_allclose(sa, sb, atol=1e-4)
@@ -103,3 +107,21 @@ def test_corrupt_detector_weights_are_refused(tmp_path: Path, detector: Path):
     broken.write_bytes(detector.read_bytes()[:1000])
     with pytest.raises(WeightsError, match="cannot load detector weights"):
         load_detector(broken, torch.device("cpu"))
+
+
+def test_failed_onnx_export_falls_back_to_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture):
+    import midog.proposals as proposals
+
+    weights = tiny_detector(tmp_path / "other.pt", seed=7, class_bias=5.0)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::something' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(proposals, "export_onnx", unsupported)
+    monkeypatch.setattr(proposals.tempfile, "gettempdir", lambda: str(tmp_path))
+    proposer = YoloProposer.from_weights(weights, torch.device("cpu"), ProposalConfig())
+    assert proposer.backend == "torch"
+    assert "ONNX export of other.pt failed" in caplog.text
+    with pytest.raises(ValueError, match="proposals.backend"):
+        YoloProposer.from_weights(weights, torch.device("cpu"), ProposalConfig(backend="tensorrt"))
