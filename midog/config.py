@@ -57,6 +57,8 @@ class ProposalConfig:
     """Run the detector in channels-last memory format (faster on CUDA and on recent CPUs)."""
     backend: str = "auto"
     """auto (ONNX Runtime on the CPU when installed, PyTorch on CUDA), torch, or onnxruntime (CPU only)."""
+    onnx_batch_size: int = 1
+    """Tiles per ONNX Runtime call: one at a time measured fastest on CPUs (bs 1: 0.045 s/tile, bs 8: 0.055)."""
 
 
 @dataclass
