@@ -38,6 +38,9 @@ SPACING_UM = 0.25
 ROI_TYPE = "hotspot"
 """The official ground truth needs a ROI type; synthetic canvases have none, all are scored as one group."""
 
+DETECTOR_KEY = "detector_confidence"
+"""Extra per-point key the pipeline predictor adds (ignored by the scorer) to score the detector alone."""
+
 Predictor = Callable[[Path], dict[str, Any]]
 """A ROI TIFF → the "Multiple points" payload the pipeline writes for it."""
 
@@ -96,7 +99,11 @@ def pipeline_predictor(config: PipelineConfig, work_dir: Path) -> Predictor:
         if image.suffix.lower() not in ROI_SUFFIXES:
             roi = write_roi_tiff(np.asarray(Image.open(image).convert("RGB")), work_dir / f"{image.stem}.tif")
         try:
-            return track1_outputs(detector.detect(roi, progress=False))[0]
+            result = detector.detect(roi, progress=False)
+            payload = track1_outputs(result)[0]
+            for point, detection in zip(payload["points"], result.detections):  # same order, one per candidate
+                point[DETECTOR_KEY] = detection.detector_confidence
+            return payload
         finally:
             if roi != image:
                 roi.unlink()
@@ -115,6 +122,16 @@ def relabel(predictions: Mapping[str, Any], threshold: float) -> dict[str, Any]:
         points = [{**p, "name": MITOTIC_FIGURE if p["probability"] >= threshold else NON_MITOTIC_FIGURE}
                   for p in payload["points"]]
         out[name] = {**payload, "points": points}
+    return out
+
+
+def detector_only(predictions: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The same candidates scored by the detector's confidence instead of the verifier (None without it)."""
+    out = {}
+    for name, payload in predictions.items():
+        if any(DETECTOR_KEY not in p for p in payload["points"]):
+            return None
+        out[name] = {**payload, "points": [{**p, "probability": p[DETECTOR_KEY]} for p in payload["points"]]}
     return out
 
 
@@ -148,6 +165,12 @@ def evaluate_chain(detection_dir: Path, predictor: Predictor, tuned_config: Path
                                                sets["test"].ground_truth), len(sets["test"].images))
     report["test_as_predicted"] = summary(evaluate(predictions["test"], sets["test"].ground_truth),
                                           len(sets["test"].images))
+    val_detector, test_detector = detector_only(predictions["val"]), detector_only(predictions["test"])
+    if val_detector is not None and test_detector is not None:
+        # the verifier's contribution: the detector alone, its confidence threshold tuned on val the same way
+        det_threshold = tune_detection(evaluate(val_detector, sets["val"].ground_truth)).threshold
+        report["detector_only"] = {"threshold": det_threshold, "test": summary(
+            evaluate(relabel(test_detector, det_threshold), sets["test"].ground_truth), len(sets["test"].images))}
     report["figures"] = {s: sum(len(v["annotations"]) for v in d.ground_truth.values()) for s, d in sets.items()}
     if tuned_config is not None:
         write_thresholds(tuned_config, [tuned])

@@ -56,6 +56,7 @@ def test_tuning_on_val_and_scoring_on_test(detection, tmp_path):
     assert report["test_at_tuned"]["f1"] == pytest.approx(1.0, abs=1e-6)
     assert report["test_at_tuned"]["false_positives"] == 0
     assert report["test_at_tuned"]["true_positives"] == report["figures"]["test"]
+    assert "detector_only" not in report  # the oracle gives no detector confidence
     written = yaml.safe_load(config_path.read_text())
     assert written == {"verifier": {"threshold": report["tuned"]["threshold"]}}
     assert load_config(config_path).verifier.threshold == report["tuned"]["threshold"]
@@ -98,6 +99,7 @@ def test_the_pipeline_chain_runs_on_canvases(detection, tiny_weights, tmp_path, 
     assert report["test_as_predicted"]["true_positives"] + report["test_as_predicted"]["false_negatives"] \
         == report["figures"]["test"]
     assert 0.0 <= report["tuned"]["threshold"] <= 1.0
+    assert report["detector_only"]["test"]["images"] == 2  # the detector's own scores, kept beside
     assert load_config(tmp_path / "tuned.yaml").verifier.threshold == report["tuned"]["threshold"]
     assert not list(tmp_path.glob("*.tif"))  # the temporary TIFFs are gone
 
