@@ -1,0 +1,271 @@
+"""Track 1 speed: our proposal stage against SAHI and against a plain per-tile ultralytics loop, plus the pipeline.
+
+On one generated 7,215 x 5,412 px H&E-like ROI, with the same detector weights, the same tiles (512 px, 20 %
+overlap), the same confidence (0.2), NMS IoU (0.3) and merge (NMS, IoU 0.5, by class), it times
+  (a) our proposal stage: `YoloProposer.propose` (batched, reader thread) + `merge_tiles`,
+  (b) SAHI's `get_sliced_prediction` with an ultralytics model (SAHI's defaults otherwise: one slice per call),
+      without SAHI's extra full-image prediction, with NMS/IoU 0.5 instead of its GREEDYNMM/IOS default,
+  (c) a plain loop of `YOLO.predict` per tile, shifted and merged with torchvision NMS (as the Track 1 paper's code),
+and the whole pipeline (`Track1Detector.detect` on the TIFF: read, tile, propose, merge, verify, label atypical).
+It checks that (a) finds SAHI's detections: matched_sahi is the share of SAHI's boxes whose centre has one of ours
+within 2 px. Our tile-side rule (merging.tile_edge_px) is switched off for (a) so both merge the same boxes.
+
+The detector is weights/detector.pt when it exists, else a random-initialised YOLO11n whose class logits are shifted
+(--class-bias) so that it proposes a few boxes per tile at confidence 0.2 (a random model's prior bias proposes
+nothing, which would make the comparison empty), after its BatchNorm statistics were computed on generated tiles. The verifier and atypical classifiers are the shipped ones when
+present, else random ConvNeXt-Tiny models. SAHI is a benchmark-only dependency (benchmarks/requirements.txt).
+
+    .venv/bin/python benchmarks/bench_track1.py [--weights detector.pt] [--threads N] [--device cpu|cuda]
+
+The last line reads: seconds_per_roi=S speedup_vs_sahi=X speedup_vs_tile_loop=Y matched_sahi=F
+(S: the whole pipeline on one ROI; X, Y: how many times faster (a) is than (b) and (c)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from roi_factory import he_roi, shift_class_bias, write_tiff  # noqa: E402
+
+from midog.classifier import build_classifier  # noqa: E402
+from midog.config import MergingConfig, load_config  # noqa: E402
+from midog.image_io import ArrayRoi, PhysicalTransform  # noqa: E402
+from midog.merging import merge_tiles  # noqa: E402
+from midog.pipeline import Track1Detector  # noqa: E402
+from midog.proposals import YoloProposer  # noqa: E402
+from midog.tiling import tile_origins  # noqa: E402
+
+WIDTH, HEIGHT = 7215, 5412
+SAME_MERGE = MergingConfig(strategy="nms", iou=0.5, class_agnostic=False, tile_edge_px=0)
+
+
+def random_detector(path: Path, class_bias: float) -> Path:
+    """Random YOLO11n whose BatchNorm statistics are computed on generated tiles (so its scores depend on the
+    image, not only on the position, as they do with the untouched 0/1 statistics) and class logits shifted."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=1, verbose=False)
+    model.names = {0: "mitotic figure"}
+    calibration = np.stack([he_roi(512, 512, seed=100 + s, figures=[(100, 300)]) for s in range(4)])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batch
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(calibration).permute(0, 3, 1, 2).float() / 255)
+    model.eval()
+    shift_class_bias(model, class_bias)
+    torch.save({"model": model.half(), "train_args": {}, "date": None, "version": None}, path)
+    return path
+
+
+def classifier_weights(name: str, folder: Path, input_size: int, positive: str) -> Path:
+    shipped = REPO / "weights" / name
+    if shipped.is_file():
+        return shipped
+    torch.manual_seed(0)
+    return build_classifier("convnext_tiny", input_size, positive=positive).save(folder / name)
+
+
+def centres(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+
+
+def matched_share(reference: np.ndarray, ours: np.ndarray, tolerance: float = 2.0) -> float:
+    """Share of `reference` centres with one of `ours` within `tolerance` px."""
+    if len(reference) == 0:
+        return 1.0
+    if len(ours) == 0:
+        return 0.0
+    distance = np.sqrt(((reference[:, None, :] - ours[None, :, :]) ** 2).sum(-1)).min(1)
+    return float(np.mean(distance <= tolerance))
+
+
+def timed(label: str, fn, *args, **kwargs):
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - started
+    print(f"{label}: {seconds:.2f} s", flush=True)
+    return result, seconds
+
+
+def best_of(rounds: int, methods: dict):
+    """Run the methods in turn, `rounds` times (interleaved, so load from other processes hits all alike);
+    each method's result and its fastest time."""
+    results, times = {}, {name: [] for name in methods}
+    for round_ in range(rounds):
+        for name, fn in methods.items():
+            results[name], seconds = timed(f"round {round_ + 1} {name}", fn)
+            times[name].append(seconds)
+    return results, {name: min(values) for name, values in times.items()}
+
+
+def ours(proposer: YoloProposer, pixels: np.ndarray, config) -> np.ndarray:
+    roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
+    origins = tile_origins(WIDTH, HEIGHT, config.tiling.tile_size, config.tiling.overlap)
+    tiles, _ = proposer.propose(roi, origins, config.tiling, progress=False)
+    return merge_tiles(tiles, config.tiling.tile_size, WIDTH, HEIGHT, SAME_MERGE).boxes
+
+
+def sahi(model, pixels: np.ndarray) -> np.ndarray:
+    from sahi.predict import get_sliced_prediction
+
+    result = get_sliced_prediction(
+        pixels, model, slice_height=512, slice_width=512, overlap_height_ratio=0.2, overlap_width_ratio=0.2,
+        perform_standard_pred=False, postprocess_type="NMS", postprocess_match_metric="IOU",
+        postprocess_match_threshold=0.5, postprocess_class_agnostic=False, verbose=0)
+    return np.array([p.bbox.to_xyxy() for p in result.object_prediction_list], dtype=np.float64).reshape(-1, 4)
+
+
+def tile_loop(yolo, pixels: np.ndarray, device: str) -> np.ndarray:
+    from torchvision.ops import batched_nms
+
+    boxes, scores, classes = [], [], []
+    for x, y in tile_origins(WIDTH, HEIGHT, 512, 0.2):
+        tile = pixels[y:y + 512, x:x + 512]
+        result = yolo.predict(tile[..., ::-1], imgsz=512, conf=0.2, iou=0.3, verbose=False, device=device)[0]
+        boxes.append(result.boxes.xyxy.cpu() + torch.tensor([x, y, x, y]))
+        scores.append(result.boxes.conf.cpu())
+        classes.append(result.boxes.cls.cpu())
+    boxes_t, scores_t, classes_t = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
+    keep = batched_nms(boxes_t, scores_t, classes_t, float(np.nextafter(np.float32(0.5), np.float32(0))))
+    return boxes_t[keep].numpy()
+
+
+def process_py(folder: Path, pixels: np.ndarray, detector: Path, verifier: Path, atypical: Path,
+               device: str) -> None:
+    """process.py end to end in a fresh process (imports, model load, ONNX export if not cached, the ROI, both
+    files): its wall time and its own peak RSS."""
+    import shutil
+    import subprocess
+
+    from roi_factory import track1_input
+
+    weights = folder / "weights"
+    weights.mkdir(exist_ok=True)
+    for source, name in ((detector, "detector.pt"), (verifier, "verifier.pt"), (atypical, "atypical.pt")):
+        shutil.copyfile(source, weights / name)
+    track1_input(folder / "input", pixels, tile=512, compression="zlib")
+    env = {**os.environ, "MIDOG_WEIGHTS_DIR": str(weights), "MIDOG_RUNTIME__DEVICE": device, "YOLO_OFFLINE": "1"}
+    import psutil
+
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, str(REPO / "process.py"), "--input", str(folder / "input"),
+                              "--output", str(folder / "output")], env=env, stderr=subprocess.DEVNULL)
+    watched, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:  # polled: Linux carries the parent's high-water mark into a forked child's rusage
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    if child.wait() != 0:
+        raise SystemExit(f"process.py failed with exit code {child.returncode}")
+    wall = time.perf_counter() - started
+    print(f"process.py end to end: {wall:.2f} s, peak RSS {peak / 2**30:.2f} GB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=None, help="detector checkpoint (default: the shipped one)")
+    parser.add_argument("--class-bias", type=float, default=1.0, help="for the random detector only")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the fastest counts")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cpu = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name(device)
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device {device}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pixels = he_roi(WIDTH, HEIGHT, seed=0, figures=[(int(x), int(y)) for x, y in
+                                                       np.random.default_rng(0).uniform(50, 5000, (60, 2))])
+        roi_path = write_tiff(folder / "roi.tif", pixels, spacing_um=(0.25, 0.25), tile=512, compression="zlib")
+        shipped = REPO / "weights" / "detector.pt"
+        detector = args.weights or (shipped if shipped.is_file() else random_detector(folder / "det.pt",
+                                                                                         args.class_bias))
+        print(f"detector: {detector if detector != folder / 'det.pt' else 'random YOLO11n, class bias '}"
+              f"{'' if detector != folder / 'det.pt' else args.class_bias}")
+        config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector)})
+
+        # (a) ours: ONNX Runtime on the CPU (the default), and the PyTorch backend for reference
+        started = time.perf_counter()
+        proposer = YoloProposer.from_weights(detector, device, config.proposals, config.tiling.tile_size)
+        print(f"our detector load ({proposer.backend}, ONNX export when not cached): "
+              f"{time.perf_counter() - started:.2f} s")
+        proposer.predict(np.stack([pixels[:512, :512]] * config.proposals.batch_size))  # warm-up
+        torch_proposer = YoloProposer.from_weights(detector, device, replace(config.proposals, backend="torch"))
+        torch_proposer.predict(np.stack([pixels[:512, :512]] * config.proposals.batch_size))
+
+        # (b) SAHI, same ultralytics model
+        from sahi.models.ultralytics import UltralyticsDetectionModel
+        from ultralytics import YOLO
+
+        yolo = YOLO(str(detector), task="detect")
+        yolo.overrides["iou"] = config.proposals.nms_iou  # SAHI passes only conf; NMS IoU comes from the overrides
+        sahi_model = UltralyticsDetectionModel(model=yolo, confidence_threshold=config.proposals.confidence,
+                                               image_size=512, device=str(device))
+        sahi_model.perform_inference(pixels[:512, :512])  # warm-up
+
+        methods = {
+            "(a) ours": lambda: ours(proposer, pixels, config),
+            "(b) SAHI get_sliced_prediction": lambda: sahi(sahi_model, pixels),
+            "(c) ultralytics predict per tile": lambda: tile_loop(yolo, pixels, str(device)),
+        }
+        if device.type == "cpu" and proposer.backend != "torch":
+            methods["(a') ours, PyTorch backend"] = lambda: ours(torch_proposer, pixels, config)
+        results, best = best_of(args.rounds, methods)
+        boxes_a, boxes_b, boxes_c = (results[k] for k in list(methods)[:3])
+        t_a, t_b, t_c = (best[k] for k in list(methods)[:3])
+        print("fastest: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()))
+
+        matched = matched_share(centres(boxes_b), centres(boxes_a))
+        print(f"detections: ours {len(boxes_a)}, SAHI {len(boxes_b)}, tile loop {len(boxes_c)}; "
+              f"SAHI's reproduced within 2 px: {matched:.4f}; "
+              f"ours in SAHI's: {matched_share(centres(boxes_a), centres(boxes_b)):.4f}; "
+              f"tile loop's reproduced: {matched_share(centres(boxes_c), centres(boxes_a)):.4f}")
+
+        seconds = float("nan")
+        if not args.skip_pipeline:
+            verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure")
+            atypical = classifier_weights("atypical.pt", folder, 128, "atypical")
+            config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector),
+                                            "verifier.weights": str(verifier), "atypical.weights": str(atypical)})
+            pipeline, load = timed("pipeline model load", Track1Detector.from_config, config, device)
+            result, seconds = timed("whole pipeline (read TIFF → points)", pipeline.detect, roi_path, False)
+            stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+            print(f"pipeline: {len(result.detections)} candidates, {len(result.mitotic_figures)} mitotic figures; "
+                  f"{stages}")
+            process_py(folder, pixels, detector, verifier, atypical, str(device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak RSS of this benchmark process (all methods, SAHI's slices included): {peak:.2f} GB")
+    print(f"seconds_per_roi={seconds:.2f} speedup_vs_sahi={t_b / t_a:.2f} speedup_vs_tile_loop={t_c / t_a:.2f} "
+          f"matched_sahi={matched:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
