@@ -518,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="after CV (or from an existing cv_summary.json), train one model on all crops")
     parser.add_argument("--epochs", type=int, help="override the epoch budget")
+    parser.add_argument("--full-epochs", type=int,
+                        help="with --full: train this many epochs, without waiting for the CV's median best epoch")
     parser.add_argument("--ship", help="write the result to this .pt (+ .json model card), e.g. weights/atypical.pt")
     parser.add_argument("--ship-folds", metavar="PATH",
                         help="fold ensemble: PATH=weights/atypical.pt writes weights/atypical_fold{k}.pt (+ cards)")
@@ -543,18 +545,20 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO_ROOT / cfg.out
     summary_path = out_dir / "cv_summary.json"
     skip_cv = (args.full or args.ship_folds or args.evaluate_tta) and summary_path.is_file()
+    if args.full and args.full_epochs:
+        skip_cv = True  # the full-data model can train alongside the CV; its threshold is set when the CV is done
     if not skip_cv:
         cross_validate(cfg, out_dir, ctx, only_fold=args.fold, resume=args.resume)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if args.full:
-        if summary is None:
-            raise SystemExit("--full needs a finished cross-validation (cv_summary.json) to pick the epochs")
+        if summary is None and not args.full_epochs:
+            raise SystemExit("--full needs a finished cross-validation (cv_summary.json) or --full-epochs")
         index, crops, labels = prepare_data(cfg)
-        epochs = int(np.median(summary["best_epochs"]))
+        epochs = args.full_epochs or int(np.median(summary["best_epochs"]))
         result = train_fold(cfg, crops, labels, np.arange(len(labels)), None, out_dir / "full", ctx,
                             resume=args.resume, fixed_epochs=epochs, name="full",
                             meta={"trained_on": "all crops", "epochs": epochs})
-        if ctx.main:
+        if ctx.main and summary is not None:
             # no validation data: the threshold is the median of the folds' validation thresholds
             path = Path(result.checkpoint)
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -572,7 +576,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shipped {path}", flush=True)
     elif args.ship and ctx.main:
         source = out_dir / ("full" if args.full else f"fold{args.fold or 0}") / "best.pt"
-        ship(cfg, source, Path(args.ship), summary, {}, half=args.half)
+        extra = {"validation_tta": tta_report} if tta_report else {}
+        if args.full:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            extra["shipped_model"] = (f"one model trained on all {state['meta'].get('trained_on', 'crops')} for "
+                                      f"{state['meta'].get('epochs')} epochs, threshold = median of the folds' "
+                                      "validation thresholds; the cross-validation numbers estimate its accuracy")
+        ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
     if ctx.world_size > 1:
         dist.destroy_process_group()
     return 0
