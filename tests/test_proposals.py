@@ -125,3 +125,21 @@ def test_failed_onnx_export_falls_back_to_pytorch(tmp_path: Path, monkeypatch: p
     assert "ONNX export of other.pt failed" in caplog.text
     with pytest.raises(ValueError, match="proposals.backend"):
         YoloProposer.from_weights(weights, torch.device("cpu"), ProposalConfig(backend="tensorrt"))
+
+
+def test_custom_lsconv_ema_detector_gives_ultralytics_boxes(tmp_path: Path, tiles: np.ndarray):
+    yolo_modules = pytest.importorskip("midog.yolo_modules")
+    from roi_factory import shift_class_bias
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    model = yolo_modules.build_detector("n", nc=1)
+    shift_class_bias(model, 5.0)
+    path = tmp_path / "lsconv.pt"
+    torch.save({"model": model.half(), "train_args": {}}, path)
+    proposer = YoloProposer.from_weights(path, torch.device("cpu"), ProposalConfig())  # ONNX, or PyTorch fallback
+    yolo = YOLO(str(path), task="detect")
+    ours = proposer.predict(tiles[:1])[0]
+    result = yolo.predict(tiles[0][..., ::-1], imgsz=512, conf=0.2, iou=0.3, verbose=False, device="cpu")[0]
+    assert len(ours[0]) == len(result.boxes) > 0
+    np.testing.assert_allclose(result.boxes.xyxy.numpy(), ours[0], atol=0.05)
