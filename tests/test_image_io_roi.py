@@ -137,8 +137,12 @@ def test_unreadable_inputs_are_refused(tmp_path: Path, pixels: np.ndarray):
     with pytest.raises(InputError):
         with open_roi(truncated) as roi:
             roi.read_region(0, 0, 700, 500)
+    png = tmp_path / "roi.png"
+    png.write_bytes(b"x")
     with pytest.raises(InputError, match="unsupported image type"):
-        open_roi(tmp_path / "roi.png") if (tmp_path / "roi.png").write_bytes(b"x") else None
+        open_roi(png)
+    with pytest.raises(InputError, match="image not found"):
+        open_roi(tmp_path / "absent.tif")
 
 
 def test_physical_transform_applies_direction_and_origin():
