@@ -343,6 +343,11 @@ class RoiImage:
     def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         raise NotImplementedError
 
+    def thumbnail(self, max_pixels: int) -> np.ndarray | None:
+        """A reduced copy of at most `max_pixels` pixels, when one is cheap (a pyramid level of a streamed image),
+        for deciding which tiles hold tissue without decoding them; None otherwise (reading tiles is cheap)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -457,6 +462,22 @@ class TiffRoi(RoiImage):
         if self._page.compression in (6, 7, 34892, 33007):  # JPEG flavours need their tables
             self._decode_args["jpegtables"] = self._page.jpegtables
             self._decode_args["jpegheader"] = self._page.jpegheader
+
+    def thumbnail(self, max_pixels: int) -> np.ndarray | None:
+        if self._pixels is not None or max_pixels <= 0:
+            return None
+        def pixels(level: tifffile.TiffPageSeries) -> int:
+            dims = dict(zip(level.axes, level.shape))
+            return int(dims.get("Y", 0)) * int(dims.get("X", 0))
+
+        levels = [level for level in self._tif.series[0].levels[1:] if 0 < pixels(level) <= max_pixels]
+        if not levels:
+            return None
+        try:
+            return to_rgb_uint8(levels[0].asarray())  # the largest level within the budget
+        except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
+            _log.warning("%s: no usable pyramid level for tissue detection (%s)", self.path.name, err)
+            return None
 
     def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
         tags = self._page.tags

@@ -30,7 +30,7 @@ import torch
 from midog.config import ProposalConfig, TilingConfig
 from midog.errors import WeightsError
 from midog.image_io import RoiImage
-from midog.tiling import has_tissue
+from midog.tiling import has_tissue, tissue_fraction
 from midog.weights import sha256_of, verify_checksum
 
 log = logging.getLogger(__name__)
@@ -294,8 +294,23 @@ def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: Tilin
     """Batches of (origins, tiles, number of tiles skipped for lack of tissue), read by a background thread.
 
     Decoding (tifffile/imagecodecs, numpy) releases the GIL, so reading the next batch overlaps with the model.
+    When the image has a cheap thumbnail (a pyramid level of a streamed whole-slide image), tiles whose area in it
+    holds less than half the minimum tissue share are skipped without being decoded; every other tile is checked
+    on its own pixels.
     """
     size = tiling.tile_size
+    thumbnail = None
+    if tiling.tissue_min_fraction > 0 and tiling.thumbnail_megapixels > 0:
+        thumbnail = image.thumbnail(int(tiling.thumbnail_megapixels * 1e6))
+
+    def surely_empty(x: int, y: int) -> bool:
+        if thumbnail is None:
+            return False
+        sy, sx = thumbnail.shape[0] / image.height, thumbnail.shape[1] / image.width
+        y0, x0 = int(y * sy), int(x * sx)
+        y1, x1 = max(y0 + 1, int(np.ceil((y + size) * sy))), max(x0 + 1, int(np.ceil((x + size) * sx)))
+        region = thumbnail[y0:y1, x0:x1]
+        return tissue_fraction(region, tiling.tissue_saturation, subsample=1) < tiling.tissue_min_fraction / 2
     items: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -307,6 +322,9 @@ def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: Tilin
             for x, y in origins:
                 if stop.is_set():
                     return
+                if surely_empty(x, y):
+                    skipped += 1
+                    continue
                 tile = image.read_region(x, y, size, size)
                 if not has_tissue(tile, tiling.tissue_saturation, tiling.tissue_min_fraction):
                     skipped += 1

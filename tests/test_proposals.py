@@ -143,3 +143,32 @@ def test_custom_lsconv_ema_detector_gives_ultralytics_boxes(tmp_path: Path, tile
     result = yolo.predict(tiles[0][..., ::-1], imgsz=512, conf=0.2, iou=0.3, verbose=False, device="cpu")[0]
     assert len(ours[0]) == len(result.boxes) > 0
     np.testing.assert_allclose(result.boxes.xyxy.numpy(), ours[0], atol=0.05)
+
+
+def test_glass_tiles_of_a_pyramidal_slide_are_skipped_without_decoding(tmp_path: Path, proposer: YoloProposer):
+    from roi_factory import write_tiff
+
+    from midog.image_io import open_roi
+
+    pixels = he_roi(1500, 1000, seed=2, background=0.45)
+    path = write_tiff(tmp_path / "slide.tif", pixels, tile=128, pyramid_levels=2, compression="zlib")
+    origins = tile_origins(1500, 1000, 512, 0.2)
+    with open_roi(path, in_memory_max_megapixels=0.0) as slide:  # streamed, like a whole-slide image
+        assert slide.thumbnail(1_000_000).shape == (500, 750, 3)
+        decoded: list[tuple[int, int]] = []
+        read = slide.read_region
+
+        def counting(x: int, y: int, width: int, height: int) -> np.ndarray:
+            decoded.append((x, y))
+            return read(x, y, width, height)
+
+        slide.read_region = counting  # type: ignore[method-assign]
+        results, stats = proposer.propose(slide, origins, TilingConfig(), progress=False)
+        assert {o[0] for o in decoded} == {0, 410, 820}  # the all-glass column at x 988 is never decoded
+        decoded.clear()
+        plain, _ = proposer.propose(slide, origins, TilingConfig(thumbnail_megapixels=0), progress=False)
+        assert len(decoded) == len(origins)
+    assert stats.tiles_run == 6
+    assert [r.origin for r in results] == [r.origin for r in plain]
+    for a, b in zip(results, plain):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
