@@ -564,10 +564,11 @@ def main(argv: list[str] | None = None) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state["threshold"] = float(np.median(summary["thresholds"]))
             torch.save(state, path)
-    tta_report = None
+    tta_path = out_dir / "tta_report.json"
+    tta_report = json.loads(tta_path.read_text()) if tta_path.is_file() and not args.evaluate_tta else None
     if args.evaluate_tta and ctx.main and summary is not None:
         tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
-        (out_dir / "tta_report.json").write_text(json.dumps(tta_report, indent=2))
+        tta_path.write_text(json.dumps(tta_report, indent=2))
         print(json.dumps(tta_report, indent=2), flush=True)
     if args.ship_folds and ctx.main and summary is not None:
         extra = {"validation_tta": tta_report} if tta_report else {}
@@ -579,8 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"validation_tta": tta_report} if tta_report else {}
         if args.full:
             state = torch.load(source, map_location="cpu", weights_only=True)
-            extra["shipped_model"] = (f"one model trained on all {state['meta'].get('trained_on', 'crops')} for "
-                                      f"{state['meta'].get('epochs')} epochs, threshold = median of the folds' "
+            crops = (summary or {}).get("data", {}).get("crops", "the")
+            extra["shipped_model"] = (f"one model trained on all {crops} crops for {state['meta'].get('epochs')} "
+                                      "epochs (no validation split left); threshold = median of the folds' "
                                       "validation thresholds; the cross-validation numbers estimate its accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
     if ctx.world_size > 1:
