@@ -110,9 +110,8 @@ def ship_detector(run: Path, out: Path, manifest: dict[str, Any], report: dict[s
                                           "weight_decay", "warmup_epochs", "degrees", "fliplr", "flipud", "mosaic",
                                           "mixup", "close_mosaic", "scale", "translate", "hsv_h", "hsv_s", "hsv_v",
                                           "seed", "device") if k in args},
-        "training_notes": "trained from scratch (no pretrained weights) with ultralytics directly, on CPU, in "
-                          "two runs (the second continues the first's last.pt at a lower learning rate); the "
-                          "settings above are the second run's; see docs/shipped-weights.md",
+        "training_notes": "trained from scratch (no pretrained weights) with ultralytics directly, on CPU, with the "
+                          "settings above (`time` caps the run); see docs/shipped-weights.md",
         "epochs_run": len(rows),
         "validation_metrics": {"epoch": int(best_row["epoch"]),
                                "mAP50": round(best_row["metrics/mAP50(B)"], 4),
