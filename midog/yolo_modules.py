@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import math
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -73,7 +74,7 @@ def aggregate_dynamic(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """
     b, c, h, w = x.shape
     n_groups, k2 = kernels.shape[1], kernels.shape[2]
-    k = int(round(k2**0.5))
+    k = math.isqrt(int(k2))  # int(), not round(): stays a Python int under the ONNX/TorchScript tracer
     pad = k // 2
     # reshape, not view: ultralytics trains channels_last on CUDA
     padded = F.pad(x, (pad, pad, pad, pad)).reshape(b, n_groups, c // n_groups, h + 2 * pad, w + 2 * pad)

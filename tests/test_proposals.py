@@ -137,7 +137,8 @@ def test_custom_lsconv_ema_detector_gives_ultralytics_boxes(tmp_path: Path, tile
     shift_class_bias(model, 5.0)
     path = tmp_path / "lsconv.pt"
     torch.save({"model": model.half(), "train_args": {}}, path)
-    proposer = YoloProposer.from_weights(path, torch.device("cpu"), ProposalConfig())  # ONNX, or PyTorch fallback
+    proposer = YoloProposer.from_weights(path, torch.device("cpu"), ProposalConfig())
+    assert proposer.backend == "onnxruntime"  # LSConv/EMA export to ONNX (no fallback to PyTorch)
     yolo = YOLO(str(path), task="detect")
     ours = proposer.predict(tiles[:1])[0]
     result = yolo.predict(tiles[0][..., ::-1], imgsz=512, conf=0.2, iou=0.3, verbose=False, device="cpu")[0]
