@@ -94,6 +94,9 @@ class AtypicalConfig:
     """None: use the decision threshold stored with the weights."""
     tta: bool = True
     batch_size: int = 64
+    confidence: str = "p_atypical"
+    """Track 2 "confidence": p_atypical (every page, as the reference container) | stated_class (as the official
+    evaluator reads it for ROC AUC: 1 - P(atypical) on "normal" pages)."""
 
 
 @dataclass

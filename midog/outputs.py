@@ -40,12 +40,25 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
     return path
 
 
-def track2_classification(probabilities: Sequence[float], threshold: float) -> list[dict[str, Any]]:
-    """One {"class", "confidence"} per page; confidence = P(atypical) as a JSON float."""
-    return [
-        {"class": ATYPICAL if p >= threshold else NORMAL, "confidence": float(p)}
-        for p in probabilities
-    ]
+CONFIDENCE_SEMANTICS = ("p_atypical", "stated_class")
+
+
+def track2_classification(probabilities: Sequence[float], threshold: float,
+                          confidence: str = "p_atypical") -> list[dict[str, Any]]:
+    """One {"class", "confidence"} per page, the confidence a JSON float.
+
+    `confidence="p_atypical"` writes P(atypical) for every page, as the MIDOG 2025 reference container does;
+    `"stated_class"` writes the confidence in the stated class (1 - P(atypical) for "normal" pages), which is how
+    the official evaluation container reads it for its ROC AUC (docs/evaluation.md).
+    """
+    if confidence not in CONFIDENCE_SEMANTICS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_SEMANTICS}, got {confidence!r}")
+    entries = []
+    for p in probabilities:
+        atypical = p >= threshold
+        value = p if atypical or confidence == "p_atypical" else 1.0 - p
+        entries.append({"class": ATYPICAL if atypical else NORMAL, "confidence": float(value)})
+    return entries
 
 
 def multiple_points(points: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
             probabilities.extend(classifier.predict_proba(batch).tolist())
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
-    return write_json_atomic(output_dir / TRACK2_FILENAME, track2_classification(probabilities, classifier.threshold))
+    pages = track2_classification(probabilities, classifier.threshold, config.atypical.confidence)
+    return write_json_atomic(output_dir / TRACK2_FILENAME, pages)
 
 
 # ---- Track 1: detection on a region of interest ------------------------------------------------------------------

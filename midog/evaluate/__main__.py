@@ -25,7 +25,7 @@ def _track2(args: argparse.Namespace) -> Any:
 
     gt = read_json(args.ground_truth, GroundTruthError, "ground truth")
     known = {e.get("image") for e in gt if isinstance(e, dict)} if isinstance(gt, list) else set()
-    return track2.evaluate_jobs(load_jobs(args.predictions, 2, known), gt)
+    return track2.evaluate_jobs(load_jobs(args.predictions, 2, known), gt, args.confidence)
 
 
 def _print_aggregates(aggregates: dict[str, Any]) -> None:
@@ -44,6 +44,12 @@ def run_track1(args: argparse.Namespace) -> None:
 
         write_track1_report(evaluation, args.report, args.images, args.spacing_um, args.max_overlays)
     _print_aggregates(evaluation.aggregates)
+
+
+def _add_confidence_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--confidence", choices=("stated_class", "p_atypical"), default="stated_class",
+                        help="how Track 2 confidences are read for ROC AUC: stated_class (the official container) or "
+                             "p_atypical (process.py's default output, atypical.confidence: p_atypical)")
 
 
 def run_track2(args: argparse.Namespace) -> None:
@@ -74,7 +80,8 @@ def run_tune(args: argparse.Namespace) -> None:
                                 no_froc=True, ap_backend="numpy")
         tuned.append(tune.tune_detection(_track1(ns)))
     if args.track2_ground_truth:
-        ns = argparse.Namespace(ground_truth=args.track2_ground_truth, predictions=args.track2_predictions)
+        ns = argparse.Namespace(ground_truth=args.track2_ground_truth, predictions=args.track2_predictions,
+                                confidence=args.confidence)
         tuned.append(tune.tune_classification(_track2(ns)))
     for t in tuned:
         print(f"{t.key} = {t.threshold:.6f}  ({t.metric} {t.value:.6f})")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "or a folder of <stack>.json")
     t2.add_argument("--output", type=Path)
     t2.add_argument("--report", type=Path)
+    _add_confidence_argument(t2)
     t2.set_defaults(func=run_track2)
 
     tn = sub.add_parser("tune", help="choose verifier.threshold (best F1) and atypical.threshold (best balanced "
@@ -119,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--track2-predictions", type=Path)
     tn.add_argument("--config", type=Path, required=True, help="pipeline config YAML to update (created if absent)")
     tn.add_argument("--dry-run", action="store_true", help="print the thresholds without writing the config")
+    _add_confidence_argument(tn)
     tn.set_defaults(func=run_tune)
     return parser
 

@@ -5,7 +5,8 @@ Official definitions (DeepMicroscopy/MIDOG25_T2_evaluation_docker, evaluate.py):
   entries as the ground truth has labels; the confidence must be a JSON float (an int is rejected).
 - The predicted class is the `class` field. The score for ROC AUC is P(atypical) read as
   `confidence if class == "atypical" else 1 - confidence`: the container takes `confidence` to be the confidence
-  in the *stated class*. An output that writes P(atypical) for "normal" pages gets its ROC AUC scrambled.
+  in the *stated class*. An output that writes P(atypical) for "normal" pages gets its ROC AUC scrambled
+  (balanced accuracy, the ranking metric, only uses the class). `confidence="p_atypical"` reads such outputs.
 - Overall: sensitivity TP/(TP+FN), specificity TN/(TN+FP), balanced accuracy their mean, accuracy, and ROC AUC
   (sklearn) over all pages. Per tumour domain ("domain_<d>"): the same with sklearn's recall_score (0 when a class
   is absent), accuracy_score and roc_auc_score (NaN when one class only).
@@ -20,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from midog.evaluate.io import GroundTruthError, Job, PredictionError
-from midog.outputs import ATYPICAL, NORMAL
+from midog.outputs import ATYPICAL, CONFIDENCE_SEMANTICS, NORMAL
 
 CLASS_IDS = {NORMAL: 0, ATYPICAL: 1}
 
@@ -65,14 +66,18 @@ def parse_ground_truth(ground_truth: Any) -> dict[str, StackTruth]:
     return truths
 
 
-def parse_stack(payload: Any, truth: StackTruth, pk: str) -> StackResult:
-    """One job's classification list, validated like the official container (job and field named)."""
+def parse_stack(payload: Any, truth: StackTruth, pk: str, confidence: str = "stated_class") -> StackResult:
+    """One job's classification list, validated like the official container (job and field named).
+
+    `confidence="stated_class"` reads it as the official container does; `"p_atypical"` reads every page's
+    confidence as P(atypical) (outputs written with `atypical.confidence: p_atypical`, process.py's default).
+    """
     if not isinstance(payload, list):
         raise PredictionError(f"job {pk}: output must be a list of {{'class', 'confidence'}} dictionaries")
     if len(payload) != len(truth.labels):
         raise PredictionError(f"job {pk}: results length does not match GT length "
                               f"(result length={len(payload)}, GT length={len(truth.labels)})")
-    predicted, confidence = [], []
+    predicted, confidences = [], []
     for i, entry in enumerate(payload):
         where = f"job {pk}: entry {i}"
         if not isinstance(entry, Mapping):
@@ -86,10 +91,13 @@ def parse_stack(payload: Any, truth: StackTruth, pk: str) -> StackResult:
         if not isinstance(value, float) or not np.isfinite(value):
             raise PredictionError(f"{where}: field 'confidence' must be a float, got {value!r}")
         predicted.append(CLASS_IDS[entry["class"]])
-        confidence.append(value)
+        confidences.append(value)
     predicted_arr = np.array(predicted, dtype=np.int64)
-    confidence_arr = np.array(confidence, dtype=np.float64)
-    score = np.where(predicted_arr == 1, confidence_arr, 1 - confidence_arr)
+    confidence_arr = np.array(confidences, dtype=np.float64)
+    if confidence not in CONFIDENCE_SEMANTICS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_SEMANTICS}, got {confidence!r}")
+    stated = confidence == "stated_class"
+    score = np.where((predicted_arr == 1) | (not stated), confidence_arr, 1 - confidence_arr)
     return StackResult(pk, truth, predicted_arr, confidence_arr, score)
 
 
@@ -157,7 +165,7 @@ def aggregate(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray, domai
     return out
 
 
-def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any) -> Track2Evaluation:
+def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any, confidence: str = "stated_class") -> Track2Evaluation:
     truths = parse_ground_truth(ground_truth)
     stacks = []
     seen: dict[str, str] = {}
@@ -167,7 +175,7 @@ def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any) -> Track2Evaluation:
         if job.image in seen:
             raise PredictionError(f"job {job.pk}: image {job.image} was already scored (job {seen[job.image]})")
         seen[job.image] = job.pk
-        stacks.append(parse_stack(job.payload, truths[job.image], job.pk))
+        stacks.append(parse_stack(job.payload, truths[job.image], job.pk, confidence))
     if not stacks:
         raise PredictionError("no predictions to evaluate")
     evaluation = Track2Evaluation(stacks, {})
@@ -175,13 +183,14 @@ def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any) -> Track2Evaluation:
     return evaluation
 
 
-def evaluate(predictions: Mapping[str, Any], ground_truth: Any) -> Track2Evaluation:
-    return evaluate_jobs([Job(pk=str(k), image=str(k), payload=v) for k, v in predictions.items()], ground_truth)
+def evaluate(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = "stated_class") -> Track2Evaluation:
+    jobs = [Job(pk=str(k), image=str(k), payload=v) for k, v in predictions.items()]
+    return evaluate_jobs(jobs, ground_truth, confidence)
 
 
-def score(predictions: Mapping[str, Any], ground_truth: Any) -> dict[str, Any]:
+def score(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = "stated_class") -> dict[str, Any]:
     """Official Track 2 aggregates for `predictions` (stack image name → list of {"class", "confidence"})."""
-    return evaluate(predictions, ground_truth).aggregates
+    return evaluate(predictions, ground_truth, confidence).aggregates
 
 
 def balanced_accuracy_curve(y_true: np.ndarray, p_atypical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
