@@ -11,6 +11,7 @@ from typing import Callable
 
 from midog.config import PipelineConfig, load_config
 from midog.errors import InputError, MidogError
+from midog.weights import weights_pipeline_config
 
 log = logging.getLogger("midog")
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, weights_config=weights_pipeline_config())
         handler = select_handler(read_interface_slugs(args.input))
         handler(args.input, args.output, config)
     except MidogError as err:

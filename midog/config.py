@@ -166,14 +166,17 @@ def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    weights_config: str | Path | None = None,
 ) -> PipelineConfig:
-    """Shipped defaults, then the YAML at `path` (partial is fine), then MIDOG_* variables, then `overrides`.
+    """Shipped defaults, then `weights_config` (the weights' own pipeline.yaml), then the YAML at `path` (partial is
+    fine), then MIDOG_* variables, then `overrides`.
 
     `overrides` uses dotted keys (`{"verifier.threshold": 0.6}`) or nested dicts.
     """
     values = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    if path is not None:
-        values = _merge(values, yaml.safe_load(Path(path).read_text()) or {})
+    for layer in (weights_config, path):
+        if layer is not None:
+            values = _merge(values, yaml.safe_load(Path(layer).read_text()) or {})
     values = _merge(values, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         values = _merge(values, _nest(overrides))

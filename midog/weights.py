@@ -26,6 +26,24 @@ def weights_dirs() -> list[Path]:
     return dirs
 
 
+PIPELINE_CONFIG_NAME = "pipeline.yaml"
+"""A partial pipeline config shipped with a set of weights (thresholds tuned for those weights)."""
+
+
+def weights_pipeline_config() -> Path | None:
+    """`pipeline.yaml` of the first weights folder that holds a checkpoint or one, else None.
+
+    Only that folder counts, so tuned thresholds never leak from `weights/` onto other weights in /opt/ml/model: a
+    model folder without its own `pipeline.yaml` runs with the defaults.
+    """
+    for folder in weights_dirs():
+        if (folder / PIPELINE_CONFIG_NAME).is_file():
+            return folder / PIPELINE_CONFIG_NAME
+        if folder.is_dir() and any(folder.glob("*.pt")):
+            return None
+    return None
+
+
 def find_weights(name: str | os.PathLike[str]) -> Path:
     """Resolve a checkpoint name (or an absolute/relative path that exists) to a file."""
     candidate = Path(name)
