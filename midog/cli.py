@@ -49,7 +49,8 @@ def read_interface_slugs(input_dir: Path) -> list[str]:
         raise InputError(f"{inputs_json} must hold a list of inputs")
     slugs = []
     for entry in inputs:
-        slug = entry.get("interface", {}).get("slug") if isinstance(entry, dict) else None
+        interface = entry.get("interface") if isinstance(entry, dict) else None
+        slug = interface.get("slug") if isinstance(interface, dict) else None
         if not slug:
             raise InputError(f"{inputs_json}: an input has no interface slug")
         slugs.append(slug)

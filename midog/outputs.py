@@ -34,13 +34,27 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
             handle.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, a folder where the file should go
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
     return path
 
 
 CONFIDENCE_SEMANTICS = ("p_atypical", "stated_class")
+
+
+def check_output_folder(folder: str | os.PathLike[str]) -> None:
+    """Create `folder` if needed and make sure a file can be written there (OutputError otherwise), before a run
+    spends minutes on a result it could not save. Leaves nothing in the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to output folder {folder}: {err.strerror}") from None
 
 
 def track2_classification(probabilities: Sequence[float], threshold: float,

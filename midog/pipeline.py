@@ -19,7 +19,8 @@ from midog.devices import resolve_device
 from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, open_stack
 from midog.merging import build_merger, merge_tiles
 from midog.outputs import (ATYPICAL, MITOTIC_FIGURE, NORMAL, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME,
-                           TRACK2_FILENAME, multiple_points, track2_classification, write_json_atomic)
+                           TRACK2_FILENAME, check_output_folder, multiple_points, track2_classification,
+                           write_json_atomic)
 from midog.proposals import YoloProposer
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
@@ -33,14 +34,15 @@ log = logging.getLogger(__name__)
 def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
-    The stack is opened (and checked) before the weights are loaded, pages are classified in batches of
-    `atypical.batch_size`, and the output is written once, atomically, after the last page: a failure anywhere
-    leaves no output file.
+    The stack is opened (and checked) and the output folder checked before the weights are loaded, pages are
+    classified in batches of `atypical.batch_size`, and the output is written once, atomically, after the last
+    page: a failure anywhere leaves no output file.
     """
     if config.runtime.num_threads > 0:
         torch.set_num_threads(config.runtime.num_threads)
     image_path = find_single_image(input_dir / "images" / TRACK2_SLUG)
     with open_stack(image_path) as stack:
+        check_output_folder(output_dir)
         started = time.perf_counter()
         classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
                                    foundation=config.foundation)
@@ -201,20 +203,28 @@ def track1_outputs(result: Track1Result) -> tuple[dict, dict]:
 def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
     """The one ROI in images/histopathology-roi-cropout/ → mitotic-figures.json and atypical-mitotic-figures.json.
 
-    The image is opened (and checked) before the weights are loaded; both files are written atomically at the end,
-    so a failure anywhere leaves no output file.
+    The image is opened (and checked) and the output folder checked before the weights are loaded; both files are
+    written atomically at the end, so a failure anywhere leaves no output file.
     """
     started = time.perf_counter()
     image_path = find_single_image(input_dir / "images" / TRACK1_IMAGE_FOLDER, ROI_SUFFIXES)
     cfg = config.image
     with open_roi(image_path, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb) as roi:
+        check_output_folder(output_dir)
         opened = time.perf_counter()
         detector = Track1Detector.from_config(config)
         loaded = time.perf_counter()
         result = detector.detect(roi, progress=True)
     figures, atypical = track1_outputs(result)
     path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)
-    write_json_atomic(output_dir / TRACK1_ATYPICAL_FILENAME, atypical)
+    try:
+        write_json_atomic(output_dir / TRACK1_ATYPICAL_FILENAME, atypical)
+    except BaseException:  # both files or neither
+        path.unlink(missing_ok=True)
+        raise
+    if result.tiles_total and not result.tiles_run:
+        log.warning("track 1: no tile of %s holds tissue (HSV saturation above tiling.tissue_saturation): no "
+                    "candidates; a grayscale or unstained image looks like glass", image_path.name)
     stages = " ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings.items())
     log.info("track 1: %s, %d x %d px at %.4g x %.4g µm/px, %d/%d tiles with tissue", image_path.name,
              result.width, result.height, *result.spacing_um, result.tiles_run, result.tiles_total)

@@ -67,6 +67,14 @@ def register_custom_modules() -> None:
     register()
 
 
+def disable_ultralytics_sync() -> None:
+    """ultralytics' `sync` setting off (no usage events, no crash reports), on top of YOLO_OFFLINE (midog/__init__)."""
+    from ultralytics.utils import SETTINGS
+
+    if SETTINGS.get("sync"):
+        SETTINGS.update(sync=False)
+
+
 def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.nn.Module:
     """An ultralytics checkpoint → its detection model, fused, in eval mode, on `device`.
 
@@ -77,6 +85,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     verify_checksum(path)
     register_custom_modules()
     from ultralytics.nn.tasks import load_checkpoint
+    disable_ultralytics_sync()
 
     try:
         model, _ = load_checkpoint(str(path), device="cpu")
