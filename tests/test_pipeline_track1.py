@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from output_checks import assert_multiple_points
 from roi_factory import he_roi, tiny_atypical, tiny_detector, tiny_verifier, track1_input
 
 from midog.cli import main
@@ -43,17 +44,6 @@ def run(input_dir: Path, output_dir: Path) -> tuple[int, dict, dict]:
         return code, {}, {}
     return (code, json.loads((output_dir / TRACK1_FILENAME).read_text()),
             json.loads((output_dir / TRACK1_ATYPICAL_FILENAME).read_text()))
-
-
-def assert_multiple_points(payload: dict) -> None:
-    assert payload["name"] == "Points of interest"
-    assert payload["type"] == "Multiple points"
-    assert payload["version"] == {"major": 1, "minor": 0}
-    for point in payload["points"]:
-        assert set(point) == {"name", "point", "probability"}
-        assert len(point["point"]) == 3 and point["point"][2] == 0.0
-        assert all(type(v) is float for v in point["point"]) and type(point["probability"]) is float
-        assert 0.0 <= point["probability"] <= 1.0
 
 
 def test_whole_chain_writes_official_points_in_millimetres(tmp_path: Path, roi: np.ndarray):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO_ROOT, shared_path
+from output_checks import assert_track2_entries
 from stack_factory import he_pages, tiny_atypical, track2_input, write_mha, write_tiff
 
 from midog.atypical import load_atypical
@@ -39,10 +40,7 @@ def run(input_dir: Path, output_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 def read_output(output_dir: Path) -> list[dict]:
     entries = json.loads((output_dir / TRACK2_FILENAME).read_text())
-    for entry in entries:
-        assert set(entry) == {"class", "confidence"}
-        assert type(entry["confidence"]) is float and 0.0 <= entry["confidence"] <= 1.0
-        assert entry["class"] in ("atypical", "normal")
+    assert_track2_entries(entries)
     return entries
 
 
