@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +65,11 @@ def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], N
     return HANDLERS[known[0]]
 
 
+def load_run_config(path: Path | None) -> PipelineConfig:
+    """The config process.py runs with: defaults, the weights' pipeline.yaml, `--config`, MIDOG_* variables."""
+    return load_config(path, weights_config=weights_pipeline_config())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input", type=Path, default=Path("/input"))
@@ -78,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        config = load_config(args.config, weights_config=weights_pipeline_config())
+        config = load_run_config(args.config)
         handler = select_handler(read_interface_slugs(args.input))
         handler(args.input, args.output, config)
     except MidogError as err:
         if args.debug:
-            raise
+            traceback.print_exc()  # the traceback, and still the documented exit code
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:  # an unexpected failure still gets one line, unless --debug

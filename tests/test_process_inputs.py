@@ -391,7 +391,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, home: Path):
     quiet = run_cold(args, run_env(home, None), cwd=tmp_path)
     debug = run_cold([*args, "--debug"], run_env(home, None), cwd=tmp_path)
     assert "Traceback" not in quiet.stderr and quiet.returncode == EXIT_INPUT
-    assert debug.returncode != 0
+    assert debug.returncode == EXIT_INPUT  # the documented code, with or without --debug
     assert "Traceback (most recent call last)" in debug.stderr
     assert "midog.errors.InputError: missing" in debug.stderr and "inputs.json" in debug.stderr
     assert output_files(tmp_path / "out") == []
