@@ -43,6 +43,8 @@ class TilingConfig:
     """Fraction of the tile shared with its neighbour."""
     tissue_min_fraction: float = 0.02
     tissue_saturation: float = 0.07
+    tissue_gray_max: float = 0.85
+    """Grayscale (colourless) regions: pixels darker than this brightness (0..1) count as tissue."""
     thumbnail_megapixels: float = 16.0
     """Largest pyramid level used to skip glass tiles of a streamed slide without decoding them; 0 = off."""
 

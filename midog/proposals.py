@@ -319,7 +319,8 @@ def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: Tilin
         y0, x0 = int(y * sy), int(x * sx)
         y1, x1 = max(y0 + 1, int(np.ceil((y + size) * sy))), max(x0 + 1, int(np.ceil((x + size) * sx)))
         region = thumbnail[y0:y1, x0:x1]
-        return tissue_fraction(region, tiling.tissue_saturation, subsample=1) < tiling.tissue_min_fraction / 2
+        share = tissue_fraction(region, tiling.tissue_saturation, subsample=1, gray_max=tiling.tissue_gray_max)
+        return share < tiling.tissue_min_fraction / 2
     items: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -335,7 +336,7 @@ def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: Tilin
                     skipped += 1
                     continue
                 tile = image.read_region(x, y, size, size)
-                if not has_tissue(tile, tiling.tissue_saturation, tiling.tissue_min_fraction):
+                if not has_tissue(tile, tiling.tissue_saturation, tiling.tissue_min_fraction, tiling.tissue_gray_max):
                     skipped += 1
                     continue
                 kept.append((x, y))

@@ -39,21 +39,25 @@ def tile_origins(width: int, height: int, tile: int, overlap: float) -> list[tup
     return [(x, y) for y in axis_origins(height, tile, overlap) for x in xs]
 
 
-def tissue_fraction(rgb: np.ndarray, saturation: float, subsample: int = 4) -> float:
+def tissue_fraction(rgb: np.ndarray, saturation: float, subsample: int = 4, gray_max: float = 0.85) -> float:
     """Share of pixels whose HSV saturation exceeds `saturation` (0..1), on every `subsample`-th pixel.
 
     Stained tissue is coloured; glass, white padding and grey dust are not. Black pixels (value < 20) do not count
-    either: they are scanner borders and padding, never tissue.
+    either: they are scanner borders and padding, never tissue. A region without any colour at all (a grayscale
+    image: every pixel has R = G = B) is judged by brightness instead: pixels darker than `gray_max` (0..1) count.
     """
     pixels = rgb[::subsample, ::subsample].reshape(-1, rgb.shape[-1])[:, :3].astype(np.int16)
     if pixels.size == 0:
         return 0.0
     high = pixels.max(axis=1)
     low = pixels.min(axis=1)
-    coloured = (high - low) > saturation * np.maximum(high, 1)
-    return float(np.mean(coloured & (high >= 20)))
+    if not (high - low).any():
+        tissue = high < gray_max * 255
+    else:
+        tissue = (high - low) > saturation * np.maximum(high, 1)
+    return float(np.mean(tissue & (high >= 20)))
 
 
-def has_tissue(rgb: np.ndarray, saturation: float, min_fraction: float) -> bool:
+def has_tissue(rgb: np.ndarray, saturation: float, min_fraction: float, gray_max: float = 0.85) -> bool:
     """Whether a tile holds enough tissue to be worth running the detector on."""
-    return min_fraction <= 0.0 or tissue_fraction(rgb, saturation) >= min_fraction
+    return min_fraction <= 0.0 or tissue_fraction(rgb, saturation, gray_max=gray_max) >= min_fraction

@@ -213,6 +213,7 @@ SUCCEEDS: dict[str, Case] = {
                                      warning="no resolution tag; assuming 0.25 µm/px"),
     "track1 all white": Case(_track1(pixels=np.full((560, 720, 3), 255, np.uint8)), TRACK1_FILES,
                              warning="no tile of roi.tif holds tissue"),
+    "track1 grayscale, tiles run": Case(_track1(pixels=ROI.mean(axis=-1).astype(np.uint8)), TRACK1_FILES),
     "track1 mha": Case(_track1("roi.mha"), TRACK1_FILES),
     "track1 non-square spacing": Case(_track1(spacing_um=(SPACING_UM, 0.4)), TRACK1_FILES),
     "track1 BigTIFF": Case(_track1(bigtiff=True), TRACK1_FILES),
@@ -340,6 +341,8 @@ def check_track1(name: str, run: Ran, ran: Callable[[str], Ran]) -> None:
         return
     if name == "track1 all white":
         assert figures["points"] == [] and atypical["points"] == []
+    elif name == "track1 grayscale, tiles run":  # other pixels, so other points; but not skipped as glass
+        assert figures["points"]
     elif name == "track1 smaller than a tile":
         for point in figures["points"]:
             assert 0 <= point["point"][0] <= 300 * SPACING_UM / 1000 and 0 <= point["point"][1] <= 200 * SPACING_UM / 1000

@@ -68,3 +68,14 @@ def test_tissue_detection_tells_stained_tissue_from_glass_and_black():
     assert 0.4 < tissue_fraction(half, 0.07) < 0.6
     assert has_tissue(tissue, 0.07, 0.02) and not has_tissue(np.full((64, 64, 3), 240, np.uint8), 0.07, 0.02)
     assert has_tissue(np.full((64, 64, 3), 240, np.uint8), 0.07, 0.0)  # 0 = never skip
+
+
+def test_grayscale_tissue_is_judged_by_brightness():
+    gray = np.repeat(he_roi(256, 256, seed=3).mean(axis=-1, keepdims=True).astype(np.uint8), 3, axis=-1)
+    assert tissue_fraction(gray, 0.07) > 0.9  # no colour anywhere, yet darker than glass
+    glass = np.full((256, 256, 3), 235, np.uint8)
+    assert tissue_fraction(glass, 0.07) == 0.0 and not has_tissue(glass, 0.07, 0.02)
+    half = gray.copy()
+    half[:, 128:] = 240
+    assert 0.4 < tissue_fraction(half, 0.07) < 0.6
+    assert tissue_fraction(half, 0.07, gray_max=0.1) == 0.0  # the brightness limit is the config's
