@@ -46,6 +46,14 @@ def stack_factory():
     return module
 
 
+def large_stack_input(root: Path, pages: int) -> Path:
+    """A Track 2 input folder at `root` whose stack holds `pages` pages (50 generated 128 px crops, repeated); the
+    stack's path. Also used by benchmarks/bench_limits.py."""
+    factory = stack_factory()
+    distinct = factory.he_pages(50, size=128, seed=1)
+    return factory.write_tiff(factory.track2_input(root), [distinct[i % 50] for i in range(pages)])
+
+
 def resolve_weights(config, scratch: Path) -> tuple[str, str]:
     """(weights to use, how they were chosen)."""
     names = [config.atypical.weights] if isinstance(config.atypical.weights, str) else config.atypical.weights
@@ -127,9 +135,7 @@ def main() -> int:
         torch.set_num_threads(args.threads or default_threads)
 
         large_input = scratch / "large"
-        pages = factory.he_pages(50, size=128, seed=1)
-        factory.write_tiff(factory.track2_input(large_input), [pages[i % 50] for i in range(args.large_pages)])
-        size_mb = next((large_input / "images").rglob("*.tiff")).stat().st_size / 2**20
+        size_mb = large_stack_input(large_input, args.large_pages).stat().st_size / 2**20
         rss_before = psutil.Process().memory_info().rss
         with PeakRss() as peak:
             started = time.perf_counter()
