@@ -21,6 +21,7 @@ the checkpoint's keys must be exactly the ones its method trains.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,22 @@ def resolve_spec(arch: str, options: FoundationOptions | None = None) -> Backbon
 
 # ---------------------------------------------------------------------------------------------------- the model
 
+def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int) -> torch.Tensor:
+    """Pooled features of a ViT's normed output tokens (B, class + registers + patches, D), as the model cards say.
+
+    timm orders the tokens class, registers, patches; `num_prefix_tokens` counts class + registers, so the register
+    tokens never enter the patch mean (Virchow2: `output[:, 5:]`).
+    """
+    if pooling == "cls":
+        return tokens[:, 0]
+    patches = tokens[:, num_prefix_tokens:].mean(1)
+    if pooling == "mean":
+        return patches
+    if pooling == "cls+mean":
+        return torch.cat([tokens[:, 0], patches], dim=-1)
+    raise ValueError(f"token pooling must be one of cls, cls+mean, mean; got '{pooling}'")
+
+
 class PooledClassifier(nn.Module):
     """backbone → pooled features → one logit. `features` is what the linear probe caches."""
 
@@ -214,12 +231,7 @@ class PooledClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.pooling == "model":
             return self.backbone(x)
-        tokens = self.backbone.forward_features(x)
-        n_prefix = int(self.backbone.num_prefix_tokens)  # class + register tokens
-        if self.pooling == "cls":
-            return tokens[:, 0]
-        patches = tokens[:, n_prefix:].mean(1)
-        return patches if self.pooling == "mean" else torch.cat([tokens[:, 0], patches], dim=-1)
+        return pool_tokens(self.backbone.forward_features(x), self.pooling, int(self.backbone.num_prefix_tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -242,8 +254,9 @@ def map_foreign_keys(state_dict: Mapping[str, Any], model: nn.Module) -> dict[st
     """The one place published checkpoints are renamed to timm keys before the strict load.
 
     Unwraps `{"model": ...}` / `{"state_dict": ...}`, strips a DDP `module.` prefix, drops a pretrained
-    classification head (we replace it), and for ViTs applies timm's own converter (DINOv2 layout, patch-embed and
-    position-embedding resampling to the configured input size).
+    classification head (we replace it), and for ViTs applies timm's own converter (DINOv2 layout, position-embedding
+    resampling to the configured input size). ValueError for a patch size or class/register-slot layout that differs
+    from the model's: timm would reshape those silently, so a wrong architecture would load and compute garbage.
     """
     for wrapper in ("model", "state_dict", "teacher"):
         inner = state_dict.get(wrapper) if isinstance(state_dict, Mapping) else None
@@ -253,8 +266,33 @@ def map_foreign_keys(state_dict: Mapping[str, Any], model: nn.Module) -> dict[st
     if not isinstance(getattr(model, "head", None), nn.Linear):
         mapped = {k: v for k, v in mapped.items() if not k.startswith("head.")}
     if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        _refuse_other_token_layout(mapped, model)
         mapped = timm.models.vision_transformer.checkpoint_filter_fn(mapped, model)
     return mapped
+
+
+def _refuse_other_token_layout(state_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """ValueError for a checkpoint that timm's converter would silently reshape into a different architecture.
+
+    The converter resamples a patch-embedding kernel of another size (a patch-16 checkpoint in a patch-14 model
+    loads strictly and computes garbage) and reads position embeddings with the model's count of class/register
+    slots. Only resampling the patch grid (another img_size) is a legitimate conversion.
+    """
+    kernel = state_dict.get("patch_embed.proj.weight")
+    wanted = tuple(model.patch_embed.proj.weight.shape[-2:])
+    if isinstance(kernel, torch.Tensor) and kernel.ndim == 4 and tuple(kernel.shape[-2:]) != wanted:
+        raise ValueError(f"patch size {tuple(kernel.shape[-2:])} in the checkpoint, {wanted} in the model")
+    pos_embed = state_dict.get("pos_embed")
+    if not isinstance(pos_embed, torch.Tensor) or getattr(model, "pos_embed", None) is None:
+        return
+    slots = 0 if model.no_embed_class else int(model.num_prefix_tokens)  # prefix tokens with a position embedding
+    dinov2_class_slot = 1 if "register_tokens" in state_dict else 0  # DINOv2 layout: timm folds it into cls_token
+    patches = int(pos_embed.shape[1]) - slots - dinov2_class_slot
+    rows, cols = model.patch_embed.grid_size
+    if patches != rows * cols and (patches <= 0 or math.isqrt(patches) ** 2 != patches):
+        raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens in the checkpoint does not fit {slots} "
+                         f"class/register slots of the model (no_embed_class={model.no_embed_class}, "
+                         f"{model.num_prefix_tokens} prefix tokens) plus a square patch grid")
 
 
 def read_state_dict(path: Path) -> Mapping[str, Any]:
@@ -269,7 +307,11 @@ def read_state_dict(path: Path) -> Mapping[str, Any]:
 
 
 def load_base_weights(backbone: nn.Module, path: Path, spec: BackboneSpec) -> None:
-    state_dict = map_foreign_keys(read_state_dict(path), backbone)
+    try:
+        state_dict = map_foreign_keys(read_state_dict(path), backbone)
+    except (ValueError, RuntimeError) as err:  # ours, or timm's converter failing to reshape
+        raise WeightsError(f"{path} does not fit {spec.name} ({spec.arch}): {str(err).splitlines()[0][:300]}") \
+            from None
     try:
         backbone.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

@@ -36,19 +36,6 @@ def crops(n: int = 6, size: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-# The published sizes of these models: a wrong kwarg (mlp_layer, reg_tokens, patch size) changes the count.
-@pytest.mark.parametrize("name, params_m, features, prefix", [
-    ("uni", 303.4, 1024, 1), ("uni2-h", 681.4, 1536, 9), ("virchow", 631.2, 2560, 1), ("virchow2", 631.2, 2560, 5),
-    ("h-optimus-0", 1134.8, 1536, 5), ("h-optimus-1", 1134.8, 1536, 5), ("prov-gigapath", 1135.0, 1536, 1),
-])
-def test_registry_builds_the_published_architectures(name, params_m, features, prefix):
-    spec = REGISTRY[name]
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        model = PooledClassifier(create_backbone(spec), spec.pooling)
-    assert sum(p.numel() for p in model.backbone.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
-    assert model.num_features == features and model.backbone.num_prefix_tokens == prefix
-
-
 def test_hf_hub_names_map_to_the_registry():
     assert resolve_spec("hf-hub:MahmoodLab/UNI2-h").name == "uni2-h"
     assert resolve_spec("hf_hub:paige-ai/Virchow2").pooling == "cls+mean"
