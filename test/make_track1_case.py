@@ -2,8 +2,8 @@
 
     python test/make_track1_case.py      # after weights/detector.pt, verifier.pt or atypical.pt changed
 
-Writes test/input/track1-generated/ (inputs.json + images/histopathology-roi-cropout/roi.tif, a 1,500 x 1,200 px
-RGB ROI, tiled, zlib, resolution tags for 0.25 µm/px in pixels per centimetre as grand-challenge writes them) and
+Writes test/input/track1-generated/ (inputs.json + images/histopathology-roi-cropout/roi.tif, a 1,024 x 768 px
+RGB ROI, half of it glass, tiled, zlib, resolution tags for 0.25 µm/px in pixels per centimetre as grand-challenge writes them) and
 test/output/track1-generated/expected_output.json (mitotic-figures.json) + expected_atypical-mitotic-figures.json,
 produced by the shipped pipeline (process.py's own code path, shipped config, weights found as the container finds
 them). No third-party data goes into the case: the ROI is synthetic.
@@ -25,13 +25,18 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from midog.cli import load_run_config  # noqa: E402
 from midog.cli import main as process_main  # noqa: E402
-from midog.config import load_config  # noqa: E402
 from midog.errors import MidogError  # noqa: E402
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME  # noqa: E402
 
 CASE = "track1-generated"
-WIDTH, HEIGHT = 1500, 1200
+WIDTH, HEIGHT = 1024, 768
+NUCLEI_PER_MPX = 800
+GLASS_SHARE = 0.5
+"""The right half is glass: fewer candidates (the shipped detector fires often on synthetic texture), so a seed
+whose probabilities all keep their distance from the thresholds can be found."""
+FIGURES = 8
 
 
 def _roi_factory():
@@ -55,7 +60,7 @@ def _stable(result, verifier_threshold: float, atypical_threshold: float | None,
 def make_track1_case(seed: int, margin: float, max_tries: int, config_path: Path | None) -> tuple[int, int]:
     from midog.pipeline import Track1Detector
 
-    config = load_config(config_path)
+    config = load_run_config(config_path)  # the config process.py runs with
     try:
         detector = Track1Detector.from_config(config)  # loads the weights first: nothing is written without them
     except MidogError as err:
@@ -68,13 +73,16 @@ def make_track1_case(seed: int, margin: float, max_tries: int, config_path: Path
         rng_seed = seed + attempt
         import numpy as np
 
-        figures = [tuple(int(v) for v in xy) for xy in np.random.default_rng(rng_seed).uniform(60, 1140, (12, 2))]
+        high = (WIDTH * (1 - GLASS_SHARE) - 60, HEIGHT - 60)
+        figures = [tuple(int(v) for v in xy) for xy in np.random.default_rng(rng_seed).uniform(60, high, (FIGURES, 2))]
         shutil.rmtree(input_dir, ignore_errors=True)
-        image = factory.track1_input(input_dir, factory.he_roi(WIDTH, HEIGHT, seed=rng_seed, figures=figures),
-                                     tile=256, compression="zlib")
+        pixels = factory.he_roi(WIDTH, HEIGHT, seed=rng_seed, figures=figures, nuclei_per_mpx=NUCLEI_PER_MPX,
+                                background=GLASS_SHARE)
+        image = factory.track1_input(input_dir, pixels, tile=256, compression="zlib")
         result = detector.detect(image, progress=False)
         if not _stable(result, config.verifier.threshold, atypical_threshold, margin):
-            print(f"seed {rng_seed}: a probability lies within {margin} of its threshold; trying the next seed")
+            print(f"seed {rng_seed}: one of {len(result.detections)} candidates has a probability within {margin} of "
+                  "its threshold; trying the next seed")
             continue
         with tempfile.TemporaryDirectory() as out:
             argv = ["--input", str(input_dir), "--output", out] + (["--config", str(config_path)] if config_path else [])
