@@ -24,6 +24,8 @@ class RuntimeConfig:
     num_threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
     seed: int = 0
+    crop_chunk: int = 2048
+    """Track 1 candidates whose crops are read and classified at a time: bounds memory on whole slides."""
 
 
 @dataclass

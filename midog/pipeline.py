@@ -63,16 +63,15 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
 # image; training and evaluation code use it directly, `run_track1` wraps it for process.py.
 
 TRACK1_IMAGE_FOLDER = "histopathology-roi-cropout"
-CROP_CHUNK = 2048
-"""Candidates whose crops are read and classified at a time (rounded down to a multiple of the batch size, so the
-batches, and the results, are those of one pass): a whole slide can give hundreds of thousands of candidates, and
-holding all their crops at once would grow memory with the slide (12 KB per 64 px verifier crop, 48 KB per 128 px
-atypical crop)."""
+def crop_chunks(count: int, batch_size: int, chunk: int) -> list[slice]:
+    """Consecutive slices covering `count` items, each a multiple of `batch_size` long (but the last).
 
-
-def crop_chunks(count: int, batch_size: int, chunk: int | None = None) -> list[slice]:
-    """Consecutive slices covering `count` items, each a multiple of `batch_size` long (but the last)."""
-    size = max(1, (CROP_CHUNK if chunk is None else chunk) // batch_size) * batch_size
+    Candidates' crops are read and classified `chunk` at a time (`runtime.crop_chunk`, rounded down to a multiple of
+    the batch size, so the batches, and the results, are those of one pass): a whole slide can give hundreds of
+    thousands of candidates, and holding all their crops at once would grow memory with the slide (12 KB per 64 px
+    verifier crop, 48 KB per 128 px atypical crop).
+    """
+    size = max(1, chunk // batch_size) * batch_size
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
@@ -186,16 +185,16 @@ class Track1Detector:
                             stats.tiles_total, stats.tiles_run, timings)
 
     def _verify(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
-        """P(mitotic figure) per box, the crops read `CROP_CHUNK` candidates at a time."""
-        parts = [self.verifier.probabilities(image, boxes[chunk])
-                 for chunk in crop_chunks(len(boxes), self.config.verifier.batch_size)]
+        """P(mitotic figure) per box, the crops read `runtime.crop_chunk` candidates at a time."""
+        chunks = crop_chunks(len(boxes), self.config.verifier.batch_size, self.config.runtime.crop_chunk)
+        parts = [self.verifier.probabilities(image, boxes[chunk]) for chunk in chunks]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def _label_atypical(self, image: RoiImage, figures: list[Detection]) -> None:
         if self.atypical is None or not figures:
             return
         size = self.config.atypical.crop_size
-        for chunk in crop_chunks(len(figures), self.config.atypical.batch_size):
+        for chunk in crop_chunks(len(figures), self.config.atypical.batch_size, self.config.runtime.crop_chunk):
             part = figures[chunk]
             crops = np.stack([image.read_region(int(round(d.x)) - size // 2, int(round(d.y)) - size // 2, size,
                                                 size) for d in part])

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from roi_factory import he_roi, tiny_atypical, tiny_detector, tiny_verifier
 
-from midog import pipeline
 from midog.config import load_config
 from midog.image_io import ArrayRoi, PhysicalTransform
 from midog.pipeline import Track1Detector, Track1Result, crop_chunks
@@ -25,11 +24,13 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def detect(weights: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Track1Result, list[int], list[int]]:
+def detect(weights: Path, monkeypatch: pytest.MonkeyPatch,
+           crop_chunk: int = 2048) -> tuple[Track1Result, list[int], list[int]]:
     """The chain on a generated ROI, with the number of crops of each verifier and atypical call."""
     monkeypatch.setenv("MIDOG_WEIGHTS_DIR", str(weights))
     config = load_config(overrides={"verifier.batch_size": BATCH, "atypical.batch_size": BATCH,
-                                    "atypical.tta": False, "verifier.threshold": 0.0})  # all figures
+                                    "atypical.tta": False, "verifier.threshold": 0.0,  # all figures
+                                    "runtime.crop_chunk": crop_chunk})
     detector = Track1Detector.from_config(config, device="cpu")
     verifier_calls: list[int] = []
     atypical_calls: list[int] = []
@@ -43,10 +44,10 @@ def detect(weights: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Track1Result
 
 
 def test_crop_chunks_cover_everything_in_batch_multiples():
-    assert crop_chunks(0, 4) == []
+    assert crop_chunks(0, 4, 2048) == []
     assert crop_chunks(10, 4, chunk=9) == [slice(0, 8), slice(8, 10)]
     assert crop_chunks(10, 4, chunk=3) == [slice(0, 4), slice(4, 8), slice(8, 10)]  # never below one batch
-    assert crop_chunks(5, 4) == [slice(0, 5)]
+    assert crop_chunks(5, 4, 2048) == [slice(0, 5)]
 
 
 def test_candidate_crops_are_read_a_chunk_at_a_time_with_one_pass_results(weights: Path,
@@ -56,8 +57,7 @@ def test_candidate_crops_are_read_a_chunk_at_a_time_with_one_pass_results(weight
     assert count > 3 * BATCH, "the biased tiny detector proposes plenty"
     assert verifier_calls == [count] and atypical_calls == [count]
 
-    monkeypatch.setattr(pipeline, "CROP_CHUNK", BATCH)
-    chunked, verifier_calls, atypical_calls = detect(weights, monkeypatch)
+    chunked, verifier_calls, atypical_calls = detect(weights, monkeypatch, crop_chunk=BATCH)
     assert sum(verifier_calls) == count and max(verifier_calls) == BATCH
     assert sum(atypical_calls) == count and max(atypical_calls) == BATCH
     key = lambda d: (d.x, d.y)  # noqa: E731
