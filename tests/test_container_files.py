@@ -1,18 +1,25 @@
 """The container files without a Docker engine: scripts parse, the Dockerfile follows the grand-challenge rules, and
-the image's file layout (rebuilt from the Dockerfile's COPY lines) runs Track 2 on its own."""
+the image's file layout (rebuilt from the Dockerfile's COPY lines) runs both tracks on its own, as a non-root user
+that can write only the output and temp folders."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from roi_factory import he_roi, tiny_detector, tiny_verifier, track1_input
 from stack_factory import he_pages, tiny_atypical, track2_input, write_tiff
+
+from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
@@ -54,29 +61,96 @@ def test_torch_pin_is_what_the_base_image_tag_names():
     assert f"pytorch/pytorch:{pins['torch']}-" in DOCKERFILE
 
 
-def test_image_layout_runs_track2(tmp_path: Path):
-    """Only what the Dockerfile copies, run from /opt/app's stand-in, with the output the only thing written."""
-    app = tmp_path / "opt" / "app"
+NOBODY = 65534
+"""uid/gid the layout runs under when the tests run as root: the container's `user` is not root either."""
+
+
+@functools.cache
+def _as_user() -> dict:
+    """subprocess arguments that drop root to an unprivileged user; nothing to drop when not root.
+
+    Where the interpreter and its packages are private to root (a virtual environment under /root), an unprivileged
+    user cannot start them: the run stays root, and the snapshot of written files is the remaining check."""
+    if os.geteuid() != 0:
+        return {}
+    drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch, timm, ultralytics"], capture_output=True,
+                               cwd="/", timeout=120, **drop)
+    except PermissionError:
+        return {}
+    return drop if probe.returncode == 0 else {}
+
+
+def _read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def _snapshot(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def image_root() -> Path:
+    """/opt/app rebuilt from the Dockerfile's COPY lines (read-only), tiny weights in a model folder, a writable /tmp.
+
+    Built under a world-traversable folder of its own, since pytest's temp folders are private to their owner."""
+    root = Path(tempfile.mkdtemp(prefix="midog-image-"))
+    root.chmod(0o755)
+    app = root / "opt" / "app"
     app.mkdir(parents=True)
     for source, _ in copy_lines():
         if source == "weights":
-            continue  # the shipped weights are replaced by a tiny model below
+            continue  # the shipped weights are replaced by tiny models below
         src = REPO_ROOT / source
         if src.is_dir():
             shutil.copytree(src, app / source, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, app / source)
-    weights = tiny_atypical(tmp_path / "model" / "atypical.pt", threshold=0.4)
-    write_tiff(track2_input(tmp_path / "input"), he_pages(3, size=64))
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts)
-    result = subprocess.run([sys.executable, "process.py", "--input", str(tmp_path / "input"),
-                             "--output", str(tmp_path / "output")], cwd=app, capture_output=True, text=True,
-                            timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"),
-                                              "PYTHONDONTWRITEBYTECODE": "1", "YOLO_OFFLINE": "1",
-                                              "MIDOG_WEIGHTS_DIR": str(weights.parent)})
+    model = root / "opt" / "ml" / "model"
+    tiny_detector(model / "detector.pt", class_bias=4.0)
+    tiny_verifier(model / "verifier.pt")
+    tiny_atypical(model / "atypical.pt", threshold=0.4)
+    for folder in (root / "opt", app, model):
+        _read_only(folder)
+    (root / "tmp").mkdir(mode=0o1777)
+    (root / "tmp").chmod(0o1777)
+    (root / "home").mkdir(mode=0o555)
+    yield root
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("track", ["track1", "track2"])
+def test_image_layout_runs_as_a_user_writing_only_output_and_tmp(image_root: Path, track: str):
+    """Only what the Dockerfile copies, run from /opt/app's stand-in as a non-root user with a read-only input,
+    app and home folder: a file the Dockerfile forgets, or a write outside the output and temp folders, fails."""
+    run = image_root / track
+    run.mkdir(mode=0o755)
+    if track == "track1":
+        track1_input(run / "input", he_roi(700, 560, seed=5, figures=[(200, 180), (520, 400)]))
+        produced = {TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME}
+    else:
+        write_tiff(track2_input(run / "input"), he_pages(3, size=64))
+        produced = {TRACK2_FILENAME}
+    _read_only(run / "input")
+    output = run / "output"
+    output.mkdir(mode=0o777)
+    output.chmod(0o777)
+    before = _snapshot(image_root)
+    result = subprocess.run([sys.executable, "process.py", "--input", str(run / "input"), "--output", str(output)],
+                            cwd=image_root / "opt" / "app", capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(image_root / "home"),
+                                 "TMPDIR": str(image_root / "tmp"), "PYTHONDONTWRITEBYTECODE": "1",
+                                 "MIDOG_WEIGHTS_DIR": str(image_root / "opt" / "ml" / "model")},
+                            **_as_user())
     assert result.returncode == 0, result.stderr
-    entries = json.loads((tmp_path / "output" / "multiple-mitotic-figure-classification.json").read_text())
-    assert len(entries) == 3
-    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts)
-    written = sorted(set(after) - set(before))
-    assert written == [Path("output"), Path("output/multiple-mitotic-figure-classification.json")], written
+    written = _snapshot(image_root) - before
+    outside = sorted(str(p) for p in written if p.parts[0] != "tmp" and p.parent != output.relative_to(image_root))
+    assert outside == [], f"written outside the output and temp folders: {outside}"
+    assert {p.name for p in output.iterdir()} == produced
+    if track == "track2":
+        assert len(json.loads((output / TRACK2_FILENAME).read_text())) == 3
