@@ -5,6 +5,10 @@ A checkpoint is a plain dict (loadable with `torch.load(weights_only=True)`):
     format        "midog-classifier/1"
     arch          timm model name
     input_size    side in pixels the model sees (crops are resized to it)
+    interpolation "bilinear" or "bicubic": how crops are resized (antialiased)
+    crop_pct      1.0: resize straight to input_size; below 1: resize to floor(input_size / crop_pct), then
+                  centre-crop input_size (timm's eval transform). Both absent in checkpoints written before they
+                  existed, which were all trained with "bilinear" and 1.0.
     mean, std     normalisation, taken from the model's own timm data config when it was built
     threshold     decision threshold on P(positive), chosen on validation
     positive      name of the positive class ("atypical", "mitotic figure")
@@ -17,6 +21,7 @@ The model has one output logit; P(positive) = sigmoid(logit).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +31,42 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import center_crop
 
 from midog.errors import WeightsError
 from midog.weights import verify_checksum
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
+INTERPOLATIONS = ("bilinear", "bicubic")
+PLAIN_INTERPOLATION = "bilinear"
+PLAIN_CROP_PCT = 1.0
+"""A plain resize: models trained from scratch here, and every checkpoint without `interpolation`/`crop_pct`."""
+
+
+def check_resize(interpolation: str, crop_pct: float) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got '{interpolation}'")
+    if not 0.0 < float(crop_pct) <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+
+
+def resize_side(input_size: int, crop_pct: float) -> int:
+    """The side crops are resized to before the centre crop: timm's `floor(input_size / crop_pct)`."""
+    return int(input_size) if crop_pct >= 1.0 else math.floor(input_size / crop_pct)
+
+
+def resize_and_crop(batch: torch.Tensor, input_size: int, interpolation: str, crop_pct: float) -> torch.Tensor:
+    """(N, C, H, W) float → (N, C, input_size, input_size), antialiased.
+
+    A square crop gets exactly torchvision's `Resize(resize_side, interpolation, antialias=True)` +
+    `CenterCrop(input_size)`; a non-square one is squashed to a square first (as crop_pct 1 always did).
+    """
+    side = resize_side(input_size, crop_pct)
+    if batch.shape[-1] != side or batch.shape[-2] != side:
+        batch = F.interpolate(batch, size=(side, side), mode=interpolation, antialias=True, align_corners=False)
+    if side != input_size:
+        batch = center_crop(batch, [input_size, input_size])
+    return batch
 
 
 @dataclass
@@ -46,6 +82,13 @@ class BinaryClassifier:
     positive: str = "positive"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    interpolation: str = PLAIN_INTERPOLATION
+    """How crops are resized to the input size: the backbone's own data config for a pretrained backbone."""
+    crop_pct: float = PLAIN_CROP_PCT
+    """Below 1: resize to floor(input_size / crop_pct), then centre-crop input_size (timm's eval transform)."""
+
+    def __post_init__(self) -> None:
+        check_resize(self.interpolation, self.crop_pct)
 
     @property
     def device(self) -> torch.device:
@@ -56,14 +99,16 @@ class BinaryClassifier:
         return self
 
     def preprocess(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 RGB crops (N, H, W, 3) → normalised float tensor (N, 3, S, S) on the model's device."""
+        """uint8 RGB crops (N, H, W, 3) → normalised float tensor (N, 3, S, S) on the model's device.
+
+        The one preprocessing of training (train_classifier, LoRA, linear probe) and inference alike: resize
+        (`interpolation`, `crop_pct`; see `resize_and_crop`), then normalise.
+        """
         batch = torch.as_tensor(crops)
         if batch.ndim == 3:
             batch = batch.unsqueeze(0)
         batch = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        if batch.shape[-1] != self.input_size or batch.shape[-2] != self.input_size:
-            batch = F.interpolate(batch, size=(self.input_size, self.input_size), mode="bilinear",
-                                  antialias=True, align_corners=False)
+        batch = resize_and_crop(batch, self.input_size, self.interpolation, self.crop_pct)
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return (batch - mean) / std
@@ -87,12 +132,16 @@ class BinaryClassifier:
             "input_size": int(self.input_size),
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in self.std],
+            **self.resize_state(),
             "threshold": float(self.threshold),
             "positive": self.positive,
             "model_kwargs": dict(self.model_kwargs),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "meta": dict(meta if meta is not None else self.meta),
         }
+
+    def resize_state(self) -> dict[str, Any]:
+        return {"interpolation": self.interpolation, "crop_pct": float(self.crop_pct)}
 
     def save(self, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
         path = Path(path)
@@ -112,6 +161,33 @@ def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+def _stored_resize(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `interpolation` and `crop_pct`; a plain bilinear resize when absent (older checkpoints)."""
+    return {"interpolation": state.get("interpolation", PLAIN_INTERPOLATION),
+            "crop_pct": float(state.get("crop_pct", PLAIN_CROP_PCT))}
+
+
+def resize_from_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`_stored_resize`, checked: WeightsError naming the file if it is not one `preprocess` can apply."""
+    try:
+        resize = _stored_resize(state)
+        check_resize(**resize)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{path}: {err}") from None
+    return resize
+
+
+def preprocess_card(state: dict[str, Any]) -> dict[str, Any]:
+    """What a model card says about a checkpoint's preprocessing (the checkpoint itself is what is used)."""
+    resize = _stored_resize(state)
+    side = resize_side(int(state["input_size"]), resize["crop_pct"])
+    steps = f"resize to {side} x {side} px ({resize['interpolation']}, antialiased)"
+    if side != int(state["input_size"]):
+        steps += f", centre-crop {state['input_size']} x {state['input_size']} px"
+    return {**resize, "steps": steps + ", normalise with mean/std", "mean": list(state["mean"]),
+            "std": list(state["std"])}
+
+
 def build_classifier(
     arch: str,
     input_size: int,
@@ -120,6 +196,9 @@ def build_classifier(
     model_kwargs: dict[str, Any] | None = None,
 ) -> BinaryClassifier:
     """A fresh (random-initialised, never downloaded) timm model with one output logit.
+
+    It is trained from scratch, so its crops get a plain bilinear resize (`PLAIN_INTERPOLATION`, `PLAIN_CROP_PCT`),
+    not the ImageNet eval transform of the architecture's timm pretrained_cfg.
 
     Foundation-model backbones (registry names such as "uni2-h", or any timm name whose `model_kwargs` choose a
     `method`) are built by midog.foundation, from their local pretrained weights.
@@ -181,6 +260,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         positive=state.get("positive", "positive"),
         model_kwargs=state.get("model_kwargs", {}),
         meta=state.get("meta", {}),
+        **resize_from_state(state, path),
     )
 
 

@@ -7,7 +7,7 @@ one linear logit. It is a `BinaryClassifier`, so training loops, TTA and `proces
 Its checkpoint is the usual "midog-classifier/1" dict (see midog/classifier.py) with two more keys:
 
     kind        "foundation"
-    foundation  {"backbone": the BackboneSpec (timm arch + kwargs, pooling, hub id, mean/std, input size),
+    foundation  {"backbone": the BackboneSpec (timm arch + kwargs, pooling, hub id, mean/std, input size, resize),
                  "options": the FoundationOptions (method, LoRA settings, base weights name)}
     state_dict  only what training changed: linear → head.*; lora → LoRA adapters + head.*; full → everything
 
@@ -31,7 +31,8 @@ import timm
 import torch
 from torch import nn
 
-from midog.classifier import CHECKPOINT_FORMAT, BinaryClassifier
+from midog.classifier import (CHECKPOINT_FORMAT, PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
+                              resize_from_state)
 from midog.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,35 +74,46 @@ class BackboneSpec:
     input_size: int = 224
     hub_id: str | None = None
     """Hugging Face repository of the weights (gated: accept the licence there)."""
+    interpolation: str | None = None
+    """Resize interpolation the backbone was trained with (bilinear/bicubic). None: from the timm data config
+    (pretrained_cfg) of the architecture when pretrained base weights are loaded, else a plain bilinear resize."""
+    crop_pct: float | None = None
+    """Below 1: resize to floor(input_size / crop_pct), then centre-crop input_size. None: as `interpolation`."""
 
 
+# The resize (interpolation, crop_pct) of each entry is its card's own eval transform; sources in
+# tests/test_foundation_registry.py. UNI / UNI2-h: Resize(224) + CenterCrop(224), torchvision's default bilinear.
+# Virchow / Virchow2: config.json pretrained_cfg bicubic, crop_pct 1.0. H-optimus-0/1: the card feeds 224 px tiles
+# unresized; its config.json gives no interpolation or crop_pct (timm would fall back to its PretrainedCfg defaults,
+# bicubic + 0.875, a centre crop the card never makes), so bicubic without a crop. Prov-GigaPath: the card's
+# Resize(256, bicubic) + CenterCrop(224), i.e. crop_pct 0.875 (its config.json says 1.0; the card's code wins).
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec for spec in (
         BackboneSpec("uni", "vit_large_patch16_224",
                      dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
-                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "MahmoodLab/UNI"),
+                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "MahmoodLab/UNI", "bilinear", 1.0),
         BackboneSpec("uni2-h", "vit_giant_patch14_224",
                      dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
                           mlp_ratio=2.66667 * 2, no_embed_class=True, mlp_layer="swiglu_packed", act_layer="silu",
                           reg_tokens=8, dynamic_img_size=True),
-                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "MahmoodLab/UNI2-h"),
+                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "MahmoodLab/UNI2-h", "bilinear", 1.0),
         BackboneSpec("virchow", "vit_huge_patch14_224",
                      dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
                           mlp_layer="swiglu_packed", act_layer="silu"),
-                     "cls+mean", IMAGENET_MEAN, IMAGENET_STD, 224, "paige-ai/Virchow"),
+                     "cls+mean", IMAGENET_MEAN, IMAGENET_STD, 224, "paige-ai/Virchow", "bicubic", 1.0),
         BackboneSpec("virchow2", "vit_huge_patch14_224",
                      dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
                           reg_tokens=4, mlp_layer="swiglu_packed", act_layer="silu"),
-                     "cls+mean", IMAGENET_MEAN, IMAGENET_STD, 224, "paige-ai/Virchow2"),
+                     "cls+mean", IMAGENET_MEAN, IMAGENET_STD, 224, "paige-ai/Virchow2", "bicubic", 1.0),
         BackboneSpec("h-optimus-0", "vit_giant_patch14_reg4_dinov2",
                      dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
-                     "cls", HOPTIMUS_MEAN, HOPTIMUS_STD, 224, "bioptimus/H-optimus-0"),
+                     "cls", HOPTIMUS_MEAN, HOPTIMUS_STD, 224, "bioptimus/H-optimus-0", "bicubic", 1.0),
         BackboneSpec("h-optimus-1", "vit_giant_patch14_reg4_dinov2",
                      dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
-                     "cls", HOPTIMUS_MEAN, HOPTIMUS_STD, 224, "bioptimus/H-optimus-1"),
+                     "cls", HOPTIMUS_MEAN, HOPTIMUS_STD, 224, "bioptimus/H-optimus-1", "bicubic", 1.0),
         BackboneSpec("prov-gigapath", "vit_giant_patch14_dinov2",
                      dict(img_size=224, patch_size=16, init_values=1e-5, mlp_ratio=5.33334),
-                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "prov-gigapath/prov-gigapath"),
+                     "cls", IMAGENET_MEAN, IMAGENET_STD, 224, "prov-gigapath/prov-gigapath", "bicubic", 0.875),
     )
 }
 
@@ -127,6 +139,10 @@ class FoundationOptions:
     """Local base weights (file or folder); None searches FoundationConfig.dir and the Hugging Face cache."""
     pooling: str | None = None
     """Override the spec's pooling."""
+    interpolation: str | None = None
+    """Override the spec's resize interpolation (bilinear/bicubic)."""
+    crop_pct: float | None = None
+    """Override the spec's crop_pct (resize to floor(input_size / crop_pct), centre-crop input_size)."""
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra timm.create_model arguments (override the spec's)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -149,6 +165,9 @@ def options_from_dict(values: Mapping[str, Any] | None) -> FoundationOptions:
         raise ValueError(f"foundation method must be one of {METHODS}, got '{options.method}'")
     if options.pooling is not None and options.pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got '{options.pooling}'")
+    if options.interpolation is not None or options.crop_pct is not None:
+        check_resize(options.interpolation or PLAIN_INTERPOLATION,
+                     PLAIN_CROP_PCT if options.crop_pct is None else options.crop_pct)
     return options
 
 
@@ -192,7 +211,24 @@ def resolve_spec(arch: str, options: FoundationOptions | None = None) -> Backbon
     spec.kwargs.update(options.timm_kwargs)
     if options.pooling is not None:
         spec.pooling = options.pooling
+    if options.interpolation is not None:
+        spec.interpolation = options.interpolation
+    if options.crop_pct is not None:
+        spec.crop_pct = float(options.crop_pct)
     return spec
+
+
+def resolve_resize(spec: BackboneSpec, data_config: Mapping[str, Any], pretrained: bool) -> tuple[str, float]:
+    """The spec's (interpolation, crop_pct); an unset one comes from timm's data config of the architecture when the
+    backbone is pretrained, and is a plain bilinear resize (crop_pct 1) when it is trained from scratch here."""
+    if pretrained:
+        interpolation = spec.interpolation or str(data_config["interpolation"])
+        crop_pct = spec.crop_pct if spec.crop_pct is not None else float(data_config["crop_pct"])
+    else:
+        interpolation = spec.interpolation or PLAIN_INTERPOLATION
+        crop_pct = spec.crop_pct if spec.crop_pct is not None else PLAIN_CROP_PCT
+    check_resize(interpolation, crop_pct)
+    return interpolation, float(crop_pct)
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -486,6 +522,7 @@ class FoundationClassifier(BinaryClassifier):
             "input_size": int(self.input_size),
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in self.std],
+            **self.resize_state(),
             "threshold": float(self.threshold),
             "positive": self.positive,
             "model_kwargs": dict(self.model_kwargs),
@@ -539,10 +576,12 @@ def build_foundation_classifier(
     data_config = timm.data.resolve_model_data_config(model.backbone)
     spec.mean = tuple(spec.mean or data_config["mean"])
     spec.std = tuple(spec.std or data_config["std"])
+    spec.interpolation, spec.crop_pct = resolve_resize(spec, data_config, pretrained=base is not None)
     return FoundationClassifier(
         model=model, arch=arch, input_size=int(input_size or spec.input_size), mean=spec.mean, std=spec.std,
         threshold=threshold, positive=positive, model_kwargs=_plain(dataclasses.asdict(options)),
         spec=spec, options=options, base_weights=str(base) if base is not None else None,
+        interpolation=spec.interpolation, crop_pct=spec.crop_pct,
     )
 
 
@@ -584,5 +623,5 @@ def load_foundation_classifier(state: Mapping[str, Any], path: Path, device: str
         model=model, arch=state["arch"], input_size=int(state["input_size"]), mean=tuple(state["mean"]),
         std=tuple(state["std"]), threshold=float(state["threshold"]), positive=state.get("positive", "positive"),
         model_kwargs=model_kwargs, meta=dict(state.get("meta", {})), spec=spec,
-        options=options, base_weights=str(base) if base is not None else None,
+        options=options, base_weights=str(base) if base is not None else None, **resize_from_state(state, path),
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from midog.classifier import build_classifier, load_classifier
@@ -177,3 +180,66 @@ def test_lora_with_gradient_checkpointing_still_trains_every_adapter(tiny_base: 
     assert all(p.grad is not None for p in adapters.values())
     # B starts at zero (so A's gradient is zero on the first step); B's must flow through the recomputed blocks
     assert all(float(p.grad.abs().sum()) > 0 for n, p in adapters.items() if "lora_B" in n and "blocks." in n)
+
+
+# ---------------------------------------------------------------------------------------------------- resize
+
+GIGAPATH_TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2}  # the registry entry's layout, a few layers wide
+
+
+def he_like_crop(size: int = 128, seed: int = 0) -> np.ndarray:
+    """A smooth colour field with fine noise: an AMi-Br-sized crop whose resampling differences show."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 16, 16))).float()
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    return (field.numpy() + rng.normal(0, 8, (size, size, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def gigapath_stand_in(tmp_path: Path) -> Path:
+    """Random "pretrained" weights of the prov-gigapath registry entry, narrowed to one small block."""
+    torch.manual_seed(0)
+    spec = resolve_spec("prov-gigapath", options_from_dict({"timm_kwargs": GIGAPATH_TINY}))
+    path = tmp_path / "gigapath.safetensors"
+    save_file(create_backbone(spec).state_dict(), str(path))
+    return path
+
+
+def test_a_bicubic_crop_pct_registry_entry_resizes_as_its_card(tmp_path: Path, gigapath_stand_in: Path):
+    """Prov-GigaPath's card: Resize(256, bicubic) + CenterCrop(224) + ImageNet normalisation; kept through a save."""
+    from PIL import Image
+    from torchvision import transforms
+
+    clf = build_classifier("prov-gigapath", 0, positive="atypical",
+                           model_kwargs={"method": "linear", "weights": str(gigapath_stand_in),
+                                         "timm_kwargs": GIGAPATH_TINY})
+    assert (clf.input_size, clf.interpolation, clf.crop_pct) == (224, "bicubic", 0.875)
+    crop = he_like_crop()
+    mean, std = torch.tensor(clf.mean).view(1, 3, 1, 1), torch.tensor(clf.std).view(1, 3, 1, 1)
+    card = transforms.v2.Compose([transforms.v2.Resize(256, interpolation=transforms.v2.InterpolationMode.BICUBIC,
+                                                       antialias=True), transforms.v2.CenterCrop(224)])
+    expected = (card(torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255.0) - mean) / std
+    assert torch.equal(clf.preprocess(crop[None]), expected)
+    # the card's own pipeline runs on PIL images (8-bit, clamped): the same within rounding; bilinear is not
+    pil = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                              transforms.CenterCrop(224), transforms.ToTensor()])(Image.fromarray(crop))[None]
+    assert float(((clf.preprocess(crop[None]) * std + mean).clamp(0, 1) - pil).abs().mean()) < 0.5 / 255
+    bilinear = dataclasses.replace(clf, interpolation="bilinear")
+    assert float(((bilinear.preprocess(crop[None]) * std + mean).clamp(0, 1) - pil).abs().mean()) > 1 / 255
+    loaded = load_classifier(clf.save(tmp_path / "probe.pt"))
+    assert (loaded.interpolation, loaded.crop_pct) == ("bicubic", 0.875)
+    assert torch.equal(loaded.preprocess(crop[None]), expected)
+
+
+def test_a_plain_timm_backbone_resizes_as_its_pretrained_cfg_when_pretrained(tiny_base: Path):
+    pretrained = build_classifier("test_vit", 32, model_kwargs=tiny_options("linear", tiny_base))
+    data_config = timm.data.resolve_model_data_config(pretrained.model.backbone)
+    assert (pretrained.interpolation, pretrained.crop_pct) == (data_config["interpolation"], data_config["crop_pct"])
+    assert (pretrained.interpolation, pretrained.crop_pct) == ("bicubic", 0.95)  # 32 px: resize 33, centre-crop 32
+    scratch = build_classifier("test_vit", 32, model_kwargs={"method": "full", "timm_kwargs": TINY})
+    assert (scratch.interpolation, scratch.crop_pct) == ("bilinear", 1.0)  # trained from scratch: a plain resize
+    chosen = build_classifier("test_vit", 32, model_kwargs=tiny_options("linear", tiny_base, interpolation="bilinear",
+                                                                         crop_pct=0.875))
+    assert (chosen.interpolation, chosen.crop_pct) == ("bilinear", 0.875)
+    with pytest.raises(ValueError, match="crop_pct"):
+        options_from_dict({"crop_pct": 1.2})

@@ -2,7 +2,7 @@
 
 Every entry is built on PyTorch's meta device (shapes only: no memory, no weights, a few seconds) and compared with
 what the model cards publish: the timm arguments, the state-dict tensors the released checkpoints hold, the token
-layout, the pooled feature width and the normalisation. A wrong argument either changes a shape here (the real
+layout, the pooled feature width, the normalisation and the resize (interpolation, crop_pct). A wrong argument either changes a shape here (the real
 checkpoint would then fail its strict load) or, for the ones that change no shape (activation, gate order, pooling
 offset), is asserted directly, because with the real weights it would load and compute garbage.
 
@@ -10,26 +10,37 @@ Sources (model cards and the code they point to):
   UNI            https://huggingface.co/MahmoodLab/UNI ; https://github.com/mahmoodlab/UNI
                  (uni/get_encoder/get_encoder.py: vit_large_patch16_224, img_size 224, patch_size 16,
                  init_values 1e-5, dynamic_img_size, strict load; ImageNet mean/std, Resize 224;
-                 features = model(x), 1024-d class token)
+                 features = model(x), 1024-d class token; config.json pretrained_cfg interpolation bilinear,
+                 crop_pct 1; MahmoodLab TRIDENT UNIInferenceEncoder: Resize(224) + CenterCrop(224), bilinear)
   UNI2-h         https://huggingface.co/MahmoodLab/UNI2-h ; https://github.com/mahmoodlab/UNI README "timm_kwargs":
                  vit_giant_patch14_224, depth 24, 24 heads, embed_dim 1536, mlp_ratio 2.66667*2, SwiGLUPacked, SiLU,
-                 reg_tokens 8, no_embed_class, init_values 1e-5, strict load; model(x) -> [1, 1536]; ImageNet mean/std
+                 reg_tokens 8, no_embed_class, init_values 1e-5, strict load; model(x) -> [1, 1536]; ImageNet mean/std;
+                 MahmoodLab TRIDENT UNIv2InferenceEncoder: Resize(224) + CenterCrop(224), torchvision's default
+                 bilinear (the card's own create_transform(resolve_data_config(pretrained_cfg)) reads a config.json
+                 that was not available here)
   Virchow        https://huggingface.co/paige-ai/Virchow (config.json: vit_huge_patch14_224, img_size 224,
                  init_values 1e-5, mlp_ratio 5.3375, global_pool "", dynamic_img_size; card: mlp_layer SwiGLUPacked,
                  act_layer SiLU; output 1 x 257 x 1280; embedding = cat(output[:, 0], output[:, 1:].mean(1)) -> 2560;
                  pretrained_cfg ImageNet mean/std, 224, bicubic, crop_pct 1.0)
   Virchow2       https://huggingface.co/paige-ai/Virchow2 (config.json as Virchow plus reg_tokens 4; output
-                 1 x 261 x 1280; "tokens 1-4 are register tokens": embedding = cat(output[:, 0], output[:, 5:].mean(1)))
+                 1 x 261 x 1280; "tokens 1-4 are register tokens": embedding = cat(output[:, 0], output[:, 5:].mean(1));
+                 resize as Virchow: bicubic, crop_pct 1.0)
   H-optimus-0    https://huggingface.co/bioptimus/H-optimus-0 (timm "hf-hub:bioptimus/H-optimus-0", init_values 1e-5,
                  dynamic_img_size False; 224 px at 0.5 um/px; mean (0.707223, 0.578729, 0.703617), std (0.211883,
                  0.230117, 0.177517); features (1, 1536)); explicit arguments in
                  https://github.com/bioptimus/releases/tree/main/models/h-optimus/v0 : patch 14, embed 1536, depth 40,
                  24 heads, mlp_ratio 5.33334, GluMlp(SiLU, gate_last=False) (= SwiGLUPacked), reg_tokens 4,
-                 no_embed_class, img_size 224; "1.1B parameters"
+                 no_embed_class, img_size 224; "1.1B parameters"; the card's transform is ToTensor + Normalize on 224 px
+                 tiles (no resize, no crop); config.json pretrained_cfg has no interpolation / crop_pct, so timm's
+                 create_transform would use its PretrainedCfg defaults (bicubic, crop_pct 0.875), a crop the card
+                 never makes: bicubic (timm's, and the timm port 1aurent/vit_giant_patch14_reg4_224.h-optimus-v0's)
+                 with crop_pct 1.0
   H-optimus-1    https://huggingface.co/bioptimus/H-optimus-1 (same architecture, arguments and normalisation)
   Prov-GigaPath  https://huggingface.co/prov-gigapath/prov-gigapath (config.json: vit_giant_patch14_dinov2,
                  img_size 224, patch_size 16, embed_dim 1536, depth 40, 24 heads, init_values 1e-5, mlp_ratio 5.33334,
-                 global_pool "token"; ImageNet mean/std, Resize 256 + CenterCrop 224; tile_encoder(x) -> 1536);
+                 global_pool "token"; ImageNet mean/std; card: Resize(256, bicubic) + CenterCrop(224), i.e. crop_pct
+                 0.875 (its config.json pretrained_cfg says bicubic, crop_pct 1.0: the card's code is followed);
+                 tile_encoder(x) -> 1536);
                  https://github.com/prov-gigapath/prov-gigapath (demo/3_load_tile_encoder.py)
 Parameter counts: the exact counts below are those of the released checkpoints as counted by independent code that
 loads them strictly (e.g. UNI2-h 681,394,176 after `load_state_dict(..., strict=True)` of pytorch_model.bin); the
@@ -79,6 +90,8 @@ class Published:
     """The card's own pooling of the model's output tokens."""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: tuple[str, float]
+    """(interpolation, crop_pct) of the card's eval transform."""
 
 
 def _class_token(out: Tokens) -> Tokens:
@@ -95,19 +108,24 @@ def _virchow2(out: Tokens) -> Tokens:  # card: patch_tokens = output[:, 5:] (tok
 
 PUBLISHED = {
     "uni": Published(303_350_784, 1024, 24, 16, 16, 0, (1, 1 + 14 * 14, 1024), (4096, 1024), (1024, 4096),
-                     nn.GELU, False, 1 + 196, 1024, _class_token, IMAGENET_MEAN, IMAGENET_STD),
+                     nn.GELU, False, 1 + 196, 1024, _class_token, IMAGENET_MEAN, IMAGENET_STD, ("bilinear", 1.0)),
     "uni2-h": Published(681_394_176, 1536, 24, 24, 14, 8, (1, 16 * 16, 1536), (8192, 1536), (1536, 4096),
-                        nn.SiLU, True, 1 + 8 + 256, 1536, _class_token, IMAGENET_MEAN, IMAGENET_STD),
+                        nn.SiLU, True, 1 + 8 + 256, 1536, _class_token, IMAGENET_MEAN, IMAGENET_STD,
+                        ("bilinear", 1.0)),
     "virchow": Published(631_229_184, 1280, 32, 16, 14, 0, (1, 1 + 256, 1280), (6832, 1280), (1280, 3416),
-                         nn.SiLU, True, 1 + 256, 2560, _virchow, IMAGENET_MEAN, IMAGENET_STD),
+                         nn.SiLU, True, 1 + 256, 2560, _virchow, IMAGENET_MEAN, IMAGENET_STD, ("bicubic", 1.0)),
     "virchow2": Published(631_239_424, 1280, 32, 16, 14, 4, (1, 1 + 4 + 256, 1280), (6832, 1280), (1280, 3416),
-                          nn.SiLU, True, 1 + 4 + 256, 2560, _virchow2, IMAGENET_MEAN, IMAGENET_STD),
+                          nn.SiLU, True, 1 + 4 + 256, 2560, _virchow2, IMAGENET_MEAN, IMAGENET_STD,
+                          ("bicubic", 1.0)),
     "h-optimus-0": Published(1_134_774_272, 1536, 40, 24, 14, 4, (1, 256, 1536), (8192, 1536), (1536, 4096),
-                             nn.SiLU, True, 1 + 4 + 256, 1536, _class_token, HOPTIMUS_MEAN, HOPTIMUS_STD),
+                             nn.SiLU, True, 1 + 4 + 256, 1536, _class_token, HOPTIMUS_MEAN, HOPTIMUS_STD,
+                             ("bicubic", 1.0)),
     "h-optimus-1": Published(1_134_774_272, 1536, 40, 24, 14, 4, (1, 256, 1536), (8192, 1536), (1536, 4096),
-                             nn.SiLU, True, 1 + 4 + 256, 1536, _class_token, HOPTIMUS_MEAN, HOPTIMUS_STD),
+                             nn.SiLU, True, 1 + 4 + 256, 1536, _class_token, HOPTIMUS_MEAN, HOPTIMUS_STD,
+                             ("bicubic", 1.0)),
     "prov-gigapath": Published(1_134_953_984, 1536, 40, 24, 16, 0, (1, 1 + 196, 1536), (8192, 1536), (1536, 4096),
-                               nn.SiLU, True, 1 + 196, 1536, _class_token, IMAGENET_MEAN, IMAGENET_STD),
+                               nn.SiLU, True, 1 + 196, 1536, _class_token, IMAGENET_MEAN, IMAGENET_STD,
+                               ("bicubic", 0.875)),
 }
 
 
@@ -158,6 +176,7 @@ def test_token_layout_and_pooled_width_match_the_model_card(name: str, built: di
     assert tuple(tokens.shape) == (1, facts.tokens, facts.width)
     assert model.num_features == facts.features == model.head.in_features
     assert (spec.mean, spec.std, spec.input_size) == (facts.mean, facts.std, 224)
+    assert (spec.interpolation, spec.crop_pct) == facts.resize
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -29,7 +29,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from midog.classifier import build_classifier
+from midog.classifier import build_classifier, preprocess_card
 from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
 from midog.weights import write_model_card
@@ -98,7 +98,7 @@ def build_probe(cfg: ProbeConfig) -> FoundationClassifier:
 def backbone_key(clf: FoundationClassifier, base_weights: Path | None) -> str:
     """Changes whenever the features would: architecture, pooling, preprocessing, or the weights file."""
     described = {"spec": dataclasses.asdict(clf.spec), "input_size": clf.input_size, "mean": clf.mean,
-                 "std": clf.std}
+                 "std": clf.std, **clf.resize_state()}
     if base_weights is not None:
         stat = base_weights.stat()
         described["weights"] = [str(base_weights.resolve()), stat.st_size, stat.st_mtime_ns]
@@ -229,6 +229,8 @@ def probe_model_card(clf: FoundationClassifier, cfg: ProbeConfig, summary: dict[
         "method": "linear probe (frozen backbone, class-weighted logistic regression)",
         "pretrained": clf.spec.hub_id or clf.spec.arch,
         "input_size": clf.input_size, "crop_size": 128, "threshold": clf.threshold, "positive": clf.positive,
+        "preprocess": preprocess_card({"input_size": clf.input_size, "mean": clf.mean, "std": clf.std,
+                                       **clf.resize_state()}),
         "training_config": _plain_cfg(cfg), "git_commit": git_commit(),
     }
     if summary:

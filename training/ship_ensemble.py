@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from midog.classifier import preprocess_card
 from midog.weights import sha256_of, write_model_card
 from training.train_classifier import git_commit
 
@@ -34,7 +35,7 @@ def member_card(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     card: dict[str, Any] = {
         "task": "Track 2: atypical vs normal mitotic figure; output P(atypical)",
         "architecture": state["arch"], "input_size": state["input_size"], "threshold": state["threshold"],
-        "positive": state["positive"], "kind": state.get("kind", "timm"),
+        "positive": state["positive"], "kind": state.get("kind", "timm"), "preprocess": preprocess_card(state),
         "fold": state.get("meta", {}).get("fold"), "validation": state.get("meta", {}).get("val"),
         "run": run_dir.name, "git_commit": git_commit(),
     }

@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from midog.classifier import BinaryClassifier, build_classifier, load_classifier
+from midog.classifier import BinaryClassifier, build_classifier, load_classifier, preprocess_card
 from midog.weights import write_model_card
 from training.amibr import CropDataset, load_crops, load_index, slide_folds
 from training.augment import AugmentConfig, train_transform
@@ -439,6 +439,7 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         "task": "Track 2: atypical vs normal mitotic figure; output P(atypical)",
         "architecture": state["arch"], "model_kwargs": state["model_kwargs"],
         "input_size": state["input_size"], "crop_size": 128, "threshold": state["threshold"],
+        "preprocess": preprocess_card(state),
         "positive": state["positive"], "pretrained": "none (trained from scratch)",
         "training_config": _plain(dataclasses.asdict(cfg)),
         "git_commit": git_commit(),

@@ -1,0 +1,64 @@
+"""BinaryClassifier preprocessing: models trained from scratch here keep the plain bilinear resize they were trained
+with; the shipped weights see exactly the tensors they saw before `interpolation` / `crop_pct` existed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midog.classifier import PLAIN_CROP_PCT, PLAIN_INTERPOLATION, build_classifier, load_classifier
+from midog.errors import WeightsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def crops(n: int = 3, height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def plain_resize_before(x: np.ndarray, size: int, mean, std) -> torch.Tensor:
+    """BinaryClassifier.preprocess as it was before the resize followed the backbone's data config."""
+    batch = torch.as_tensor(x).permute(0, 3, 1, 2).float().div_(255.0)
+    if batch.shape[-1] != size or batch.shape[-2] != size:
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (100, 90), (32, 32)])
+def test_a_model_trained_from_scratch_keeps_the_plain_bilinear_resize(shape: tuple[int, int]):
+    clf = build_classifier("test_resnet", 32)  # timm's pretrained_cfg of the arch says bicubic + crop 0.95: not used
+    assert (clf.interpolation, clf.crop_pct) == (PLAIN_INTERPOLATION, PLAIN_CROP_PCT) == ("bilinear", 1.0)
+    x = crops(height=shape[0], width=shape[1])
+    assert torch.equal(clf.preprocess(x), plain_resize_before(x, 32, clf.mean, clf.std))
+
+
+@pytest.mark.parametrize("name", ["atypical", "verifier"])
+def test_shipped_weights_see_exactly_the_tensors_they_saw_before(name: str):
+    clf = load_classifier(REPO / "weights" / f"{name}.pt")
+    assert (clf.interpolation, clf.crop_pct) == ("bilinear", 1.0)
+    for x in (crops(), crops(2, 100, 90, seed=1)):
+        assert torch.equal(clf.preprocess(x), plain_resize_before(x, clf.input_size, clf.mean, clf.std))
+
+
+def test_the_resize_is_saved_and_a_checkpoint_without_it_loads_as_a_plain_resize(tmp_path: Path):
+    clf = build_classifier("test_resnet", 32)
+    clf.interpolation, clf.crop_pct = "bicubic", 0.875
+    path = clf.save(tmp_path / "clf.pt")
+    state = torch.load(path, weights_only=True)
+    assert (state["interpolation"], state["crop_pct"]) == ("bicubic", 0.875)
+    loaded = load_classifier(path)
+    assert (loaded.interpolation, loaded.crop_pct) == ("bicubic", 0.875)
+    assert torch.equal(loaded.preprocess(crops()), clf.preprocess(crops()))
+    del state["interpolation"], state["crop_pct"]  # as every checkpoint written before these keys existed
+    torch.save(state, tmp_path / "old.pt")
+    old = load_classifier(tmp_path / "old.pt")
+    assert (old.interpolation, old.crop_pct) == ("bilinear", 1.0)
+    state["interpolation"] = "lanczos"
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match="interpolation must be one of"):
+        load_classifier(tmp_path / "bad.pt")
+
