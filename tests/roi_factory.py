@@ -149,3 +149,11 @@ def tiny_atypical(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     classifier = build_classifier("test_resnet", input_size=32, positive="atypical", threshold=0.5)
     return classifier.save(path, meta={"note": "random tiny model for tests"})
+
+
+def tiny_track1_weights(folder: Path) -> Path:
+    """A weights folder with a tiny random detector (biased to propose), verifier and atypical classifier."""
+    tiny_detector(folder / "detector.pt", class_bias=4.0)
+    tiny_verifier(folder / "verifier.pt")
+    tiny_atypical(folder / "atypical.pt")
+    return folder

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
-from roi_factory import he_roi, tiny_detector, tiny_verifier, track1_input
-from stack_factory import he_pages, tiny_atypical, track2_input, write_tiff
+from roi_factory import he_roi, tiny_track1_weights, track1_input
+from stack_factory import he_pages, track2_input, write_tiff
 
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME
 
@@ -109,9 +109,7 @@ def image_root() -> Path:
         else:
             shutil.copy2(src, app / source)
     model = root / "opt" / "ml" / "model"
-    tiny_detector(model / "detector.pt", class_bias=4.0)
-    tiny_verifier(model / "verifier.pt")
-    tiny_atypical(model / "atypical.pt", threshold=0.4)
+    tiny_track1_weights(model)
     for folder in (root / "opt", app, model):
         _read_only(folder)
     (root / "tmp").mkdir(mode=0o1777)

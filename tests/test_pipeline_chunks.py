@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from roi_factory import he_roi, tiny_atypical, tiny_detector, tiny_verifier
+from roi_factory import he_roi, tiny_track1_weights
 
 from midog.config import load_config
 from midog.image_io import ArrayRoi, PhysicalTransform
@@ -17,11 +17,7 @@ BATCH = 2
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("weights")
-    tiny_detector(folder / "detector.pt", class_bias=4.0)
-    tiny_verifier(folder / "verifier.pt")
-    tiny_atypical(folder / "atypical.pt")
-    return folder
+    return tiny_track1_weights(tmp_path_factory.mktemp("weights"))
 
 
 def detect(weights: Path, monkeypatch: pytest.MonkeyPatch,

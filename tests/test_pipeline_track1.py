@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from output_checks import assert_multiple_points
-from roi_factory import he_roi, tiny_atypical, tiny_detector, tiny_verifier, track1_input
+from roi_factory import he_roi, tiny_track1_weights, track1_input
 
 from midog.cli import main
 from midog.config import load_config
@@ -20,11 +20,7 @@ SPACING_UM = (0.25, 0.3)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("weights")
-    tiny_detector(folder / "detector.pt", class_bias=4.0)
-    tiny_verifier(folder / "verifier.pt")
-    tiny_atypical(folder / "atypical.pt")
-    return folder
+    return tiny_track1_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(autouse=True)

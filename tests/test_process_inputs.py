@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from output_checks import assert_multiple_points, assert_track2_entries
 from process_runner import ProcessResult, WarmRunner, base_env, process_args, run_cold
-from roi_factory import TRACK1_FOLDER, he_roi, tiny_atypical, tiny_detector, tiny_verifier, track1_input
+from roi_factory import TRACK1_FOLDER, he_roi, tiny_track1_weights, track1_input
 from stack_factory import TRACK2_SLUG, he_pages, track2_input
 from stack_factory import write_tiff as write_stack_tiff
 
@@ -44,11 +44,7 @@ SPACING_UM = 0.25
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random detector (biased to propose), verifier and atypical classifier, as a weights folder."""
-    folder = tmp_path_factory.mktemp("weights")
-    tiny_detector(folder / "detector.pt", class_bias=4.0)
-    tiny_verifier(folder / "verifier.pt")
-    tiny_atypical(folder / "atypical.pt")
-    return folder
+    return tiny_track1_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
