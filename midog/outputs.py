@@ -45,6 +45,11 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
 CONFIDENCE_SEMANTICS = ("p_atypical", "stated_class")
 
 
+def check_confidence_semantics(confidence: str) -> None:
+    if confidence not in CONFIDENCE_SEMANTICS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_SEMANTICS}, got {confidence!r}")
+
+
 def check_output_folder(folder: str | os.PathLike[str]) -> None:
     """Create `folder` if needed and make sure a file can be written there (OutputError otherwise), before a run
     spends minutes on a result it could not save. Leaves nothing in the folder."""
@@ -65,8 +70,7 @@ def track2_classification(probabilities: Sequence[float], threshold: float,
     `"stated_class"` writes the confidence in the stated class (1 - P(atypical) for "normal" pages), which is how
     the official evaluation container reads it for its ROC AUC (docs/evaluation.md).
     """
-    if confidence not in CONFIDENCE_SEMANTICS:
-        raise ValueError(f"confidence must be one of {CONFIDENCE_SEMANTICS}, got {confidence!r}")
+    check_confidence_semantics(confidence)
     entries = []
     for p in probabilities:
         atypical = p >= threshold

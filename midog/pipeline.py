@@ -63,6 +63,8 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
 # image; training and evaluation code use it directly, `run_track1` wraps it for process.py.
 
 TRACK1_IMAGE_FOLDER = "histopathology-roi-cropout"
+
+
 def crop_chunks(count: int, batch_size: int, chunk: int) -> list[slice]:
     """Consecutive slices covering `count` items, each a multiple of `batch_size` long (but the last).
 

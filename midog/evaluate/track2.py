@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from midog.evaluate.io import GroundTruthError, Job, PredictionError
-from midog.outputs import ATYPICAL, CONFIDENCE_SEMANTICS, NORMAL
+from midog.outputs import ATYPICAL, NORMAL, check_confidence_semantics
 
 CLASS_IDS = {NORMAL: 0, ATYPICAL: 1}
 
@@ -94,8 +94,7 @@ def parse_stack(payload: Any, truth: StackTruth, pk: str, confidence: str = "sta
         confidences.append(value)
     predicted_arr = np.array(predicted, dtype=np.int64)
     confidence_arr = np.array(confidences, dtype=np.float64)
-    if confidence not in CONFIDENCE_SEMANTICS:
-        raise ValueError(f"confidence must be one of {CONFIDENCE_SEMANTICS}, got {confidence!r}")
+    check_confidence_semantics(confidence)
     stated = confidence == "stated_class"
     score = np.where((predicted_arr == 1) | (not stated), confidence_arr, 1 - confidence_arr)
     return StackResult(pk, truth, predicted_arr, confidence_arr, score)
