@@ -4,6 +4,12 @@
 that touch a tile side shared with a neighbour (`merging.tile_edge_px`): the neighbour overlaps by more than a
 figure's width, so it sees the whole figure, and the truncated box would otherwise survive IoU-based merging as a
 second point. The merge itself is a strategy chosen by name (`merging.strategy`) from `MERGE_STRATEGIES`.
+
+Both strategies look only at pairs of boxes that can overlap (`overlapping_pairs`, found through a grid of cells),
+so merging costs time and memory in proportion to the number of candidates, not its square: a whole-slide image
+gives hundreds of thousands of candidates, and torchvision's CPU NMS compares every kept box with every other one
+(1.8 s for the 25,000 proposals of one 7,215 x 5,412 px ROI, 0.05 s here). The result is the same as torchvision's
+`nms`/`batched_nms` (tests/test_merging.py compares them on random and tiled boxes).
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
-import torch
-from torchvision.ops import batched_nms, box_iou, nms
 
 from midog.config import MergingConfig
 from midog.proposals import TileDetections
@@ -89,9 +93,79 @@ class MergeStrategy(Protocol):
         ...
 
 
-def _suppressing_threshold(iou: float) -> float:
-    """torchvision suppresses IoU > threshold; the method merges IoU >= iou, so step just below it."""
-    return float(np.nextafter(np.float32(iou), np.float32(0)))
+def overlapping_pairs(boxes: np.ndarray, iou: float, classes: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (first < second) of boxes whose IoU is at least `iou` (> 0), of the same class when `classes`.
+
+    Two boxes can only overlap when they cover a common cell of a grid whose cells are about as large as most boxes,
+    so only boxes that share a cell are compared. IoU is computed in float32 as torchvision's kernel computes it.
+    """
+    if iou <= 0:
+        raise ValueError("overlapping_pairs needs an IoU threshold above 0")
+    n = len(boxes)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    extent = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    cell = float(max(16.0, np.percentile(extent, 90), extent.max() / 64))  # no box covers more than 65 x 65 cells
+    low = np.floor((boxes[:, :2] - boxes[:, :2].min(0)) / cell).astype(np.int64)
+    high = np.floor((boxes[:, 2:] - boxes[:, :2].min(0)) / cell).astype(np.int64)
+    high = np.maximum(high, low)
+    first, second = _pairs_sharing_a_cell(low, high)
+    if classes is not None:
+        same = classes[first] == classes[second]
+        first, second = first[same], second[same]
+    overlap = _iou(boxes[first], boxes[second]) >= np.float32(iou)
+    return first[overlap], second[overlap]
+
+
+def _pairs_sharing_a_cell(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair (i < j) of boxes that cover a common grid cell, once; box k covers cells low[k] to high[k]."""
+    spans = high - low + 1
+    counts = spans[:, 0] * spans[:, 1]
+    box = np.repeat(np.arange(len(low)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    cx = low[box, 0] + within % spans[box, 0]
+    cy = low[box, 1] + within // spans[box, 0]
+    cell_id = cy * (int(high[:, 0].max()) + 1) + cx
+    order = np.argsort(cell_id, kind="stable")
+    cell_id, box, cx, cy = cell_id[order], box[order], cx[order], cy[order]
+    starts = np.flatnonzero(np.r_[True, cell_id[1:] != cell_id[:-1]])
+    group_end = np.repeat(np.r_[starts[1:], len(box)], np.diff(np.r_[starts, len(box)]))
+    later = group_end - np.arange(len(box)) - 1  # entries after this one in its cell
+    entry = np.repeat(np.arange(len(box)), later)
+    offset = np.arange(len(entry)) - np.repeat(np.cumsum(later) - later, later)
+    first, second = box[entry], box[entry + 1 + offset]
+    # a pair shares a rectangle of cells; count it once, in the rectangle's first cell
+    once = ((cx[entry] == np.maximum(low[first, 0], low[second, 0]))
+            & (cy[entry] == np.maximum(low[first, 1], low[second, 1])))
+    first, second = first[once], second[once]
+    return np.minimum(first, second), np.maximum(first, second)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise IoU of two (n, 4) float32 box arrays, as torchvision's NMS kernel computes it."""
+    width = np.maximum(np.float32(0), np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]))
+    height = np.maximum(np.float32(0), np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]))
+    inter = width * height
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / (area_a + area_b - inter)
+
+
+def _neighbours(n: int, first: np.ndarray, second: np.ndarray) -> list[list[int]]:
+    """Adjacency lists of the overlap graph."""
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for i, j in zip(first.tolist(), second.tolist()):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    return neighbours
+
+
+def _score_order(scores: np.ndarray) -> np.ndarray:
+    """Most confident first; ties keep their input order (torchvision sorts stably too)."""
+    return np.argsort(-scores, kind="stable")
 
 
 @dataclass
@@ -104,14 +178,19 @@ class NmsMerge:
     def merge(self, candidates: Candidates) -> Candidates:
         if len(candidates) == 0:
             return candidates
-        boxes = torch.from_numpy(candidates.boxes)
-        scores = torch.from_numpy(candidates.scores)
-        threshold = _suppressing_threshold(self.iou)
-        if self.class_agnostic:
-            keep = nms(boxes, scores, threshold)
-        else:
-            keep = batched_nms(boxes, scores, torch.from_numpy(candidates.classes), threshold)
-        return candidates.take(keep.numpy())
+        first, second = overlapping_pairs(candidates.boxes, self.iou,
+                                          None if self.class_agnostic else candidates.classes)
+        order = _score_order(candidates.scores)
+        neighbours = _neighbours(len(candidates), first, second)
+        suppressed = [False] * len(candidates)
+        keep = []
+        for index in order.tolist():
+            if suppressed[index]:
+                continue
+            keep.append(index)
+            for other in neighbours[index]:
+                suppressed[other] = True
+        return candidates.take(np.asarray(keep, dtype=np.int64))
 
 
 @dataclass
@@ -125,25 +204,26 @@ class GreedyNmmMerge:
     def merge(self, candidates: Candidates) -> Candidates:
         if len(candidates) == 0:
             return candidates
-        order = np.argsort(-candidates.scores, kind="stable")
-        boxes = torch.from_numpy(candidates.boxes[order])
-        overlaps = box_iou(boxes, boxes).numpy() >= self.iou
-        if not self.class_agnostic:
-            classes = candidates.classes[order]
-            overlaps &= classes[:, None] == classes[None, :]
-        taken = np.zeros(len(order), dtype=bool)
-        out_boxes, out_index = [], []
-        for i in range(len(order)):
-            if taken[i]:
+        first, second = overlapping_pairs(candidates.boxes, self.iou,
+                                          None if self.class_agnostic else candidates.classes)
+        neighbours = _neighbours(len(candidates), first, second)
+        taken = [False] * len(candidates)
+        kept: list[int] = []
+        groups: dict[int, list[int]] = {}  # position in `kept` → the boxes it absorbed, itself first
+        for index in _score_order(candidates.scores).tolist():
+            if taken[index]:
                 continue
-            group = np.flatnonzero(overlaps[i] & ~taken)
-            taken[group] = True
-            members = candidates.boxes[order[group]]
-            out_boxes.append([members[:, 0].min(), members[:, 1].min(), members[:, 2].max(), members[:, 3].max()])
-            out_index.append(order[i])
-        index = np.asarray(out_index)
-        return Candidates(np.asarray(out_boxes, dtype=np.float32), candidates.scores[index],
-                          candidates.classes[index])
+            group = [index] + [other for other in neighbours[index] if not taken[other]]
+            for member in group:
+                taken[member] = True
+            if len(group) > 1:
+                groups[len(kept)] = group
+            kept.append(index)
+        merged = candidates.take(np.asarray(kept, dtype=np.int64))
+        for position, group in groups.items():
+            members = candidates.boxes[group]
+            merged.boxes[position] = [*members[:, :2].min(0), *members[:, 2:].max(0)]
+        return merged
 
 
 MERGE_STRATEGIES: dict[str, type] = {"nms": NmsMerge, "greedy_nmm": GreedyNmmMerge}
@@ -152,6 +232,8 @@ MERGE_STRATEGIES: dict[str, type] = {"nms": NmsMerge, "greedy_nmm": GreedyNmmMer
 def build_merger(config: MergingConfig) -> MergeStrategy:
     if config.strategy not in MERGE_STRATEGIES:
         raise ValueError(f"unknown merging.strategy '{config.strategy}'; expected one of {sorted(MERGE_STRATEGIES)}")
+    if not 0 < config.iou <= 1:
+        raise ValueError(f"merging.iou must lie in (0, 1], not {config.iou}")
     return MERGE_STRATEGIES[config.strategy](iou=config.iou, class_agnostic=config.class_agnostic)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from midog.config import MergingConfig
 from midog.merging import (Candidates, GreedyNmmMerge, NmsMerge, build_merger, interior_edge_mask, merge_tiles,
-                           to_image_coordinates)
+                           overlapping_pairs, to_image_coordinates)
 from midog.proposals import TileDetections
 
 TILE = 512
@@ -77,3 +77,60 @@ def test_strategies_are_swappable_and_class_awareness_is_configurable():
 def test_no_detections_merge_to_nothing():
     assert len(merge_tiles([], TILE, 100, 100, MergingConfig())) == 0
     assert len(merge_tiles([tile((0, 0))], TILE, 100, 100, MergingConfig())) == 0
+
+
+def random_candidates(seed: int) -> tuple[Candidates, float]:
+    """Boxes of mixed sizes (2 to 400 px), crowded or sparse, with tied scores, two classes, and an IoU threshold."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 2500))
+    corner = rng.uniform(0, rng.uniform(100, 3000), (n, 2))
+    size = rng.uniform(2, rng.choice([20, 60, 400]), (n, 2))
+    boxes = np.concatenate([corner, corner + size], 1).astype(np.float32)
+    scores = rng.choice(np.linspace(0.2, 1, int(rng.choice([4, 1000]))), n).astype(np.float32)
+    return Candidates(boxes, scores, rng.integers(0, 2, n)), float(rng.choice([0.05, 0.3, 0.5, 0.8]))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_overlapping_pairs_are_exactly_the_pairs_above_the_threshold(seed):
+    torch = pytest.importorskip("torch")
+    from torchvision.ops import box_iou
+
+    candidates, iou = random_candidates(seed)
+    boxes = torch.from_numpy(candidates.boxes)
+    expected = np.argwhere(np.triu(box_iou(boxes, boxes).numpy() >= iou, k=1))
+    first, second = overlapping_pairs(candidates.boxes, iou)
+    found = sorted(zip(first.tolist(), second.tolist()))
+    # box_iou and the NMS kernel round differently: at most a pair sitting exactly on the threshold may differ
+    assert len(set(found) ^ set(map(tuple, expected.tolist()))) <= 1
+    assert len(found) == len(set(found))  # each pair once
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nms_merge_keeps_what_torchvision_nms_keeps(seed):
+    torch = pytest.importorskip("torch")
+    from torchvision.ops import batched_nms, nms
+
+    candidates, iou = random_candidates(seed)
+    boxes, scores = torch.from_numpy(candidates.boxes), torch.from_numpy(candidates.scores)
+    below = float(np.nextafter(np.float32(iou), np.float32(0)))  # torchvision suppresses IoU > its threshold
+    np.testing.assert_array_equal(NmsMerge(iou).merge(candidates).boxes, candidates.boxes[nms(boxes, scores, below)])
+    by_class = NmsMerge(iou, class_agnostic=False).merge(candidates)
+    expected = batched_nms(boxes, scores, torch.from_numpy(candidates.classes), below).numpy()
+    assert sorted(map(tuple, by_class.boxes.tolist())) == sorted(map(tuple, candidates.boxes[expected].tolist()))
+    assert np.all(np.diff(by_class.scores) <= 0)
+
+
+def test_merging_scales_with_the_number_of_candidates():
+    """200,000 candidates (a whole-slide image's worth): an n x n IoU matrix would need 40 GB."""
+    rng = np.random.default_rng(0)
+    corner = rng.uniform(0, 100_000, (200_000, 2))
+    boxes = np.concatenate([corner, corner + 50], 1).astype(np.float32)
+    candidates = Candidates(boxes, rng.random(200_000).astype(np.float32), np.zeros(200_000, np.int64))
+    for merger in (NmsMerge(0.5), GreedyNmmMerge(0.5)):
+        merged = merger.merge(candidates)
+        assert 0.99 * len(candidates) < len(merged) < len(candidates)  # a few random boxes do overlap
+
+
+def test_merge_iou_must_be_positive():
+    with pytest.raises(ValueError, match="merging.iou"):
+        build_merger(MergingConfig(iou=0.0))
