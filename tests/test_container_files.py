@@ -4,7 +4,6 @@ that can write only the output and temp folders."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -65,21 +64,43 @@ NOBODY = 65534
 """uid/gid the layout runs under when the tests run as root: the container's `user` is not root either."""
 
 
-@functools.cache
-def _as_user() -> dict:
-    """subprocess arguments that drop root to an unprivileged user; nothing to drop when not root.
+def _private_ancestor(path: Path) -> Path | None:
+    """The outermost folder above `path` that other users cannot enter (/root for an interpreter under /root)."""
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
 
-    Where the interpreter and its packages are private to root (a virtual environment under /root), an unprivileged
-    user cannot start them: the run stays root, and the snapshot of written files is the remaining check."""
-    if os.geteuid() != 0:
-        return {}
-    drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import torch, timm, ultralytics"], capture_output=True,
-                               cwd="/", timeout=120, **drop)
-    except PermissionError:
-        return {}
-    return drop if probe.returncode == 0 else {}
+
+def _unprivileged_prefix(scratch: Path) -> list[str]:
+    """A command prefix that runs the rest as the unprivileged user NOBODY; [] when not root or not possible.
+
+    The interpreter and its packages often live in a folder only root may enter (pyenv or a venv under /root).
+    Then the run gets a private mount namespace in which that folder is an empty world-readable tmpfs with only the
+    interpreter's and the environment's folders bound back in, so the unprivileged user can start Python and
+    nothing else changes for it. `scratch` (world-traversable) holds the bind sources while the tmpfs goes on."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return []
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    needed = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()})
+    hidden = [(path, _private_ancestor(path)) for path in needed]
+    hidden = [(path, blocker) for path, blocker in hidden if blocker is not None]
+    prefix = drop
+    if hidden and shutil.which("unshare"):
+        lines = ["set -e"]
+        for index, (path, _) in enumerate(hidden):
+            stash = scratch / f"stash{index}"
+            stash.mkdir(mode=0o755)
+            lines.append(f"mount --bind '{path}' '{stash}'")
+        for blocker in sorted({blocker for _, blocker in hidden}):
+            lines.append(f"mount -t tmpfs -o mode=755 tmpfs '{blocker}'")
+        for index, (path, _) in enumerate(hidden):
+            lines += [f"mkdir -p '{path}'", f"mount --bind '{scratch / f'stash{index}'}' '{path}'"]
+        lines.append('exec "$@"')
+        prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", "\n".join(lines), "sh", *drop]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os, torch, timm, ultralytics; print(os.getuid())"],
+                           capture_output=True, text=True, cwd="/", timeout=120)
+    return prefix if probe.returncode == 0 and probe.stdout.split() == [str(NOBODY)] else []
 
 
 def _read_only(root: Path) -> None:
@@ -92,7 +113,7 @@ def _snapshot(root: Path) -> set[Path]:
 
 
 @pytest.fixture(scope="module")
-def image_root() -> Path:
+def image() -> tuple[Path, list[str]]:
     """/opt/app rebuilt from the Dockerfile's COPY lines (read-only), tiny weights in a model folder, a writable /tmp.
 
     Built under a world-traversable folder of its own, since pytest's temp folders are private to their owner."""
@@ -115,7 +136,9 @@ def image_root() -> Path:
     (root / "tmp").mkdir(mode=0o1777)
     (root / "tmp").chmod(0o1777)
     (root / "home").mkdir(mode=0o555)
-    yield root
+    scratch = root / "scratch"
+    scratch.mkdir(mode=0o755)
+    yield root, _unprivileged_prefix(scratch)
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -123,9 +146,14 @@ def image_root() -> Path:
 
 
 @pytest.mark.parametrize("track", ["track1", "track2"])
-def test_image_layout_runs_as_a_user_writing_only_output_and_tmp(image_root: Path, track: str):
+def test_image_layout_runs_as_a_user_writing_only_output_and_tmp(image: tuple[Path, list[str]], track: str):
     """Only what the Dockerfile copies, run from /opt/app's stand-in as a non-root user with a read-only input,
-    app and home folder: a file the Dockerfile forgets, or a write outside the output and temp folders, fails."""
+    app and home folder: a file the Dockerfile forgets, or a write outside the output and temp folders, fails.
+
+    As root (CI), the run drops to NOBODY, also where the interpreter lives in a root-only folder (see
+    `_unprivileged_prefix`); only where neither setpriv nor a mount namespace is available does it stay root, and
+    the snapshot of written files is then the remaining check."""
+    image_root, as_user = image
     run = image_root / track
     run.mkdir(mode=0o755)
     if track == "track1":
@@ -139,13 +167,15 @@ def test_image_layout_runs_as_a_user_writing_only_output_and_tmp(image_root: Pat
     output.mkdir(mode=0o777)
     output.chmod(0o777)
     before = _snapshot(image_root)
-    result = subprocess.run([sys.executable, "process.py", "--input", str(run / "input"), "--output", str(output)],
+    result = subprocess.run([*as_user, sys.executable, "process.py", "--input", str(run / "input"),
+                             "--output", str(output)],
                             cwd=image_root / "opt" / "app", capture_output=True, text=True, timeout=300,
                             env={"PATH": "/usr/bin:/bin", "HOME": str(image_root / "home"),
                                  "TMPDIR": str(image_root / "tmp"), "PYTHONDONTWRITEBYTECODE": "1",
-                                 "MIDOG_WEIGHTS_DIR": str(image_root / "opt" / "ml" / "model")},
-                            **_as_user())
+                                 "MIDOG_WEIGHTS_DIR": str(image_root / "opt" / "ml" / "model")})
     assert result.returncode == 0, result.stderr
+    if as_user:
+        assert {p.stat().st_uid for p in output.iterdir()} == {NOBODY}
     written = _snapshot(image_root) - before
     outside = sorted(str(p) for p in written if p.parts[0] != "tmp" and p.parent != output.relative_to(image_root))
     assert outside == [], f"written outside the output and temp folders: {outside}"
