@@ -9,9 +9,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
+
+from midog.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
 ENV_PREFIX = "MIDOG_"
@@ -127,12 +129,78 @@ class PipelineConfig:
     foundation: FoundationConfig = field(default_factory=FoundationConfig)
 
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "proposals.backend": ("auto", "torch", "onnxruntime"),
+    "merging.strategy": ("nms", "greedy_nmm"),
+    "verifier.probability": ("verifier", "product"),
+    "atypical.confidence": ("p_atypical", "stated_class"),
+}
+"""The values a named option accepts (the modules that act on them take their lists from here)."""
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = False) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    return check
+
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "runtime.crop_chunk": (_positive_int, "a positive integer"),
+    "tiling.tile_size": (_positive_int, "a positive integer"),
+    "tiling.overlap": (_fraction(high_open=True), "a number in [0, 1)"),
+    "tiling.tissue_min_fraction": (_fraction(), "a number in [0, 1]"),
+    "tiling.tissue_saturation": (_fraction(), "a number in [0, 1]"),
+    "tiling.tissue_gray_max": (_fraction(), "a number in [0, 1]"),
+    "proposals.confidence": (_fraction(), "a number in [0, 1]"),
+    "proposals.nms_iou": (_fraction(), "a number in [0, 1]"),
+    "proposals.batch_size": (_positive_int, "a positive integer"),
+    "proposals.onnx_batch_size": (_positive_int, "a positive integer"),
+    "proposals.max_detections_per_tile": (_positive_int, "a positive integer"),
+    "merging.iou": (_fraction(low_open=True), "a number in (0, 1]"),
+    "verifier.crop_size": (_positive_int, "a positive integer"),
+    "verifier.threshold": (_fraction(), "a number in [0, 1]"),
+    "verifier.batch_size": (_positive_int, "a positive integer"),
+    "atypical.crop_size": (_positive_int, "a positive integer"),
+    "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
+    "atypical.batch_size": (_positive_int, "a positive integer"),
+}
+"""Every size and threshold whose value can be wrong in a way that would only show deep inside a run."""
+
+
+def validate_config(config: PipelineConfig) -> PipelineConfig:
+    """`config` itself, or ConfigError naming the first option with a value it cannot take."""
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"config {key} is {value!r}; expected one of {', '.join(allowed)}")
+    for key, (check, expected) in RANGES.items():
+        value = _get(config, key)
+        if not check(value):
+            raise ConfigError(f"config {key} is {value!r}; expected {expected}")
+    return config
+
+
+def _get(config: PipelineConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def _merge(base: dict[str, Any], override: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if key not in base:
-            raise ValueError(f"unknown config key '{where}{key}'")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
+            raise ConfigError(f"unknown config key '{where}{key}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config section '{where}{key}' must be a mapping, not {value!r}")
             merged[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             merged[key] = value
@@ -180,11 +248,23 @@ def load_config(
     values = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     for layer in (weights_config, path):
         if layer is not None:
-            values = _merge(values, yaml.safe_load(Path(layer).read_text()) or {})
+            values = _merge(values, _read_yaml(Path(layer)))
     values = _merge(values, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         values = _merge(values, _nest(overrides))
-    return _build(PipelineConfig, values)
+    return validate_config(_build(PipelineConfig, values))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A partial config file as a mapping; ConfigError when it cannot be read or is not a mapping."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot read config {path}: {first}") from None
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config {path} must hold a mapping of sections, not {type(values).__name__}")
+    return values
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -195,7 +275,7 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             continue
         section, _, name = key.partition(".")
         if not name:
-            raise ValueError(f"config override '{key}' must be 'section.field'")
+            raise ConfigError(f"config override '{key}' must be 'section.field'")
         nested.setdefault(section, {})[name] = value
     return nested
 

@@ -25,3 +25,9 @@ class OutputError(MidogError):
     """The output folder cannot be written."""
 
     exit_code = 4
+
+
+class ConfigError(MidogError, ValueError):
+    """The configuration is wrong: an unknown key, a value of the wrong kind or outside its range, unreadable YAML."""
+
+    exit_code = 5

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from midog.config import CHOICES
 from midog.errors import OutputError
 
 TRACK1_FILENAME = "mitotic-figures.json"
@@ -42,7 +43,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
     return path
 
 
-CONFIDENCE_SEMANTICS = ("p_atypical", "stated_class")
+CONFIDENCE_SEMANTICS = CHOICES["atypical.confidence"]
 
 
 def check_confidence_semantics(confidence: str) -> None:

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from midog.config import ProposalConfig, TilingConfig
+from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.errors import WeightsError
 from midog.image_io import RoiImage
 from midog.tiling import has_tissue, tissue_fraction
@@ -202,7 +202,7 @@ class YoloProposer:
     def from_weights(cls, path: str | os.PathLike[str], device: torch.device, config: ProposalConfig,
                      tile_size: int = 512, threads: int = 0) -> "YoloProposer":
         """Load the checkpoint; on the CPU with `backend` auto or onnxruntime, run it through ONNX Runtime."""
-        if config.backend not in ("auto", "torch", "onnxruntime"):
+        if config.backend not in CHOICES["proposals.backend"]:
             raise ValueError(f"unknown proposals.backend '{config.backend}'; expected auto, torch or onnxruntime")
         model = load_detector(path, device)
         onnx = None

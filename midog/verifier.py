@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier
-from midog.config import VerifierConfig
+from midog.config import CHOICES, VerifierConfig
 from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 
-PROBABILITY_MODES = ("verifier", "product")
+PROBABILITY_MODES = CHOICES["verifier.probability"]
 
 
 def crop_boxes(boxes: np.ndarray, width: int, height: int, context_px: int, fallback_px: int) -> np.ndarray:

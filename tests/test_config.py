@@ -1,8 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from midog.config import load_config, write_config_values
+from midog.config import CHOICES, load_config, write_config_values
+from midog.errors import ConfigError
 
 
 def test_shipped_defaults_match_the_method():
@@ -34,3 +36,46 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     write_config_values(path, {"verifier.threshold": 0.42})
     config = load_config(path, environ={})
     assert config.verifier.threshold == pytest.approx(0.42) and config.tiling.tile_size == 256
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("atypical.confidence", "probability", "one of p_atypical, stated_class"),
+    ("merging.strategy", "wbf", "one of nms, greedy_nmm"),
+    ("tiling.overlap", 1.0, "[0, 1)"),
+    ("merging.iou", 0, "(0, 1]"),
+    ("verifier.threshold", "high", "a number in [0, 1]"),
+    ("proposals.batch_size", 0, "a positive integer"),
+    ("atypical.crop_size", 64.5, "a positive integer"),
+])
+def test_values_a_run_cannot_take_are_refused_at_load(key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"config {key} is {value!r}; expected") + ".*" + re.escape(expected)):
+        load_config(overrides={key: value})
+
+
+def test_limits_of_the_ranges_are_accepted():
+    config = load_config(overrides={"atypical.threshold": None, "verifier.threshold": 1, "tiling.overlap": 0,
+                                    "merging.iou": 1.0, "atypical.confidence": "stated_class"})
+    assert config.atypical.threshold is None and config.merging.iou == 1.0
+
+
+def test_choices_are_the_ones_the_modules_offer():
+    from midog.merging import MERGE_STRATEGIES
+
+    assert set(CHOICES["merging.strategy"]) == set(MERGE_STRATEGIES)
+
+
+def test_unreadable_config_files_are_config_errors(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tiling: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- tiling\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
+    section = tmp_path / "section.yaml"
+    section.write_text("tiling: 5\n")
+    with pytest.raises(ConfigError, match="section 'tiling' must be a mapping"):
+        load_config(section)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")

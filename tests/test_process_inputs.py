@@ -33,7 +33,7 @@ from midog.weights import REPO_WEIGHTS_DIR, write_model_card
 
 TRACK1_FILES = sorted([TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME])
 TRACK2_FILES = [TRACK2_FILENAME]
-EXIT_INPUT, EXIT_WEIGHTS, EXIT_OUTPUT = 2, 3, 4  # docs/container.md, "Exit codes" (midog/errors.py)
+EXIT_INPUT, EXIT_WEIGHTS, EXIT_OUTPUT, EXIT_CONFIG = 2, 3, 4, 5  # docs/container.md, "Exit codes" (midog/errors.py)
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) [\w.]+: ")
 PROGRESS_BAR = re.compile(r"^tiles: +\d+%\|")
 SPACING_UM = 0.25
@@ -248,6 +248,10 @@ REFUSED: dict[str, Case] = {
                                      message="cannot load classifier weights", weights=_garbage("atypical.pt")),
     "garbage detector weights": Case(_track1(), exit_code=EXIT_WEIGHTS, message="cannot load detector weights",
                                      weights=_garbage("detector.pt")),
+    "threshold out of range": Case(_track2(_pages(2)), exit_code=EXIT_CONFIG, message="config atypical.threshold",
+                                   env={"MIDOG_ATYPICAL__THRESHOLD": "1.5"}),
+    "unknown config key": Case(_track1(), exit_code=EXIT_CONFIG, message="unknown config key 'tiling.tilesize'",
+                               env={"MIDOG_TILING__TILESIZE": "256"}),
 }
 
 
