@@ -28,6 +28,8 @@ class RuntimeConfig:
     seed: int = 0
     crop_chunk: int = 2048
     """Track 1 candidates whose crops are read and classified at a time: bounds memory on whole slides."""
+    deterministic: bool = True
+    """GPU: deterministic cuDNN/cuBLAS kernels, so two runs give identical outputs (see devices.configure_torch)."""
 
 
 @dataclass
@@ -154,6 +156,7 @@ def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = 
 
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.crop_chunk": (_positive_int, "a positive integer"),
+    "runtime.deterministic": (lambda value: isinstance(value, bool), "true or false"),
     "tiling.tile_size": (_positive_int, "a positive integer"),
     "tiling.overlap": (_fraction(high_open=True), "a number in [0, 1)"),
     "tiling.tissue_min_fraction": (_fraction(), "a number in [0, 1]"),

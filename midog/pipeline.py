@@ -15,7 +15,7 @@ import torch
 from midog.atypical import AtypicalClassifier, load_atypical
 from midog.cli import TRACK2_SLUG
 from midog.config import PipelineConfig
-from midog.devices import resolve_device
+from midog.devices import configure_torch, resolve_device
 from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, open_stack
 from midog.merging import build_merger, merge_tiles
 from midog.outputs import (ATYPICAL, MITOTIC_FIGURE, NORMAL, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME,
@@ -38,8 +38,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     classified in batches of `atypical.batch_size`, and the output is written once, atomically, after the last
     page: a failure anywhere leaves no output file.
     """
-    if config.runtime.num_threads > 0:
-        torch.set_num_threads(config.runtime.num_threads)
+    configure_torch(config.runtime)
     image_path = find_single_image(input_dir / "images" / TRACK2_SLUG)
     with open_stack(image_path) as stack:
         check_output_folder(output_dir)
@@ -134,8 +133,7 @@ class Track1Detector:
                     with_atypical: bool = True) -> "Track1Detector":
         """Load the detector, verifier and (unless `with_atypical` is False) atypical weights named by `config`."""
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
-        if config.runtime.num_threads > 0:
-            torch.set_num_threads(config.runtime.num_threads)
+        configure_torch(config.runtime)
         proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
                                              config.tiling.tile_size, config.runtime.num_threads)
         verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,

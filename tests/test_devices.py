@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+from midog.config import load_config
+from midog.devices import configure_torch, resolve_device
+
+
+@pytest.fixture
+def torch_state():
+    """Restore what configure_torch changes, so other tests see torch as they found it."""
+    saved = (torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.set_num_threads(saved[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    if saved[3] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
+
+
+def test_deterministic_runs_use_deterministic_gpu_kernels(torch_state, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    configure_torch(load_config().runtime)  # the default
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_fast_gpu_kernels_when_asked(torch_state, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    configure_torch(load_config(overrides={"runtime.deterministic": False, "runtime.num_threads": 1}).runtime)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert torch.get_num_threads() == 1
+
+
+def test_auto_device_is_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
