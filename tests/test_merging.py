@@ -132,5 +132,6 @@ def test_merging_scales_with_the_number_of_candidates():
 
 
 def test_merge_iou_must_be_positive():
-    with pytest.raises(ValueError, match="merging.iou"):
-        build_merger(MergingConfig(iou=0.0))
+    """IoU 0 would merge boxes that do not even touch (load_config refuses it too, see test_config)."""
+    with pytest.raises(ValueError, match="IoU threshold above 0"):
+        build_merger(MergingConfig(iou=0.0)).merge(random_candidates(0)[0])
