@@ -53,13 +53,13 @@ WIDTH, HEIGHT = 7215, 5412
 SAME_MERGE = MergingConfig(strategy="nms", iou=0.5, class_agnostic=False, tile_edge_px=0)
 
 
-def random_detector(path: Path, class_bias: float) -> Path:
-    """Random YOLO11n whose BatchNorm statistics are computed on generated tiles (so its scores depend on the
+def random_detector(path: Path, class_bias: float, model_yaml: str = "yolo11n.yaml") -> Path:
+    """Random YOLO (YOLO11n by default) whose BatchNorm statistics are computed on generated tiles (so its scores depend on the
     image, not only on the position, as they do with the untouched 0/1 statistics) and class logits shifted."""
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(0)
-    model = DetectionModel("yolo11n.yaml", nc=1, verbose=False)
+    model = DetectionModel(model_yaml, nc=1, verbose=False)
     model.names = {0: "mitotic figure"}
     calibration = np.stack([he_roi(512, 512, seed=100 + s, figures=[(100, 300)]) for s in range(4)])
     for module in model.modules():
@@ -75,9 +75,9 @@ def random_detector(path: Path, class_bias: float) -> Path:
     return path
 
 
-def classifier_weights(name: str, folder: Path, input_size: int, positive: str) -> Path:
+def classifier_weights(name: str, folder: Path, input_size: int, positive: str, random: bool = False) -> Path:
     shipped = REPO / "weights" / name
-    if shipped.is_file():
+    if shipped.is_file() and not random:
         return shipped
     torch.manual_seed(0)
     return build_classifier("convnext_tiny", input_size, positive=positive).save(folder / name)
@@ -192,6 +192,11 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the fastest counts")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--random-detector", metavar="YAML",
+                        help="time a random-initialised detector of this ultralytics model YAML instead of the shipped "
+                             "weights, e.g. yolo11x.yaml (the issue's GPU target: YOLO11x + ConvNeXt-Tiny)")
+    parser.add_argument("--random-classifiers", action="store_true",
+                        help="random ConvNeXt-Tiny verifier and atypical classifier instead of the shipped ones")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,10 +212,14 @@ def main() -> int:
                                                        np.random.default_rng(0).uniform(50, 5000, (60, 2))])
         roi_path = write_tiff(folder / "roi.tif", pixels, spacing_um=(0.25, 0.25), tile=512, compression="zlib")
         shipped = REPO / "weights" / "detector.pt"
-        detector = args.weights or (shipped if shipped.is_file() else random_detector(folder / "det.pt",
-                                                                                         args.class_bias))
-        print(f"detector: {detector if detector != folder / 'det.pt' else 'random YOLO11n, class bias '}"
-              f"{'' if detector != folder / 'det.pt' else args.class_bias}")
+        if args.weights:
+            detector = args.weights
+        elif shipped.is_file() and not args.random_detector:
+            detector = shipped
+        else:
+            detector = random_detector(folder / "det.pt", args.class_bias, args.random_detector or "yolo11n.yaml")
+        random_name = f"random {args.random_detector or 'yolo11n.yaml'}, class bias {args.class_bias}"
+        print(f"detector: {random_name if detector == folder / 'det.pt' else detector}")
         config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector)})
 
         # (a) ours: ONNX Runtime on the CPU (the default), and the PyTorch backend for reference
@@ -252,8 +261,8 @@ def main() -> int:
 
         seconds = float("nan")
         if not args.skip_pipeline:
-            verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure")
-            atypical = classifier_weights("atypical.pt", folder, 128, "atypical")
+            verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure", args.random_classifiers)
+            atypical = classifier_weights("atypical.pt", folder, 128, "atypical", args.random_classifiers)
             config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector),
                                             "verifier.weights": str(verifier), "atypical.weights": str(atypical)})
             pipeline, load = timed("pipeline model load", Track1Detector.from_config, config, device)
