@@ -33,11 +33,20 @@ def copy_lines() -> list[tuple[str, str]]:
     return [(s, d) for s, d in pairs if d.startswith("/opt/app")]
 
 
-@pytest.mark.parametrize("script", ["build.sh", "export.sh", "test.sh"])
+@pytest.mark.parametrize("script", ["build.sh", "export.sh", "test.sh", "benchmarks/gpu_check.sh"])
 def test_scripts_parse_and_are_executable(script: str):
     path = REPO_ROOT / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_gpu_check_carries_the_pinned_versions():
+    """The wheels gpu_check.sh tells a GPU session to carry are the versions requirements.txt pins."""
+    pins = dict(line.split("==") for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    carried = dict(re.findall(r"([\w-]+)==([\w.]+)", (REPO_ROOT / "benchmarks" / "gpu_check.sh").read_text()))
+    for name in ("ultralytics", "simpleitk", "imagecodecs", "pycocotools"):
+        assert carried[name] == pins[name], name
 
 
 def test_dockerfile_follows_grand_challenge_rules():
