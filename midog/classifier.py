@@ -126,6 +126,11 @@ class BinaryClassifier:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {**self.describe(meta),
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+
+    def describe(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every checkpoint key but the weights: what `load_classifier` needs to rebuild and preprocess."""
         return {
             "format": CHECKPOINT_FORMAT,
             "arch": self.arch,
@@ -136,7 +141,6 @@ class BinaryClassifier:
             "threshold": float(self.threshold),
             "positive": self.positive,
             "model_kwargs": dict(self.model_kwargs),
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "meta": dict(meta if meta is not None else self.meta),
         }
 

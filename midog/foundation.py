@@ -31,8 +31,7 @@ import timm
 import torch
 from torch import nn
 
-from midog.classifier import (CHECKPOINT_FORMAT, PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
-                              resize_from_state)
+from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state)
 from midog.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -516,20 +515,11 @@ class FoundationClassifier(BinaryClassifier):
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         full = self.model.state_dict()
         return {
-            "format": CHECKPOINT_FORMAT,
+            **self.describe(meta),
             "kind": "foundation",
-            "arch": self.arch,
-            "input_size": int(self.input_size),
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
-            **self.resize_state(),
-            "threshold": float(self.threshold),
-            "positive": self.positive,
-            "model_kwargs": dict(self.model_kwargs),
             "foundation": {"backbone": _plain(dataclasses.asdict(self.spec)),
                            "options": _plain(dataclasses.asdict(self.options))},
             "state_dict": {k: full[k].detach().cpu() for k in trained_keys(self.model, self.options.method)},
-            "meta": dict(meta if meta is not None else self.meta),
         }
 
 
