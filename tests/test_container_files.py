@@ -23,6 +23,12 @@ from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILE
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 
+def pinned_versions() -> dict[str, str]:
+    """name → version of every `name==version` line of requirements.txt."""
+    return dict(line.split("==") for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+
+
 def copy_lines() -> list[tuple[str, str]]:
     """(source, destination) of every COPY into /opt/app."""
     pairs = []
@@ -42,8 +48,7 @@ def test_scripts_parse_and_are_executable(script: str):
 
 def test_gpu_check_carries_the_pinned_versions():
     """The wheels gpu_check.sh tells a GPU session to carry are the versions requirements.txt pins."""
-    pins = dict(line.split("==") for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = pinned_versions()
     carried = dict(re.findall(r"([\w-]+)==([\w.]+)", (REPO_ROOT / "benchmarks" / "gpu_check.sh").read_text()))
     for name in ("ultralytics", "simpleitk", "imagecodecs", "pycocotools"):
         assert carried[name] == pins[name], name
@@ -64,8 +69,7 @@ def test_dockerfile_follows_grand_challenge_rules():
 
 
 def test_torch_pin_is_what_the_base_image_tag_names():
-    pins = dict(line.split("==") for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = pinned_versions()
     assert f"pytorch/pytorch:{pins['torch']}-" in DOCKERFILE
 
 
