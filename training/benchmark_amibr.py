@@ -36,8 +36,8 @@ from midog.foundation import resolve_spec
 from training import linear_probe
 from training.amibr import CLASS_FOLDERS, load_index
 from training.lora import lora_train_values
-from training.train_classifier import (REPO_ROOT, binary_metrics, cross_validate, init_distributed,
-                                       load_train_config)
+from training.runtime import REPO_ROOT, init_distributed
+from training.train_classifier import binary_metrics, cross_validate, load_train_config
 
 METHODS = ("end-to-end", "lora", "linear")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

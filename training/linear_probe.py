@@ -34,8 +34,9 @@ from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
 from midog.weights import write_model_card
 from training.amibr import load_index, slide_folds
-from training.train_classifier import (REPO_ROOT, FoldResult, balanced_accuracy, best_threshold, binary_metrics,
-                                       data_description, git_commit, summarise)
+from training.runtime import REPO_ROOT, git_commit
+from training.train_classifier import (FoldResult, balanced_accuracy, best_threshold, binary_metrics,
+                                       data_description, summarise)
 
 
 @dataclass

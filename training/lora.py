@@ -26,7 +26,7 @@ from midog.classifier import load_classifier
 from midog.foundation import LoraSettings, resolve_spec
 from midog.weights import read_model_card, write_model_card
 from training import train_classifier
-from training.train_classifier import REPO_ROOT
+from training.runtime import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "lora.yaml"
 

@@ -17,15 +17,14 @@ import argparse
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from midog.weights import read_model_card, write_model_card
+from training.runtime import REPO_ROOT, git_commit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DATA_CONSTRUCTION = (
     "Canvases of 512 x 512 px at 0.25 um/px tiled from rectangular windows (sides 32-64 px, brick layout, "
@@ -47,14 +46,6 @@ LIMITS = [
     "Numbers below are measured on canvases of held-out slides, not on real regions of interest; expect lower "
     "numbers on real tissue.",
 ]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _results(run: Path) -> list[dict[str, float]]:

@@ -28,7 +28,7 @@ import yaml
 
 from midog.classifier import preprocess_card
 from midog.weights import sha256_of, write_model_card
-from training.train_classifier import git_commit
+from training.runtime import git_commit
 
 
 def member_card(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:

@@ -18,13 +18,11 @@ so other training recipes (foundation-model probing, LoRA) can reuse them.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,8 +41,8 @@ from midog.classifier import BinaryClassifier, build_classifier, load_classifier
 from midog.weights import write_model_card
 from training.amibr import CropDataset, load_crops, load_index, slide_folds
 from training.augment import AugmentConfig, train_transform
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
+                              write_csv)
 
 
 @dataclass
@@ -93,47 +91,6 @@ def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """DDP when launched by torchrun (WORLD_SIZE > 1), a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        device = torch.device("cuda", local_rank)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
-    return Dist(rank=dist.get_rank(), world_size=world, device=device)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def build_model(cfg: TrainConfig) -> BinaryClassifier:
     return build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs)
@@ -347,7 +304,7 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
             if improved:
                 clf.threshold = state["best_threshold"]
                 clf.save(best_path, meta={**(meta or {}), "epoch": epoch, "val": state["best_metrics"]})
-            _write_csv(csv_path, state["history"])
+            write_csv(csv_path, state["history"])
             _save_resume(last_path, clf, optimizer, scheduler, loader, state)
     if ctx.world_size > 1:
         dist.barrier()
@@ -357,20 +314,10 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
 
 def _save_resume(path: Path, clf: BinaryClassifier, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": clf.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                "loader_rng": loader.generator.get_state(), "state": state}, tmp)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    save_atomic({"model": clf.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                 "loader_rng": loader.generator.get_state(), "state": state}, path)
 
 
 # ---------------------------------------------------------------------------------------------------- CV

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any
 import yaml
 
 from midog.errors import MidogError
+from training.runtime import REPO_ROOT, git_commit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "detector.yaml"
 OUR_MODEL_SUFFIX = "-lsconv-ema"
 
@@ -102,14 +101,6 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
     return train
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
 def _describe(checkpoint: Path) -> tuple[str, int]:
     """The architecture name (the model YAML's stem, scale included) and parameter count of a checkpoint."""
     from ultralytics.nn.tasks import load_checkpoint
@@ -138,7 +129,7 @@ def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], 
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
         "loading": "ultralytics YOLO(path) or midog.proposals.load_detector; the custom blocks are midog.yolo_modules",
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     return write_model_card(out, card)
 

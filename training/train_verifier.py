@@ -24,13 +24,10 @@ the run folder holds `metrics.csv` (one row per epoch) and `last.pt` (for `--res
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
-import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,8 +48,9 @@ from midog.classifier import BinaryClassifier, build_classifier
 from midog.errors import InputError, MidogError
 from midog.weights import write_model_card
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
+from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
+                              write_csv)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 POSITIVE_FOLDER = "mitotic_figure"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TISSUE_GREY = (200, 170, 200)
@@ -231,39 +229,6 @@ class VerifierNet(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """DDP when launched by torchrun (WORLD_SIZE > 1), a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        device = torch.device("cuda", local_rank)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
-    return Dist(rank=dist.get_rank(), world_size=world, device=device)
-
 
 def make_optimizer(cfg: VerifierTrainConfig, net: torch.nn.Module, total_steps: int, steps_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -477,7 +442,7 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
                 clf.threshold = threshold
                 clf.save(out, meta={"epoch": epoch, "val": metrics, "data": data_card})
                 write_model_card(out, model_card(cfg, clf, state, data_card, card_extra))
-            _write_csv(csv_path, state["history"])
+            write_csv(csv_path, state["history"])
             _save_resume(last_path, net, optimizer, scheduler, generator, rng, state)
     if ctx.main and out.is_file():  # final card: the whole history is known now
         write_model_card(out, model_card(cfg, clf, state, data_card, card_extra))
@@ -490,27 +455,9 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
 def _save_resume(path: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
                  rng: np.random.Generator, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
-                "numpy_rng": rng.bit_generator.state, "state": state}, tmp)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    save_atomic({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
+                 "numpy_rng": rng.bit_generator.state, "state": state}, path)
 
 
 def model_card(cfg: VerifierTrainConfig, clf: BinaryClassifier, state: dict[str, Any], data: dict[str, Any],

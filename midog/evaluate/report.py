@@ -271,7 +271,7 @@ def plot_roc(evaluation: Track2Evaluation, path: Path) -> Path:
     from sklearn.metrics import roc_curve
 
     plt = _pyplot()
-    y_true, y_score, y_pred = evaluation.y_true, evaluation.y_score, evaluation.y_pred
+    y_true, y_score = evaluation.y_true, evaluation.y_score
     agg = evaluation.aggregates
     fig, ax = plt.subplots(figsize=(5.5, 5))
     if len(np.unique(y_true)) == 2:

@@ -17,7 +17,8 @@ from tests.training.fake_amibr import write_amibr
 from training import lora as lora_cli
 from training.amibr import CropDataset, load_crops, load_index
 from training.augment import train_transform
-from training.train_classifier import (Dist, TrainConfig, build_model, make_loss, make_optimizer, make_train_loader,
+from training.runtime import Dist
+from training.train_classifier import (TrainConfig, build_model, make_loss, make_optimizer, make_train_loader,
                                        train_epoch, train_fold)
 
 TINY = {"img_size": 32, "depth": 2}

@@ -15,8 +15,9 @@ from PIL import Image
 import training.train_classifier as tc
 from midog.classifier import load_classifier
 from midog.weights import read_model_card, sha256_of
-from training.train_classifier import (Dist, TrainConfig, balanced_accuracy, best_threshold, load_train_config,
-                                       main, train_fold)
+from training.runtime import Dist
+from training.train_classifier import (TrainConfig, balanced_accuracy, best_threshold, load_train_config, main,
+                                       train_fold)
 
 REPO = Path(__file__).resolve().parents[2]
 
