@@ -33,6 +33,7 @@ from torch import nn
 
 from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state)
 from midog.errors import WeightsError
+from midog.weights import plain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -517,18 +518,10 @@ class FoundationClassifier(BinaryClassifier):
         return {
             **self.describe(meta),
             "kind": "foundation",
-            "foundation": {"backbone": _plain(dataclasses.asdict(self.spec)),
-                           "options": _plain(dataclasses.asdict(self.options))},
+            "foundation": {"backbone": plain(dataclasses.asdict(self.spec)),
+                           "options": plain(dataclasses.asdict(self.options))},
             "state_dict": {k: full[k].detach().cpu() for k in trained_keys(self.model, self.options.method)},
         }
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def make_model(spec: BackboneSpec, options: FoundationOptions, base_weights: Path | None) -> PooledClassifier:
@@ -569,7 +562,7 @@ def build_foundation_classifier(
     spec.interpolation, spec.crop_pct = resolve_resize(spec, data_config, pretrained=base is not None)
     return FoundationClassifier(
         model=model, arch=arch, input_size=int(input_size or spec.input_size), mean=spec.mean, std=spec.std,
-        threshold=threshold, positive=positive, model_kwargs=_plain(dataclasses.asdict(options)),
+        threshold=threshold, positive=positive, model_kwargs=plain(dataclasses.asdict(options)),
         spec=spec, options=options, base_weights=str(base) if base is not None else None,
         interpolation=spec.interpolation, crop_pct=spec.crop_pct,
     )
@@ -607,7 +600,7 @@ def load_foundation_classifier(state: Mapping[str, Any], path: Path, device: str
     if options.method == "lora" and merge:
         merge_lora(model)
         options = dataclasses.replace(options, method="full")  # saving it again writes the merged weights
-    model_kwargs = _plain(dataclasses.asdict(options))
+    model_kwargs = plain(dataclasses.asdict(options))
     model.eval().to(device)
     return FoundationClassifier(
         model=model, arch=state["arch"], input_size=int(state["input_size"]), mean=tuple(state["mean"]),

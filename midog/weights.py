@@ -98,3 +98,9 @@ def write_model_card(checkpoint: str | os.PathLike[str], card: dict[str, Any]) -
     path = model_card_path(checkpoint)
     path.write_text(json.dumps(card, indent=2) + "\n")
     return path
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples → lists, paths and other objects → strings): the form model cards and
+    checkpoint metadata store, so a card or a `weights_only` checkpoint never holds a Python-only type."""
+    return json.loads(json.dumps(value, default=str))

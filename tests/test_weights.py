@@ -86,3 +86,13 @@ def test_checksum_mismatch_is_refused(tmp_path: Path):
     checkpoint.write_bytes(b"tampered")
     with pytest.raises(WeightsError, match="checksum mismatch"):
         weights.verify_checksum(checkpoint)
+
+
+def test_plain_gives_what_json_and_weights_only_loading_give_back(tmp_path):
+    import torch
+
+    value = {"size": (64, 64), "root": Path("/data/amibr"), "nested": [{"scale": (0.75, 1.0)}], "lr": 0.002}
+    flat = weights.plain(value)
+    assert flat == {"size": [64, 64], "root": "/data/amibr", "nested": [{"scale": [0.75, 1.0]}], "lr": 0.002}
+    torch.save({"meta": flat}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["meta"] == flat

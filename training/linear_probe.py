@@ -32,7 +32,7 @@ from tqdm import tqdm
 from midog.classifier import build_classifier, preprocess_card
 from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
-from midog.weights import write_model_card
+from midog.weights import plain, write_model_card
 from training.amibr import load_index, slide_folds
 from training.runtime import REPO_ROOT, git_commit
 from training.train_classifier import (FoldResult, balanced_accuracy, best_threshold, binary_metrics,
@@ -209,7 +209,7 @@ def cross_validate_probe(cfg: ProbeConfig, out_dir: Path) -> tuple[FoundationCla
     summary = summarise(out_dir, cfg.folds)
     if summary is not None:
         summary["data"] = data_description(_as_train_cfg(cfg), index, cfg.folds)
-        summary["probe"] = _plain_cfg(cfg)
+        summary["probe"] = plain(dataclasses.asdict(cfg))
         (out_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
     return clf, results
 
@@ -217,10 +217,6 @@ def cross_validate_probe(cfg: ProbeConfig, out_dir: Path) -> tuple[FoundationCla
 def _as_train_cfg(cfg: ProbeConfig) -> Any:
     """The two fields `data_description` reads."""
     return argparse.Namespace(csv=cfg.csv, fold_seed=cfg.fold_seed)
-
-
-def _plain_cfg(cfg: ProbeConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def probe_model_card(clf: FoundationClassifier, cfg: ProbeConfig, summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -232,7 +228,7 @@ def probe_model_card(clf: FoundationClassifier, cfg: ProbeConfig, summary: dict[
         "input_size": clf.input_size, "crop_size": 128, "threshold": clf.threshold, "positive": clf.positive,
         "preprocess": preprocess_card({"input_size": clf.input_size, "mean": clf.mean, "std": clf.std,
                                        **clf.resize_state()}),
-        "training_config": _plain_cfg(cfg), "git_commit": git_commit(),
+        "training_config": plain(dataclasses.asdict(cfg)), "git_commit": git_commit(),
     }
     if summary:
         card["training_data"] = summary.get("data")

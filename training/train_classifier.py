@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from midog.classifier import BinaryClassifier, build_classifier, load_classifier, preprocess_card
-from midog.weights import write_model_card
+from midog.weights import plain, write_model_card
 from training.amibr import CropDataset, load_crops, load_index, slide_folds
 from training.augment import AugmentConfig, train_transform
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
@@ -388,7 +388,7 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         "input_size": state["input_size"], "crop_size": 128, "threshold": state["threshold"],
         "preprocess": preprocess_card(state),
         "positive": state["positive"], "pretrained": "none (trained from scratch)",
-        "training_config": _plain(dataclasses.asdict(cfg)),
+        "training_config": plain(dataclasses.asdict(cfg)),
         "git_commit": git_commit(),
     }
     if summary:
@@ -396,14 +396,6 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         card["cross_validation"] = summary["cv"]
     card.update(extra)
     return card
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, Any] | None,
