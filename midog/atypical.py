@@ -2,7 +2,7 @@
 
 One checkpoint, or a list of them (a fold ensemble). An ensemble's P(atypical) is the mean of its members'
 probabilities. Its decision threshold, unless `atypical.threshold` is set in the config, is the mean of the
-thresholds stored with the members: each was chosen on its own fold's validation split for probabilities on the
+thresholds stored with the members (with TTA on, their `tta_threshold` where they carry one): each was chosen on its own fold's validation split for probabilities on the
 same scale as the ensemble mean, and no split is left over to tune the ensemble itself. Set `atypical.threshold`
 to use one tuned for the ensemble (e.g. by `midog.evaluate`).
 """
@@ -65,9 +65,13 @@ def _check_crop(crop: np.ndarray) -> None:
         raise ValueError(f"crops must be uint8 RGB (H, W, 3) arrays, got {crop.dtype} {crop.shape}")
 
 
-def resolve_threshold(models: Sequence[BinaryClassifier], configured: float | None) -> float:
-    """The configured threshold when set, else the mean of the thresholds stored with the weights."""
-    threshold = float(np.mean([m.threshold for m in models])) if configured is None else float(configured)
+def resolve_threshold(models: Sequence[BinaryClassifier], configured: float | None, tta: bool = False) -> float:
+    """The configured threshold when set, else the mean of the thresholds stored with the weights for this TTA
+    setting (a checkpoint may carry one chosen on TTA-averaged probabilities: `tta_threshold`)."""
+    if configured is None:
+        threshold = float(np.mean([m.decision_threshold(tta) for m in models]))
+    else:
+        threshold = float(configured)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"atypical threshold must lie in [0, 1], got {threshold}")
     return threshold
@@ -90,5 +94,5 @@ def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
         # channels-last convolutions: ~20 % faster on the CPU (oneDNN) and on tensor cores; same results to 1e-7
         model.model.to(memory_format=torch.channels_last)
         models.append(model)
-    return AtypicalClassifier(models=models, threshold=resolve_threshold(models, config.threshold),
+    return AtypicalClassifier(models=models, threshold=resolve_threshold(models, config.threshold, config.tta),
                               tta=config.tta, batch_size=config.batch_size)

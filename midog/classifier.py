@@ -11,6 +11,8 @@ A checkpoint is a plain dict (loadable with `torch.load(weights_only=True)`):
                   existed, which were all trained with "bilinear" and 1.0.
     mean, std     normalisation, taken from the model's own timm data config when it was built
     threshold     decision threshold on P(positive), chosen on validation
+    tta_threshold optional: the threshold for P(positive) averaged over the 8 dihedral views (test-time
+                  augmentation), chosen on the same validation data; absent, `threshold` serves both
     positive      name of the positive class ("atypical", "mitotic figure")
     model_kwargs  extra keyword arguments for timm.create_model (drop rates, ...)
     state_dict    the weights; loaded strictly
@@ -82,6 +84,8 @@ class BinaryClassifier:
     positive: str = "positive"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    tta_threshold: float | None = None
+    """The threshold for TTA-averaged probabilities, when it was chosen on them (averaging pulls them inward)."""
     interpolation: str = PLAIN_INTERPOLATION
     """How crops are resized to the input size: the backbone's own data config for a pretrained backbone."""
     crop_pct: float = PLAIN_CROP_PCT
@@ -93,6 +97,10 @@ class BinaryClassifier:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def decision_threshold(self, tta: bool) -> float:
+        """The threshold for probabilities from `predict_proba(..., tta=tta)`."""
+        return float(self.tta_threshold) if tta and self.tta_threshold is not None else float(self.threshold)
 
     def to(self, device: str | torch.device) -> "BinaryClassifier":
         self.model.to(device)
@@ -139,6 +147,7 @@ class BinaryClassifier:
             "std": [float(v) for v in self.std],
             **self.resize_state(),
             "threshold": float(self.threshold),
+            **({"tta_threshold": float(self.tta_threshold)} if self.tta_threshold is not None else {}),
             "positive": self.positive,
             "model_kwargs": dict(self.model_kwargs),
             "meta": dict(meta if meta is not None else self.meta),
@@ -261,11 +270,17 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         mean=tuple(state["mean"]),
         std=tuple(state["std"]),
         threshold=float(state["threshold"]),
+        tta_threshold=tta_threshold_from_state(state),
         positive=state.get("positive", "positive"),
         model_kwargs=state.get("model_kwargs", {}),
         meta=state.get("meta", {}),
         **resize_from_state(state, path),
     )
+
+
+def tta_threshold_from_state(state: dict[str, Any]) -> float | None:
+    value = state.get("tta_threshold")
+    return None if value is None else float(value)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -31,7 +31,8 @@ import timm
 import torch
 from torch import nn
 
-from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state)
+from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state,
+                              tta_threshold_from_state)
 from midog.errors import WeightsError
 from midog.weights import plain
 
@@ -604,7 +605,8 @@ def load_foundation_classifier(state: Mapping[str, Any], path: Path, device: str
     model.eval().to(device)
     return FoundationClassifier(
         model=model, arch=state["arch"], input_size=int(state["input_size"]), mean=tuple(state["mean"]),
-        std=tuple(state["std"]), threshold=float(state["threshold"]), positive=state.get("positive", "positive"),
+        std=tuple(state["std"]), threshold=float(state["threshold"]),
+        tta_threshold=tta_threshold_from_state(state), positive=state.get("positive", "positive"),
         model_kwargs=model_kwargs, meta=dict(state.get("meta", {})), spec=spec,
         options=options, base_weights=str(base) if base is not None else None, **resize_from_state(state, path),
     )

@@ -39,6 +39,22 @@ def test_single_checkpoint_uses_its_stored_threshold_unless_configured(weights: 
     assert stage.threshold == pytest.approx(0.7)
 
 
+def test_a_threshold_chosen_for_tta_is_used_only_with_tta(weights: dict[str, Path], tmp_path: Path):
+    state = torch.load(weights["a"], weights_only=True)
+    path = tmp_path / "tta.pt"
+    torch.save({**state, "tta_threshold": 0.42}, path)
+    assert load_classifier(weights["a"]).tta_threshold is None  # older checkpoints: one threshold for both
+    assert load_atypical(AtypicalConfig(weights=str(weights["a"]), tta=True)).threshold == pytest.approx(0.3)
+    assert load_atypical(AtypicalConfig(weights=str(path), tta=True)).threshold == pytest.approx(0.42)
+    assert load_atypical(AtypicalConfig(weights=str(path), tta=False)).threshold == pytest.approx(0.3)
+    assert load_atypical(AtypicalConfig(weights=str(path), threshold=0.6)).threshold == pytest.approx(0.6)
+    ensemble = load_atypical(AtypicalConfig(weights=[str(path), str(weights["b"])], tta=True))
+    assert ensemble.threshold == pytest.approx((0.42 + 0.5) / 2)
+    clf = load_classifier(path)
+    resaved = clf.save(tmp_path / "resaved.pt")
+    assert load_classifier(resaved).tta_threshold == pytest.approx(0.42)
+
+
 def test_ensemble_averages_probabilities_and_thresholds(weights: dict[str, Path], crops: np.ndarray):
     stage = load_atypical(AtypicalConfig(weights=[str(weights["a"]), str(weights["b"])], tta=False))
     assert stage.threshold == pytest.approx(0.4)

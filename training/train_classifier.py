@@ -386,6 +386,7 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         "task": "Track 2: atypical vs normal mitotic figure; output P(atypical)",
         "architecture": state["arch"], "model_kwargs": state["model_kwargs"],
         "input_size": state["input_size"], "crop_size": 128, "threshold": state["threshold"],
+        **({"tta_threshold": state["tta_threshold"]} if "tta_threshold" in state else {}),
         "preprocess": preprocess_card(state),
         "positive": state["positive"], "pretrained": "none (trained from scratch)",
         "training_config": plain(dataclasses.asdict(cfg)),
@@ -414,15 +415,27 @@ def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, An
 
 def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
     """Each fold's best.pt on its own validation fold (with or without 8-fold dihedral TTA), at its stored
-    threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC."""
+    threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC.
+
+    With `tta`, also the threshold that maximises balanced accuracy on the TTA-averaged probabilities of the same
+    validation fold (averaging pulls probabilities inward, so the plain threshold is off for them); it is stored
+    in the fold's best.pt as `tta_threshold`, which inference with TTA uses and shipping copies.
+    """
     index, crops, labels = prepare_data(cfg)
     fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
     per_fold, oof = [], np.zeros(len(labels))
     for k in range(cfg.folds):
-        clf = load_classifier(out_dir / f"fold{k}" / "best.pt")
+        path = out_dir / f"fold{k}" / "best.pt"
+        clf = load_classifier(path)
         val = np.flatnonzero(fold_of == k)
         oof[val] = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
         per_fold.append(binary_metrics(labels[val], oof[val], clf.threshold))
+        if tta:
+            tuned, accuracy = best_threshold(labels[val], oof[val])
+            per_fold[-1].update(tta_threshold=tuned, balanced_accuracy_at_tta_threshold=accuracy)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state["tta_threshold"] = tuned
+            save_atomic(state, path)
     report: dict[str, Any] = {"tta": tta}
     for key in per_fold[0]:
         values = np.array([m[key] for m in per_fold])
@@ -490,6 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     if not skip_cv:
         cross_validate(cfg, out_dir, ctx, only_fold=args.fold, resume=args.resume)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    tta_path = out_dir / "tta_report.json"
+    tta_report = json.loads(tta_path.read_text()) if tta_path.is_file() and not args.evaluate_tta else None
+    if args.evaluate_tta and ctx.main and summary is not None:
+        tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
+        tta_path.write_text(json.dumps(tta_report, indent=2))
+        print(json.dumps(tta_report, indent=2), flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()  # the other ranks wait for rank 0's TTA thresholds in the fold checkpoints
     if args.full:
         if summary is None and not args.full_epochs:
             raise SystemExit("--full needs a finished cross-validation (cv_summary.json) or --full-epochs")
@@ -503,13 +524,11 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(result.checkpoint)
             state = torch.load(path, map_location="cpu", weights_only=True)
             state["threshold"] = float(np.median(summary["thresholds"]))
-            torch.save(state, path)
-    tta_path = out_dir / "tta_report.json"
-    tta_report = json.loads(tta_path.read_text()) if tta_path.is_file() and not args.evaluate_tta else None
-    if args.evaluate_tta and ctx.main and summary is not None:
-        tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
-        tta_path.write_text(json.dumps(tta_report, indent=2))
-        print(json.dumps(tta_report, indent=2), flush=True)
+            fold_tta = [torch.load(out_dir / f"fold{k}" / "best.pt", map_location="cpu", weights_only=True).get(
+                "tta_threshold") for k in range(cfg.folds)]
+            if all(value is not None for value in fold_tta):  # set by --evaluate-tta
+                state["tta_threshold"] = float(np.median(fold_tta))
+            save_atomic(state, path)
     if args.ship_folds and ctx.main and summary is not None:
         extra = {"validation_tta": tta_report} if tta_report else {}
         for path in ship_folds(cfg, out_dir, Path(args.ship_folds).parent, Path(args.ship_folds).stem, summary,
@@ -522,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             state = torch.load(source, map_location="cpu", weights_only=True)
             crops = (summary or {}).get("data", {}).get("crops", "the")
             extra["shipped_model"] = (f"one model trained on all {crops} crops for {state['meta'].get('epochs')} "
-                                      "epochs (no validation split left); threshold = median of the folds' "
-                                      "validation thresholds; the cross-validation numbers estimate its accuracy")
+                                      "epochs (no validation split left); threshold (and tta_threshold, if any) = "
+                                      "median of the folds' validation thresholds (on TTA-averaged probabilities); "
+                                      "the cross-validation numbers estimate its accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
     if ctx.world_size > 1:
         dist.destroy_process_group()

@@ -141,10 +141,19 @@ def test_cli_single_fold_and_full_retrain(tmp_path):
         card = read_model_card(tmp_path / "w" / f"atypical_fold{k}.pt")
         assert card["ensemble"]["members"] == ["atypical_fold0.pt", "atypical_fold1.pt"]
         assert card["ensemble"]["this_fold"] == k and card["validation_tta"] == report
-        assert load_classifier(tmp_path / "w" / f"atypical_fold{k}.pt").threshold == pytest.approx(
-            load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").threshold)
+        shipped, fold = (load_classifier(tmp_path / "w" / f"atypical_fold{k}.pt"),
+                         load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt"))
+        assert shipped.threshold == pytest.approx(fold.threshold)
+        # the threshold chosen on the fold's TTA-averaged probabilities travels with the checkpoint and its card
+        assert fold.tta_threshold == pytest.approx(report["tta"]["tta_threshold"]["folds"][k], abs=1e-4)
+        assert shipped.tta_threshold == pytest.approx(fold.tta_threshold)
+        assert card["tta_threshold"] == pytest.approx(fold.tta_threshold)
+        assert report["tta"]["balanced_accuracy_at_tta_threshold"]["folds"][k] >= report["tta"]["balanced_accuracy"][
+            "folds"][k] - 1e-4  # the tuned threshold is at least as good on the data it was tuned on
     assert main(["--config", str(config), "--full", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
     summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
     clf = load_classifier(tmp_path / "w" / "atypical.pt")
     assert clf.threshold == pytest.approx(float(np.median(summary["thresholds"])))
+    fold_tta = [load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").tta_threshold for k in range(2)]
+    assert clf.tta_threshold == pytest.approx(float(np.median(fold_tta)))
     assert clf.meta["trained_on"] == "all crops"
