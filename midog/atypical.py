@@ -2,9 +2,10 @@
 
 One checkpoint, or a list of them (a fold ensemble). An ensemble's P(atypical) is the mean of its members'
 probabilities. Its decision threshold, unless `atypical.threshold` is set in the config, is the mean of the
-thresholds stored with the members (with TTA on, their `tta_threshold` where they carry one): each was chosen on its own fold's validation split for probabilities on the
-same scale as the ensemble mean, and no split is left over to tune the ensemble itself. Set `atypical.threshold`
-to use one tuned for the ensemble (e.g. by `midog.evaluate`).
+thresholds stored with the members (with TTA on, their `tta_threshold` where they carry one): each was chosen on
+its own fold's validation split for probabilities on the same scale as the ensemble mean, and no split is left
+over to tune the ensemble itself. Set `atypical.threshold` to use one tuned for the ensemble (e.g. by
+`midog.evaluate`).
 """
 
 from __future__ import annotations

@@ -406,9 +406,7 @@ def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, An
     if half:
         state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    save_atomic(state, target)
     write_model_card(target, model_card(cfg, target, summary, extra))
     return target
 
