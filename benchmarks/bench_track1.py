@@ -54,8 +54,9 @@ SAME_MERGE = MergingConfig(strategy="nms", iou=0.5, class_agnostic=False, tile_e
 
 
 def random_detector(path: Path, class_bias: float, model_yaml: str = "yolo11n.yaml") -> Path:
-    """Random YOLO (YOLO11n by default) whose BatchNorm statistics are computed on generated tiles (so its scores depend on the
-    image, not only on the position, as they do with the untouched 0/1 statistics) and class logits shifted."""
+    """Random YOLO (YOLO11n by default) whose BatchNorm statistics are computed on generated tiles (so its scores
+    depend on the image, not only on the position, as they do with the untouched 0/1 statistics) and class logits
+    shifted."""
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(0)
