@@ -4,13 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch 2.14.1 for Linux x86_64 is a CUDA build: the venv takes about 7 GB.
+VENV_FREE_GB ?= 8
 
 .PHONY: run test bench clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ -x $(PY) ] || [ "$$free_gb" -ge $(VENV_FREE_GB) ]; then :; else \
+		echo "make: setting up $(VENV) needs about $(VENV_FREE_GB) GB of free disk, $$free_gb GB free here" >&2; exit 1; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
