@@ -71,6 +71,10 @@ class TrainConfig:
     pos_weight: str | float = "balanced"
     """BCE weight of the positive class: 'balanced' (n_negative / n_positive), 'sqrt', or a number."""
     label_smoothing: float = 0.0
+    targets: str = "majority"
+    """Training targets: 'majority' (the experts' majority label, 0/1) or 'votes' (the share of the three experts
+    who called the figure atypical: 0, 1/3, 2/3, 1). Validation, thresholds and early stopping always use the
+    majority label; so does the class weight."""
     num_threads: int = 1
     """CPU threads for torch (0 = torch default); ignored on GPU."""
     num_workers: int = 0
@@ -101,10 +105,23 @@ def resolve_data_root(cfg: TrainConfig) -> Path:
     return root if root.is_absolute() else (REPO_ROOT / root)
 
 
+def training_targets(cfg: TrainConfig, index: Any) -> np.ndarray:
+    """What the loss is fitted to, per crop (see `TrainConfig.targets`)."""
+    if cfg.targets == "majority":
+        return index["label"].to_numpy().astype(np.float32)
+    if cfg.targets == "votes":
+        votes = np.asarray(index["votes"], dtype=np.float32)
+        if (votes < 0).any():
+            raise ValueError("targets: votes needs the expert{1,2,3}_atypical columns in the split CSV")
+        return votes / 3.0
+    raise ValueError(f"targets must be 'majority' or 'votes', got {cfg.targets!r}")
+
+
 def make_datasets(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-                  val_idx: np.ndarray) -> tuple[CropDataset, CropDataset]:
+                  val_idx: np.ndarray, train_targets: np.ndarray | None = None) -> tuple[CropDataset, CropDataset]:
     size = crops.shape[1]
-    train = CropDataset(crops[train_idx], labels[train_idx], transform=train_transform(cfg.augment, size))
+    targets = labels if train_targets is None else train_targets
+    train = CropDataset(crops[train_idx], targets[train_idx], transform=train_transform(cfg.augment, size))
     val = CropDataset(crops[val_idx], labels[val_idx])
     return train, val
 
@@ -240,14 +257,17 @@ class FoldResult:
 
 def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
                val_idx: np.ndarray | None, out_dir: Path, ctx: Dist, resume: bool = False,
-               fixed_epochs: int | None = None, name: str = "fold", meta: dict[str, Any] | None = None
-               ) -> FoldResult:
-    """Train on `train_idx`, early-stop on `val_idx`; without `val_idx`, train `fixed_epochs` and keep the last."""
+               fixed_epochs: int | None = None, name: str = "fold", meta: dict[str, Any] | None = None,
+               train_targets: np.ndarray | None = None) -> FoldResult:
+    """Train on `train_idx`, early-stop on `val_idx`; without `val_idx`, train `fixed_epochs` and keep the last.
+
+    `labels` are the 0/1 labels (validation, class weight); `train_targets` what the loss fits, default `labels`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     clf = build_model(cfg).to(ctx.device)
     train_set, val_set = make_datasets(cfg, crops, labels, train_idx,
-                                       val_idx if val_idx is not None else np.zeros(0, dtype=int))
+                                       val_idx if val_idx is not None else np.zeros(0, dtype=int), train_targets)
     loader = make_train_loader(cfg, train_set, ctx, cfg.seed)
     model: torch.nn.Module = clf.model
     if ctx.world_size > 1:
@@ -348,7 +368,7 @@ def cross_validate(cfg: TrainConfig, out_dir: Path, ctx: Dist, only_fold: int | 
         meta = {"fold": k, "folds": cfg.folds, "fold_seed": cfg.fold_seed, "val_slides": int(
             index["group"].iloc[val_idx].nunique()), "val_crops": int(len(val_idx))}
         result = train_fold(cfg, crops, labels, train_idx, val_idx, out_dir / f"fold{k}", ctx, resume=resume,
-                            name=f"fold{k}", meta=meta)
+                            name=f"fold{k}", meta=meta, train_targets=training_targets(cfg, index))
         result.fold = k
         results.append(result)
         if ctx.main:
@@ -516,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         epochs = args.full_epochs or int(np.median(summary["best_epochs"]))
         result = train_fold(cfg, crops, labels, np.arange(len(labels)), None, out_dir / "full", ctx,
                             resume=args.resume, fixed_epochs=epochs, name="full",
-                            meta={"trained_on": "all crops", "epochs": epochs})
+                            meta={"trained_on": "all crops", "epochs": epochs},
+                            train_targets=training_targets(cfg, index))
         if ctx.main and summary is not None:
             # no validation data: the threshold is the median of the folds' validation thresholds
             path = Path(result.checkpoint)

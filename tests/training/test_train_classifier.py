@@ -15,6 +15,7 @@ from PIL import Image
 import training.train_classifier as tc
 from midog.classifier import load_classifier
 from midog.weights import read_model_card, sha256_of
+from training.amibr import load_index
 from training.runtime import Dist
 from training.train_classifier import (TrainConfig, balanced_accuracy, best_threshold, load_train_config, main,
                                        train_fold)
@@ -157,3 +158,32 @@ def test_cli_single_fold_and_full_retrain(tmp_path):
     fold_tta = [load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").tta_threshold for k in range(2)]
     assert clf.tta_threshold == pytest.approx(float(np.median(fold_tta)))
     assert clf.meta["trained_on"] == "all crops"
+
+
+def test_vote_targets_train_on_the_experts_share_and_validate_on_the_majority(tmp_path):
+    root = _write_amibr(tmp_path / "amibr", n_slides=2, per_slide=6)
+    table = pd.read_csv(root / "amibr_train_split.csv", index_col=0)
+    atypical = table["final_label"] == "Atypical"
+    # atypical crops: 3 of 3 experts, then 2 of 3; normal crops: none, then 1 of 3
+    table["expert1_atypical"] = atypical | (np.arange(len(table)) % 2 == 1)
+    table["expert2_atypical"] = atypical & (np.arange(len(table)) % 2 == 0)
+    table["expert3_atypical"] = atypical
+    table.to_csv(root / "amibr_train_split.csv")
+
+    cfg = _config(root, tmp_path / "run", targets="votes")
+    index, crops, labels = tc.prepare_data(cfg)
+    targets = tc.training_targets(cfg, index)
+    assert set(np.round(targets * 3).astype(int)) == {0, 1, 2, 3}
+    np.testing.assert_allclose(targets * 3, np.round(targets * 3), atol=1e-6)
+    assert ((targets > 0.5) == (labels == 1)).all()                 # the majority label is the rounded share
+    np.testing.assert_array_equal(tc.training_targets(_config(root, tmp_path), index), labels)
+
+    train, val = tc.make_datasets(cfg, crops, labels, np.arange(6), np.arange(6, 12), targets)
+    np.testing.assert_allclose(train.labels.numpy(), targets[:6])
+    np.testing.assert_array_equal(val.labels.numpy(), labels[6:12])   # thresholds and metrics on 0/1 labels
+
+    no_votes = _write_amibr(tmp_path / "plain", n_slides=2, per_slide=3)
+    with pytest.raises(ValueError, match="expert"):
+        tc.training_targets(cfg, load_index(no_votes))
+    with pytest.raises(ValueError, match="majority"):
+        tc.training_targets(_config(root, tmp_path, targets="soft"), index)
