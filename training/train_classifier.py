@@ -6,7 +6,8 @@
 Per fold: AdamW + linear warmup + cosine decay, BCE with a positive-class weight for the imbalance, early stopping
 on validation balanced accuracy, a decision threshold chosen on the validation fold (max balanced accuracy) and
 stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
-`--full` trains one model on all crops for the median best epoch of the CV folds.
+`--full` trains one model on all crops for the median best epoch of the CV folds (or `--full-epochs N`, which can
+run alongside the CV; `--full --full-epochs N --resume` after the CV then only sets its thresholds).
 
 Multi-GPU: `torchrun --nproc_per_node N -m training.train_classifier ...` (DDP, DistributedSampler; every rank
 evaluates the whole, small, validation fold so they take the same early-stopping decision; rank 0 writes).
@@ -517,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = out_dir / "cv_summary.json"
     skip_cv = (args.full or args.ship_folds or args.evaluate_tta) and summary_path.is_file()
     if args.full and args.full_epochs:
-        skip_cv = True  # the full-data model can train alongside the CV; its threshold is set when the CV is done
+        # the full-data model can train alongside the CV; once the CV is done, the same command with --resume
+        # finds its last epoch already trained and only sets the folds' median thresholds
+        skip_cv = True
     if not skip_cv:
         cross_validate(cfg, out_dir, ctx, only_fold=args.fold, resume=args.resume)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
@@ -538,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
                             resume=args.resume, fixed_epochs=epochs, name="full",
                             meta={"trained_on": "all crops", "epochs": epochs},
                             train_targets=training_targets(cfg, index))
+        if ctx.main and summary is None:
+            print(f"warning: no cv_summary.json in {out_dir} yet, so {result.checkpoint} keeps threshold 0.5; when the "
+                  f"cross-validation is done, rerun with --full --full-epochs {epochs} --resume to set the folds' "
+                  "thresholds without training again", file=sys.stderr, flush=True)
         if ctx.main and summary is not None:
             # no validation data: the threshold is the median of the folds' validation thresholds
             path = Path(result.checkpoint)

@@ -187,3 +187,29 @@ def test_vote_targets_train_on_the_experts_share_and_validate_on_the_majority(tm
         tc.training_targets(cfg, load_index(no_votes))
     with pytest.raises(ValueError, match="majority"):
         tc.training_targets(_config(root, tmp_path, targets="soft"), index)
+
+
+def test_full_model_trained_alongside_the_cv_gets_its_thresholds_without_training_again(tmp_path, monkeypatch,
+                                                                                          capsys):
+    root = _write_amibr(tmp_path / "amibr")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 1\nmin_epochs: 1\n"
+                      f"batch_size: 8\nfolds: 2\nout: {tmp_path / 'run'}\n")
+    full = ["--config", str(config), "--full", "--full-epochs", "2"]
+    assert main(full) == 0                                     # before the CV: trained, threshold still 0.5
+    assert "keeps threshold 0.5" in capsys.readouterr().err
+    trained = torch.load(tmp_path / "run" / "full" / "best.pt", weights_only=True)
+    assert trained["threshold"] == 0.5 and trained["meta"]["epochs"] == 2
+    assert main(["--config", str(config)]) == 0 and main(["--config", str(config), "--evaluate-tta"]) == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the full-data model was trained again")
+
+    monkeypatch.setattr(tc, "train_epoch", no_training)
+    assert main([*full, "--resume", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
+    summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
+    shipped = load_classifier(tmp_path / "w" / "atypical.pt")
+    assert shipped.threshold == pytest.approx(float(np.median(summary["thresholds"])))
+    assert shipped.tta_threshold is not None
+    for key, value in trained["state_dict"].items():           # the same weights, now with the folds' thresholds
+        torch.testing.assert_close(shipped.model.state_dict()[key], value, msg=key)
