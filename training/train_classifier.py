@@ -19,6 +19,7 @@ so other training recipes (foundation-model probing, LoRA) can reuse them.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -389,13 +390,31 @@ def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
     if not all(f.is_file() for f in files):
         return None
     results = [json.loads(f.read_text()) for f in files]
-    cv = {}
-    for key in results[0]["metrics"]:
-        values = np.array([r["metrics"][key] for r in results], dtype=float)
-        cv[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4),
-                   "folds": [round(float(v), 4) for v in values]}
-    return {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
-            "thresholds": [round(r["threshold"], 4) for r in results]}
+    cv = {key: mean_std([r["metrics"][key] for r in results]) for key in results[0]["metrics"]}
+    summary = {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
+               "thresholds": [round(r["threshold"], 4) for r in results]}
+    last_rows = [_last_row(out_dir / f"fold{k}" / "metrics.csv") for k in range(n_folds)]
+    if all(last_rows):
+        # the best epoch is chosen on the validation fold itself, which flatters it; the last epoch is not chosen
+        summary["last_epoch"] = {key: mean_std([float(row[key]) for row in last_rows]) for key in
+                                 ("epoch", "balanced_accuracy", "roc_auc", "balanced_accuracy_at_0.5")
+                                 if all(key in row for row in last_rows)}
+    return summary
+
+
+def mean_std(values: list[float] | np.ndarray) -> dict[str, Any]:
+    """Mean, sample standard deviation and the values themselves, rounded to 4 decimals."""
+    values = np.asarray(values, dtype=float)
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": round(float(values.mean()), 4), "std": round(std, 4), "folds": [round(float(v), 4) for v in values]}
+
+
+def _last_row(csv_path: Path) -> dict[str, str] | None:
+    if not csv_path.is_file():
+        return None
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows[-1] if rows else None
 
 
 # ---------------------------------------------------------------------------------------------------- shipping
@@ -442,26 +461,36 @@ def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
     """
     index, crops, labels = prepare_data(cfg)
     fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
-    per_fold, oof = [], np.zeros(len(labels))
+    per_fold, oof, own_thresholds, vals = [], np.zeros(len(labels)), [], []
     for k in range(cfg.folds):
         path = out_dir / f"fold{k}" / "best.pt"
         clf = load_classifier(path)
         val = np.flatnonzero(fold_of == k)
+        vals.append(val)
         oof[val] = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
         per_fold.append(binary_metrics(labels[val], oof[val], clf.threshold))
+        own_thresholds.append(clf.threshold)
         if tta:
             tuned, accuracy = best_threshold(labels[val], oof[val])
             per_fold[-1].update(tta_threshold=tuned, balanced_accuracy_at_tta_threshold=accuracy)
+            own_thresholds[-1] = tuned
             state = torch.load(path, map_location="cpu", weights_only=True)
             state["tta_threshold"] = tuned
             save_atomic(state, path)
+    for k, (val, transferred) in enumerate(zip(vals, other_folds_thresholds(own_thresholds))):
+        per_fold[k]["balanced_accuracy_at_other_folds_threshold"] = balanced_accuracy(labels[val], oof[val],
+                                                                                       transferred)
     report: dict[str, Any] = {"tta": tta}
     for key in per_fold[0]:
-        values = np.array([m[key] for m in per_fold])
-        report[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4),
-                       "folds": [round(float(v), 4) for v in values]}
+        report[key] = mean_std([m[key] for m in per_fold])
     report["pooled_roc_auc"] = round(float(roc_auc_score(labels, oof)), 4)
     return report
+
+
+def other_folds_thresholds(thresholds: list[float]) -> list[float]:
+    """For each fold, the median of the other folds' thresholds: one it was not tuned on, as the shipped model's
+    (the median of all folds' thresholds) is for new data. Balanced accuracy there is the honest CV estimate."""
+    return [float(np.median(thresholds[:k] + thresholds[k + 1:])) for k in range(len(thresholds))]
 
 
 def ship_folds(cfg: TrainConfig, out_dir: Path, weights_dir: Path, stem: str, summary: dict[str, Any],

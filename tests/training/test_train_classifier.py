@@ -15,7 +15,7 @@ from PIL import Image
 import training.train_classifier as tc
 from midog.classifier import load_classifier
 from midog.weights import read_model_card, sha256_of
-from training.amibr import load_index
+from training.amibr import load_index, slide_folds
 from training.runtime import Dist
 from training.train_classifier import (TrainConfig, balanced_accuracy, best_threshold, load_train_config, main,
                                        train_fold)
@@ -66,6 +66,11 @@ def test_threshold_maximises_balanced_accuracy():
     threshold, score = best_threshold(labels, probs)
     assert score == pytest.approx(balanced_accuracy(labels, probs, threshold))
     assert 0.3 < threshold <= 0.5 and score == pytest.approx(0.875)   # catches both positives, one false alarm
+
+
+def test_each_fold_is_scored_at_thresholds_it_was_not_tuned_on():
+    assert tc.other_folds_thresholds([0.2, 0.4, 0.9]) == pytest.approx([0.65, 0.55, 0.3])
+    assert tc.other_folds_thresholds([0.3, 0.6]) == pytest.approx([0.6, 0.3])
 
 
 def test_cross_validation_trains_saves_reloads_and_ships(tmp_path, monkeypatch):
@@ -138,6 +143,17 @@ def test_cli_single_fold_and_full_retrain(tmp_path):
                  "--half"]) == 0
     report = json.loads((tmp_path / "run" / "tta_report.json").read_text())
     assert len(report["tta"]["roc_auc"]["folds"]) == 2 and 0 <= report["no_tta"]["pooled_roc_auc"] <= 1
+    summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
+    assert summary["last_epoch"]["epoch"]["folds"] == [1, 1]   # the unselected last epoch, beside the best one
+    # each fold scored at the threshold of the fold it was not tuned on (2 folds: the other one's)
+    index, crops, labels = tc.prepare_data(load_train_config(config))
+    fold_of = slide_folds(index, 2, 0)
+    for k in range(2):
+        val = fold_of == k
+        probs = load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").predict_proba(crops[val])
+        other = load_classifier(tmp_path / "run" / f"fold{1 - k}" / "best.pt").threshold
+        assert report["no_tta"]["balanced_accuracy_at_other_folds_threshold"]["folds"][k] == pytest.approx(
+            balanced_accuracy(labels[val], probs, other), abs=1e-4)
     for k in range(2):
         card = read_model_card(tmp_path / "w" / f"atypical_fold{k}.pt")
         assert card["ensemble"]["members"] == ["atypical_fold0.pt", "atypical_fold1.pt"]
