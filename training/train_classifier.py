@@ -77,6 +77,12 @@ class TrainConfig:
     """Training targets: 'majority' (the experts' majority label, 0/1) or 'votes' (the share of the three experts
     who called the figure atypical: 0, 1/3, 2/3, 1). Validation, thresholds and early stopping always use the
     majority label; so does the class weight."""
+    ship_epoch: str = "best"
+    """Which epoch of the CV folds the full-data model (`--full`) follows. 'best': early stopping's best epoch; the
+    full model trains for the folds' median best epoch and takes the median of their best.pt thresholds. 'last':
+    the end of the schedule; it trains `epochs` epochs and takes the median of the thresholds of the folds' last
+    epochs (final.pt). The best epoch and its threshold are both picked on the validation fold, which makes them
+    noisy and flattering; the last epoch is picked by nothing."""
     num_threads: int = 1
     """CPU threads for torch (0 = torch default); ignored on GPU."""
     num_workers: int = 0
@@ -255,6 +261,9 @@ class FoldResult:
     metrics: dict[str, float]
     """Validation metrics of the best epoch at the chosen threshold, plus balanced accuracy at 0.5."""
     checkpoint: str
+    last_epoch: int = 0
+    last_threshold: float = 0.5
+    """The last epoch's validation threshold, stored in `final.pt` with that epoch's weights."""
 
 
 def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
@@ -310,6 +319,7 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
             metrics = binary_metrics(val_set.labels.numpy(), probs, threshold)
             metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(val_set.labels.numpy(), probs, 0.5)
             row.update({"threshold": round(threshold, 4), **{k: round(v, 4) for k, v in metrics.items()}})
+            state.update(last_threshold=threshold, last_metrics=metrics)
             improved = score > state["best_score"]
             if improved:
                 state.update(best_score=score, best_epoch=epoch, best_threshold=threshold, best_metrics=metrics,
@@ -328,10 +338,24 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
                 clf.save(best_path, meta={**(meta or {}), "epoch": epoch, "val": state["best_metrics"]})
             write_csv(csv_path, state["history"])
             _save_resume(last_path, clf, optimizer, scheduler, loader, state)
+    last_threshold = _last_epoch_threshold(state)
+    if val_idx is not None and ctx.main:
+        # the end of the schedule with its own validation threshold, for `ship_epoch: last`
+        clf.threshold = last_threshold
+        clf.save(out_dir / "final.pt", meta={**(meta or {}), "epoch": state["epoch"],
+                                              "val": state.get("last_metrics") or state["history"][-1]})
     if ctx.world_size > 1:
         dist.barrier()
     return FoldResult(fold=-1, best_epoch=state["best_epoch"], threshold=state["best_threshold"],
-                      metrics=state["best_metrics"], checkpoint=str(best_path))
+                      metrics=state["best_metrics"], checkpoint=str(best_path), last_epoch=state["epoch"],
+                      last_threshold=last_threshold)
+
+
+def _last_epoch_threshold(state: dict[str, Any]) -> float:
+    if "last_threshold" in state:
+        return float(state["last_threshold"])
+    rows = [row for row in state["history"] if "threshold" in row]  # runs saved before it was kept exactly
+    return float(rows[-1]["threshold"]) if rows else 0.5
 
 
 def _save_resume(path: Path, clf: BinaryClassifier, optimizer: torch.optim.Optimizer,
@@ -393,6 +417,9 @@ def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
     cv = {key: mean_std([r["metrics"][key] for r in results]) for key in results[0]["metrics"]}
     summary = {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
                "thresholds": [round(r["threshold"], 4) for r in results]}
+    if all("last_epoch" in r for r in results):
+        summary.update(last_epochs=[r["last_epoch"] for r in results],
+                       last_thresholds=[round(r["last_threshold"], 4) for r in results])
     last_rows = [_last_row(out_dir / f"fold{k}" / "metrics.csv") for k in range(n_folds)]
     if all(last_rows):
         # the best epoch is chosen on the validation fold itself, which flatters it; the last epoch is not chosen
@@ -451,19 +478,27 @@ def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, An
     return target
 
 
+def fold_checkpoint_name(cfg: TrainConfig) -> str:
+    """The fold checkpoint that `ship_epoch` follows: best.pt (early stopping's best epoch) or final.pt (last)."""
+    if cfg.ship_epoch not in ("best", "last"):
+        raise ValueError(f"ship_epoch must be 'best' or 'last', got {cfg.ship_epoch!r}")
+    return "best.pt" if cfg.ship_epoch == "best" else "final.pt"
+
+
 def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
-    """Each fold's best.pt on its own validation fold (with or without 8-fold dihedral TTA), at its stored
-    threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC.
+    """Each fold's best.pt (final.pt with `ship_epoch: last`) on its own validation fold (with or without 8-fold
+    dihedral TTA), at its stored threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC.
 
     With `tta`, also the threshold that maximises balanced accuracy on the TTA-averaged probabilities of the same
     validation fold (averaging pulls probabilities inward, so the plain threshold is off for them); it is stored
-    in the fold's best.pt as `tta_threshold`, which inference with TTA uses and shipping copies.
+    in the fold's checkpoint as `tta_threshold`, which inference with TTA uses and shipping copies.
     """
     index, crops, labels = prepare_data(cfg)
     fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
     per_fold, oof, own_thresholds, vals = [], np.zeros(len(labels)), [], []
+    name = fold_checkpoint_name(cfg)
     for k in range(cfg.folds):
-        path = out_dir / f"fold{k}" / "best.pt"
+        path = out_dir / f"fold{k}" / name
         clf = load_classifier(path)
         val = np.flatnonzero(fold_of == k)
         vals.append(val)
@@ -480,7 +515,7 @@ def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
     for k, (val, transferred) in enumerate(zip(vals, other_folds_thresholds(own_thresholds))):
         per_fold[k]["balanced_accuracy_at_other_folds_threshold"] = balanced_accuracy(labels[val], oof[val],
                                                                                        transferred)
-    report: dict[str, Any] = {"tta": tta}
+    report: dict[str, Any] = {"tta": tta, "checkpoint": name}
     for key in per_fold[0]:
         report[key] = mean_std([m[key] for m in per_fold])
     report["pooled_roc_auc"] = round(float(roc_auc_score(labels, oof)), 4)
@@ -565,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         if summary is None and not args.full_epochs:
             raise SystemExit("--full needs a finished cross-validation (cv_summary.json) or --full-epochs")
         index, crops, labels = prepare_data(cfg)
-        epochs = args.full_epochs or int(np.median(summary["best_epochs"]))
+        epochs = args.full_epochs or (cfg.epochs if cfg.ship_epoch == "last"
+                                      else int(np.median(summary["best_epochs"])))
         result = train_fold(cfg, crops, labels, np.arange(len(labels)), None, out_dir / "full", ctx,
                             resume=args.resume, fixed_epochs=epochs, name="full",
                             meta={"trained_on": "all crops", "epochs": epochs},
@@ -575,12 +611,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"cross-validation is done, rerun with --full --full-epochs {epochs} --resume to set the folds' "
                   "thresholds without training again", file=sys.stderr, flush=True)
         if ctx.main and summary is not None:
-            # no validation data: the threshold is the median of the folds' validation thresholds
+            # no validation data: the thresholds are the medians of the folds' (best.pt or final.pt)
             path = Path(result.checkpoint)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state["threshold"] = float(np.median(summary["thresholds"]))
-            fold_tta = [torch.load(out_dir / f"fold{k}" / "best.pt", map_location="cpu", weights_only=True).get(
-                "tta_threshold") for k in range(cfg.folds)]
+            folds = [torch.load(out_dir / f"fold{k}" / fold_checkpoint_name(cfg), map_location="cpu",
+                                weights_only=True) for k in range(cfg.folds)]
+            state["threshold"] = float(np.median([fold["threshold"] for fold in folds]))
+            fold_tta = [fold.get("tta_threshold") for fold in folds]
             if all(value is not None for value in fold_tta):  # set by --evaluate-tta
                 state["tta_threshold"] = float(np.median(fold_tta))
             save_atomic(state, path)
@@ -595,10 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.full:
             state = torch.load(source, map_location="cpu", weights_only=True)
             crops = (summary or {}).get("data", {}).get("crops", "the")
+            which = "last" if cfg.ship_epoch == "last" else "best"
             extra["shipped_model"] = (f"one model trained on all {crops} crops for {state['meta'].get('epochs')} "
                                       "epochs (no validation split left); threshold (and tta_threshold, if any) = "
-                                      "median of the folds' validation thresholds (on TTA-averaged probabilities); "
-                                      "the cross-validation numbers estimate its accuracy")
+                                      f"median of the folds' validation thresholds at their {which} epoch (on "
+                                      "TTA-averaged probabilities); the cross-validation numbers estimate its "
+                                      "accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
     if ctx.world_size > 1:
         dist.destroy_process_group()

@@ -170,7 +170,7 @@ def test_cli_single_fold_and_full_retrain(tmp_path):
     assert main(["--config", str(config), "--full", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
     summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
     clf = load_classifier(tmp_path / "w" / "atypical.pt")
-    assert clf.threshold == pytest.approx(float(np.median(summary["thresholds"])))
+    assert clf.threshold == pytest.approx(float(np.median(summary["thresholds"])), abs=1e-4)
     fold_tta = [load_classifier(tmp_path / "run" / f"fold{k}" / "best.pt").tta_threshold for k in range(2)]
     assert clf.tta_threshold == pytest.approx(float(np.median(fold_tta)))
     assert clf.meta["trained_on"] == "all crops"
@@ -225,7 +225,42 @@ def test_full_model_trained_alongside_the_cv_gets_its_thresholds_without_trainin
     assert main([*full, "--resume", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
     summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
     shipped = load_classifier(tmp_path / "w" / "atypical.pt")
-    assert shipped.threshold == pytest.approx(float(np.median(summary["thresholds"])))
+    assert shipped.threshold == pytest.approx(float(np.median(summary["thresholds"])), abs=1e-4)
     assert shipped.tta_threshold is not None
     for key, value in trained["state_dict"].items():           # the same weights, now with the folds' thresholds
         torch.testing.assert_close(shipped.model.state_dict()[key], value, msg=key)
+
+
+def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 3\nmin_epochs: 1\npatience: 1\n"
+                      f"batch_size: 8\nfolds: 2\nship_epoch: last\nout: {run}\n")
+    assert main(["--config", str(config)]) == 0
+    summary = json.loads((run / "cv_summary.json").read_text())
+    for k in range(2):
+        final = torch.load(run / f"fold{k}" / "final.pt", weights_only=True)
+        last = torch.load(run / f"fold{k}" / "last.pt", weights_only=False)
+        history = pd.read_csv(run / f"fold{k}" / "metrics.csv")
+        # the weights and the validation threshold of the last epoch trained (early stopping may end it before 3)
+        assert final["meta"]["epoch"] == last["state"]["epoch"] == history["epoch"].iloc[-1]
+        assert final["threshold"] == pytest.approx(history["threshold"].iloc[-1], abs=1e-4)
+        assert summary["last_thresholds"][k] == pytest.approx(final["threshold"], abs=1e-4)
+        for key, value in last["model"].items():
+            torch.testing.assert_close(final["state_dict"][key], value, msg=key)
+
+    assert main(["--config", str(config), "--evaluate-tta"]) == 0
+    report = json.loads((run / "tta_report.json").read_text())
+    assert report["tta"]["checkpoint"] == "final.pt"
+    finals = [load_classifier(run / f"fold{k}" / "final.pt") for k in range(2)]
+    assert [f.tta_threshold for f in finals] == pytest.approx(report["tta"]["tta_threshold"]["folds"], abs=1e-4)
+
+    assert main(["--config", str(config), "--full", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
+    shipped = load_classifier(tmp_path / "w" / "atypical.pt")
+    assert shipped.meta["epochs"] == 3                           # the whole schedule, not the median best epoch
+    assert shipped.threshold == pytest.approx(float(np.median([f.threshold for f in finals])))
+    assert shipped.tta_threshold == pytest.approx(float(np.median([f.tta_threshold for f in finals])))
+    assert "at their last epoch" in read_model_card(tmp_path / "w" / "atypical.pt")["shipped_model"]
+    with pytest.raises(ValueError, match="ship_epoch"):
+        tc.fold_checkpoint_name(_config(root, run, ship_epoch="median"))
