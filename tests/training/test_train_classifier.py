@@ -31,7 +31,9 @@ def _crop(atypical: bool, rng: np.random.Generator, size: int = 32) -> np.ndarra
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _write_amibr(root: Path, n_slides: int = 6, per_slide: int = 8) -> Path:
+def _write_amibr(root: Path, n_slides: int = 6, per_slide: int = 8, votes: bool = True) -> Path:
+    """The AMi-Br layout with generated crops; like the real CSV, three experts' votes (2 or 3 of them for an
+    atypical majority, 0 or 1 for a normal one) unless `votes` is False."""
     rng = np.random.default_rng(0)
     rows = []
     for s in range(n_slides):
@@ -40,7 +42,11 @@ def _write_amibr(root: Path, n_slides: int = 6, per_slide: int = 8) -> Path:
             (root / label).mkdir(parents=True, exist_ok=True)
             name = f"S{s}_{i}.png"
             Image.fromarray(_crop(label == "Atypical", rng)).save(root / label / name)
-            rows.append({"slide": f"{s:03d}.tiff", "dataset": "FAKE", "dataset_uid": name, "final_label": label})
+            row = {"slide": f"{s:03d}.tiff", "dataset": "FAKE", "dataset_uid": name, "final_label": label}
+            if votes:
+                n_atypical = (3 - s % 2) if label == "Atypical" else int(i % 4 == 1)
+                row.update({f"expert{e}_atypical": e <= n_atypical for e in (1, 2, 3)})
+            rows.append(row)
     pd.DataFrame(rows).to_csv(root / "amibr_train_split.csv")
     return root
 
@@ -192,13 +198,13 @@ def test_vote_targets_train_on_the_experts_share_and_validate_on_the_majority(tm
     assert set(np.round(targets * 3).astype(int)) == {0, 1, 2, 3}
     np.testing.assert_allclose(targets * 3, np.round(targets * 3), atol=1e-6)
     assert ((targets > 0.5) == (labels == 1)).all()                 # the majority label is the rounded share
-    np.testing.assert_array_equal(tc.training_targets(_config(root, tmp_path), index), labels)
+    np.testing.assert_array_equal(tc.training_targets(_config(root, tmp_path, targets="majority"), index), labels)
 
     train, val = tc.make_datasets(cfg, crops, labels, np.arange(6), np.arange(6, 12), targets)
     np.testing.assert_allclose(train.labels.numpy(), targets[:6])
     np.testing.assert_array_equal(val.labels.numpy(), labels[6:12])   # thresholds and metrics on 0/1 labels
 
-    no_votes = _write_amibr(tmp_path / "plain", n_slides=2, per_slide=3)
+    no_votes = _write_amibr(tmp_path / "plain", n_slides=2, per_slide=3, votes=False)
     with pytest.raises(ValueError, match="expert"):
         tc.training_targets(cfg, load_index(no_votes))
     with pytest.raises(ValueError, match="majority"):
