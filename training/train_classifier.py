@@ -417,9 +417,8 @@ def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
     cv = {key: mean_std([r["metrics"][key] for r in results]) for key in results[0]["metrics"]}
     summary = {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
                "thresholds": [round(r["threshold"], 4) for r in results]}
-    if all("last_epoch" in r for r in results):
-        summary.update(last_epochs=[r["last_epoch"] for r in results],
-                       last_thresholds=[round(r["last_threshold"], 4) for r in results])
+    if all("last_threshold" in r for r in results):
+        summary["last_thresholds"] = [round(r["last_threshold"], 4) for r in results]
     last_rows = [_last_row(out_dir / f"fold{k}" / "metrics.csv") for k in range(n_folds)]
     if all(last_rows):
         # the best epoch is chosen on the validation fold itself, which flatters it; the last epoch is not chosen
@@ -632,10 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.full:
             state = torch.load(source, map_location="cpu", weights_only=True)
             crops = (summary or {}).get("data", {}).get("crops", "the")
-            which = "last" if cfg.ship_epoch == "last" else "best"
             extra["shipped_model"] = (f"one model trained on all {crops} crops for {state['meta'].get('epochs')} "
                                       "epochs (no validation split left); threshold (and tta_threshold, if any) = "
-                                      f"median of the folds' validation thresholds at their {which} epoch (on "
+                                      f"median of the folds' validation thresholds at their {cfg.ship_epoch} epoch (on "
                                       "TTA-averaged probabilities); the cross-validation numbers estimate its "
                                       "accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
