@@ -460,7 +460,9 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
     }
     if summary:
         card["training_data"] = summary.get("data")
-        card["cross_validation"] = summary["cv"]
+        card["cross_validation"] = summary["cv"]  # each fold's best epoch at its own threshold (flattering)
+        if "last_epoch" in summary:  # each fold's last epoch, which `ship_epoch: last` follows
+            card["cross_validation_last_epoch"] = summary["last_epoch"]
     card.update(extra)
     return card
 

@@ -267,6 +267,8 @@ def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
     assert shipped.meta["epochs"] == 3                           # the whole schedule, not the median best epoch
     assert shipped.threshold == pytest.approx(float(np.median([f.threshold for f in finals])))
     assert shipped.tta_threshold == pytest.approx(float(np.median([f.tta_threshold for f in finals])))
-    assert "at their last epoch" in read_model_card(tmp_path / "w" / "atypical.pt")["shipped_model"]
+    card = read_model_card(tmp_path / "w" / "atypical.pt")
+    assert "at their last epoch" in card["shipped_model"]
+    assert card["cross_validation_last_epoch"] == summary["last_epoch"]
     with pytest.raises(ValueError, match="ship_epoch"):
         tc.fold_checkpoint_name(_config(root, run, ship_epoch="median"))
