@@ -4,7 +4,8 @@
                                         [--out DIR] [--resume] [--full]
 
 Per fold: AdamW + linear warmup + cosine decay, BCE with a positive-class weight for the imbalance, early stopping
-on validation balanced accuracy, a decision threshold chosen on the validation fold (max balanced accuracy) and
+on validation balanced accuracy (with `ship_epoch: best`; with 'last' every fold runs its whole schedule), a decision
+threshold chosen on the validation fold (max balanced accuracy) and
 stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
 `--full` trains one model on all crops for the median best epoch of the CV folds (or `--full-epochs N`, which can
 run alongside the CV; `--full --full-epochs N --resume` after the CV then only sets its thresholds).
@@ -65,7 +66,8 @@ class TrainConfig:
     min_epochs: int = 8
     """Early stopping never stops before this epoch."""
     patience: int = 8
-    """Stop after this many epochs without a better validation balanced accuracy."""
+    """Stop after this many epochs without a better validation balanced accuracy. Early stopping applies with
+    `ship_epoch: best` only: with 'last' every fold runs the whole schedule, like the full-data model."""
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -81,8 +83,9 @@ class TrainConfig:
     """Which epoch of the CV folds the full-data model (`--full`) follows. 'best': early stopping's best epoch; the
     full model trains for the folds' median best epoch and takes the median of their best.pt thresholds. 'last':
     the end of the schedule; it trains `epochs` epochs and takes the median of the thresholds of the folds' last
-    epochs (final.pt). The best epoch and its threshold are both picked on the validation fold, which makes them
-    noisy and flattering; the last epoch is picked by nothing."""
+    epochs (final.pt), and so the folds run the whole schedule too (no early stopping). The best epoch and its
+    threshold are both picked on the validation fold, which makes them noisy and flattering; the last epoch is
+    picked by nothing."""
     num_threads: int = 1
     """CPU threads for torch (0 = torch default); ignored on GPU."""
     num_workers: int = 0
@@ -304,7 +307,9 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
         if ctx.main:
             print(f"[{name}] resumed after epoch {state['epoch']}", flush=True)
 
-    while state["epoch"] < epochs and (val_idx is None or state["stale"] < cfg.patience
+    # with ship_epoch 'last' the full model trains the whole schedule, so every fold does too: no early stopping
+    early_stopping = val_idx is not None and cfg.ship_epoch == "best"
+    while state["epoch"] < epochs and (not early_stopping or state["stale"] < cfg.patience
                                        or state["epoch"] < cfg.min_epochs):
         epoch = state["epoch"] + 1
         if isinstance(loader.sampler, DistributedSampler):
