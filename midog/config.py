@@ -36,6 +36,9 @@ class RuntimeConfig:
 class ImageConfig:
     fallback_spacing_um: float = 0.25
     """Pixel spacing (µm/px) used when an image carries none."""
+    max_spacing_um: float = 20.0
+    """A spacing coarser than this (µm/px) is a writer's placeholder (1 mm/px, 72 or 300 dpi), not a scanner's: the
+    fallback replaces it, with a warning. A mitotic figure is a few pixels wide at 20 µm/px."""
     in_memory_max_megapixels: float = 200.0
     """Track 1 ROIs up to this size are decoded once and kept in memory; larger ones are read tile by tile."""
     segment_cache_mb: float = 256.0
@@ -144,6 +147,10 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = False) -> Callable[[Any], bool]:
     def check(value: Any) -> bool:
         if value is None:
@@ -157,6 +164,8 @@ def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = 
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.crop_chunk": (_positive_int, "a positive integer"),
     "runtime.deterministic": (lambda value: isinstance(value, bool), "true or false"),
+    "image.fallback_spacing_um": (_positive_number, "a positive number"),
+    "image.max_spacing_um": (_positive_number, "a positive number"),
     "tiling.tile_size": (_positive_int, "a positive integer"),
     "tiling.overlap": (_fraction(high_open=True), "a number in [0, 1)"),
     "tiling.tissue_min_fraction": (_fraction(), "a number in [0, 1]"),

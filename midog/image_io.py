@@ -374,18 +374,43 @@ class ArrayRoi(RoiImage):
 
 
 def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = 0.25,
-             in_memory_max_megapixels: float = 200.0, segment_cache_mb: float = 256.0) -> RoiImage:
-    """Open a .tif/.tiff/.mha ROI (level 0 of a pyramid); a missing, truncated or non-image file → InputError."""
+             in_memory_max_megapixels: float = 200.0, segment_cache_mb: float = 256.0,
+             max_spacing_um: float = 20.0) -> RoiImage:
+    """Open a .tif/.tiff/.mha ROI (level 0 of a pyramid); a missing, truncated or non-image file → InputError.
+
+    A spacing coarser than `max_spacing_um` is a placeholder, not a scanner's (see `_plausible_spacing`), and is
+    replaced by `fallback_spacing_um` with a warning, like a missing one.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     suffix = path.suffix.lower()
     max_pixels = int(in_memory_max_megapixels * 1e6)
     if suffix in (".tif", ".tiff"):
-        return TiffRoi(path, fallback_spacing_um, max_pixels, int(segment_cache_mb * 2**20))
-    if suffix == ".mha":
-        return MhaRoi(path, fallback_spacing_um, max_pixels)
-    raise InputError(f"unsupported image type '{path.suffix}' ({path.name}); expected {'/'.join(ROI_SUFFIXES)}")
+        roi: RoiImage = TiffRoi(path, fallback_spacing_um, max_pixels, int(segment_cache_mb * 2**20))
+    elif suffix == ".mha":
+        roi = MhaRoi(path, fallback_spacing_um, max_pixels)
+    else:
+        raise InputError(f"unsupported image type '{path.suffix}' ({path.name}); expected {'/'.join(ROI_SUFFIXES)}")
+    return _plausible_spacing(roi, fallback_spacing_um, max_spacing_um)
+
+
+def _plausible_spacing(roi: RoiImage, fallback_spacing_um: float, max_spacing_um: float) -> RoiImage:
+    """`roi` with its spacing replaced by the fallback when it is coarser than `max_spacing_um`.
+
+    Writers without a source resolution fill in a default: libvips' 1 px/mm (10 px/cm, which SimpleITK also reads
+    as its unset 1.0 mm), 72, 96, 300 or 600 dpi (353, 265, 85, 42 µm/px). Taken at face value they put every point
+    hundreds of times too far from the origin, so no figure would ever match its ground truth, without a word. A
+    mitotic figure (about 10 µm) is a few pixels wide at 20 µm/px: nothing coarser is an image to detect them in.
+    """
+    if roi.spacing_is_fallback or max(roi.transform.spacing_um) <= max_spacing_um:
+        return roi
+    x_um, y_um = roi.transform.spacing_um
+    roi.transform = _fallback_transform(
+        roi.path, fallback_spacing_um, f"pixel spacing {x_um:.4g} x {y_um:.4g} µm/px is coarser than "
+        f"image.max_spacing_um ({max_spacing_um:g}): a writer's placeholder, not a scanner's")
+    roi.spacing_is_fallback = True
+    return roi
 
 
 def _fallback_transform(path: Path, fallback_spacing_um: float, why: str) -> PhysicalTransform:

@@ -146,7 +146,8 @@ class Track1Detector:
         if isinstance(image, RoiImage):
             return self._detect(image, progress)
         cfg = self.config.image
-        with open_roi(image, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb) as roi:
+        with open_roi(image, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb,
+                      cfg.max_spacing_um) as roi:
             return self._detect(roi, progress)
 
     def _detect(self, image: RoiImage, progress: bool) -> Track1Result:
@@ -227,7 +228,8 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     started = time.perf_counter()
     image_path = find_single_image(input_dir / "images" / TRACK1_IMAGE_FOLDER, ROI_SUFFIXES)
     cfg = config.image
-    with open_roi(image_path, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb) as roi:
+    with open_roi(image_path, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb,
+                  cfg.max_spacing_um) as roi:
         check_output_folder(output_dir)
         opened = time.perf_counter()
         detector = Track1Detector.from_config(config)

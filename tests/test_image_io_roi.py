@@ -50,6 +50,31 @@ def test_missing_spacing_falls_back_with_a_warning(tmp_path: Path, pixels: np.nd
         caplog.clear()
 
 
+@pytest.mark.parametrize("resolution, unit, placeholder_um", [
+    ((10, 10), "CENTIMETER", 1000.0),   # libvips' default 1 px/mm, read by SimpleITK as its unset 1.0 mm
+    ((72, 72), "INCH", 352.8),
+    ((300, 300), "INCH", 84.67),
+])
+def test_placeholder_resolutions_fall_back_with_a_warning(tmp_path: Path, pixels: np.ndarray,
+                                                          caplog: pytest.LogCaptureFixture, resolution, unit,
+                                                          placeholder_um):
+    path = tmp_path / "roi.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", resolution=resolution, resolutionunit=unit)
+    assert sitk.ReadImage(str(path)).GetSpacing()[0] == pytest.approx(placeholder_um / 1000, rel=1e-3)
+    with caplog.at_level(logging.WARNING), open_roi(path, fallback_spacing_um=0.25) as roi:
+        assert roi.spacing_is_fallback
+        assert roi.transform.spacing_um == pytest.approx((0.25, 0.25))
+    assert "placeholder" in caplog.text and "assuming 0.25 µm/px" in caplog.text
+    with open_roi(path, max_spacing_um=2000.0) as roi:           # the limit is a config value
+        assert roi.transform.spacing_um[0] == pytest.approx(placeholder_um, rel=1e-3)
+
+
+def test_coarse_but_plausible_spacing_is_kept(tmp_path: Path, pixels: np.ndarray):
+    path = write_tiff(tmp_path / "roi.tif", pixels, spacing_um=(8.0, 8.0))   # a 1.25x overview
+    with open_roi(path) as roi:
+        assert not roi.spacing_is_fallback and roi.transform.spacing_um == pytest.approx((8.0, 8.0))
+
+
 def test_mha_spacing_origin_and_pixels(tmp_path: Path, pixels: np.ndarray):
     path = write_mha(tmp_path / "roi.mha", pixels, spacing_mm=(0.00025, 0.0003), origin_mm=(1.0, 2.0))
     with open_roi(path) as roi:

@@ -142,7 +142,8 @@ def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector:
     rows = []
     for row in tqdm(chosen.itertuples(), total=len(chosen), desc="proposals", disable=not progress):
         with open_roi(Path(images) / row.file_name, config.image.fallback_spacing_um,
-                      config.image.in_memory_max_megapixels, config.image.segment_cache_mb) as image:
+                      config.image.in_memory_max_megapixels, config.image.segment_cache_mb,
+                      config.image.max_spacing_um) as image:
             boxes, scores = propose(proposer, image, config)
         rows += [(int(row.slide), *map(float, box), float(score)) for box, score in zip(boxes, scores)]
     return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
