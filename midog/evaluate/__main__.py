@@ -25,7 +25,13 @@ def _track2(args: argparse.Namespace) -> Any:
 
     gt = read_json(args.ground_truth, GroundTruthError, "ground truth")
     known = {e.get("image") for e in gt if isinstance(e, dict)} if isinstance(gt, list) else set()
-    return track2.evaluate_jobs(load_jobs(args.predictions, 2, known), gt, args.confidence)
+    evaluation = track2.evaluate_jobs(load_jobs(args.predictions, 2, known), gt, args.confidence)
+    if args.confidence == "stated_class" and evaluation.looks_like_p_atypical():
+        print("warning: these confidences look like P(atypical) on every page (every 'normal' one below every "
+              "'atypical' one), as process.py writes by default, but they are read as the confidence in the stated "
+              "class, as the official container does: ROC AUC (and a tuned threshold) are scrambled; use "
+              "--confidence p_atypical to score the model", file=sys.stderr)
+    return evaluation
 
 
 def _print_aggregates(aggregates: dict[str, Any]) -> None:

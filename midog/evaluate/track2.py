@@ -121,6 +121,19 @@ class Track2Evaluation:
     def domains(self) -> np.ndarray:
         return np.concatenate([np.asarray(s.truth.domains) for s in self.stacks])
 
+    @property
+    def confidences(self) -> np.ndarray:
+        """The `confidence` fields as written, before any reading."""
+        return np.concatenate([s.confidence for s in self.stacks])
+
+    def looks_like_p_atypical(self) -> bool:
+        """Whether the confidences look written as P(atypical) on every page (process.py's default) rather than as
+        the confidence in the stated class: every "normal" confidence below every "atypical" one, and most "normal"
+        ones under 0.5 (a stated-class "normal" confidence is 1 - P(atypical) > 1 - threshold)."""
+        normal = self.confidences[self.y_pred == 0]
+        atypical = self.confidences[self.y_pred == 1]
+        return bool(len(normal) and len(atypical) and normal.max() < atypical.min() and np.median(normal) < 0.5)
+
     def metrics(self) -> dict[str, Any]:
         """The official metrics.json (the container empties `results`)."""
         return {"results": {}, "aggregates": self.aggregates}

@@ -78,3 +78,21 @@ def test_tuned_f1_is_the_official_f1_once_the_points_are_renamed_at_the_threshol
     renamed = {k: payload([{**p, "name": "mitotic figure" if p["probability"] >= tuned.threshold
                             else "non-mitotic figure"} for p in v["points"]]) for k, v in pred.items()}
     assert track1.score(renamed, gt, with_froc=False)["f1_score"] == pytest.approx(tuned.value, abs=1e-12)
+
+
+def test_p_atypical_outputs_read_as_stated_class_are_flagged(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # the same pages as PRED2 written as process.py does by default: P(atypical) on every page (threshold 0.5)
+    as_p_atypical = {"s.tiff": [{"class": "atypical" if p >= 0.5 else "normal", "confidence": p}
+                                for p in (0.8, 0.4, 0.35, 0.1, 0.6)]}
+    assert track2.evaluate(as_p_atypical, GT2).looks_like_p_atypical()
+    assert not track2.evaluate(PRED2, GT2).looks_like_p_atypical()        # stated-class confidences
+    (tmp_path / "gt2.json").write_text(json.dumps(GT2))
+    folder = container_folder(tmp_path / "p2", as_p_atypical, track=2)
+    args = ["tune", "--track2-ground-truth", str(tmp_path / "gt2.json"), "--track2-predictions", str(folder),
+            "--config", str(tmp_path / "c.yaml"), "--dry-run"]
+    assert main(args) == 0
+    assert "--confidence p_atypical" in capsys.readouterr().err
+    assert main(args + ["--confidence", "p_atypical"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "atypical.threshold = 0.400000" in captured.out
