@@ -258,9 +258,11 @@ class YoloProposer:
                 preds = self.model(batch)
             if isinstance(preds, (list, tuple)):
                 preds = preds[0]
+        # no time limit: ultralytics' default (2 s + 0.05 s per tile) returns the remaining tiles of a batch empty
+        # on a busy CPU, with only a log warning
         detections = nms.non_max_suppression(
             preds.float(), self.config.confidence, self.config.nms_iou, None, False,
-            max_det=self.config.max_detections_per_tile, nc=0, end2end=self.end2end,
+            max_det=self.config.max_detections_per_tile, nc=0, end2end=self.end2end, max_time_img=float("inf"),
         )
         height, width = tiles.shape[1:3]
         result = []
@@ -336,7 +338,9 @@ def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: Tilin
                     skipped += 1
                     continue
                 tile = image.read_region(x, y, size, size)
-                if not has_tissue(tile, tiling.tissue_saturation, tiling.tissue_min_fraction, tiling.tissue_gray_max):
+                inside = tile[:image.height - y, :image.width - x]  # an image smaller than a tile: not the padding
+                if not has_tissue(inside, tiling.tissue_saturation, tiling.tissue_min_fraction,
+                                  tiling.tissue_gray_max):
                     skipped += 1
                     continue
                 kept.append((x, y))

@@ -69,6 +69,32 @@ def test_background_tiles_are_skipped(proposer: YoloProposer):
     assert {r.origin for r in results} == {o for o in origins if o[0] < 820}
 
 
+def test_an_image_smaller_than_a_tile_is_judged_on_its_own_pixels(proposer: YoloProposer):
+    pixels = he_roi(60, 60, seed=4)           # all tissue, but under 2 % of a white-padded 512 px tile
+    results, stats = proposer.propose(ArrayRoi(pixels, SPACING), tile_origins(60, 60, 512, 0.2), TilingConfig(),
+                                      progress=False)
+    assert stats.tiles_run == len(results) == 1
+
+
+def test_a_slow_nms_never_drops_tiles(detector: Path, tiles: np.ndarray, monkeypatch: pytest.MonkeyPatch):
+    from ultralytics.utils import nms
+
+    proposer = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=8))
+    expected = proposer.predict(tiles)
+    assert all(len(boxes) for boxes, _, _ in expected)
+
+    class SlowClock:                          # every look at the clock finds 10 s more gone: a very busy CPU
+        now = 0.0
+
+        def time(self) -> float:
+            self.now += 10.0
+            return self.now
+
+    monkeypatch.setattr(nms, "time", SlowClock())
+    for (got, _, _), (want, _, _) in zip(proposer.predict(tiles), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_out_of_memory_halves_the_batch_and_goes_on(detector: Path, tiles: np.ndarray,
                                                     monkeypatch: pytest.MonkeyPatch):
     proposer = YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(batch_size=8))
