@@ -12,6 +12,7 @@ from typing import Callable
 
 from midog.config import PipelineConfig, load_config
 from midog.errors import InputError, MidogError
+from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, discard_previous_outputs
 from midog.weights import weights_pipeline_config
 
 log = logging.getLogger("midog")
@@ -31,6 +32,9 @@ def _run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> No
 
     run_track2(input_dir, output_dir, config)
 
+
+RESULT_FILES = (TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME, TRACK2_FILENAME)
+"""Every file a run may write: an earlier run's are removed first, so a failed run leaves none behind."""
 
 HANDLERS: dict[str, Callable[[Path, Path, PipelineConfig], None]] = {
     TRACK1_SLUG: _run_track1,
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        discard_previous_outputs(args.output, RESULT_FILES)
         config = load_run_config(args.config)
         handler = select_handler(read_interface_slugs(args.input))
         handler(args.input, args.output, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any, Sequence
 
 from midog.config import CHOICES
 from midog.errors import OutputError
+
+_log = logging.getLogger(__name__)
 
 TRACK1_FILENAME = "mitotic-figures.json"
 TRACK1_ATYPICAL_FILENAME = "atypical-mitotic-figures.json"
@@ -61,6 +64,19 @@ def check_output_folder(folder: str | os.PathLike[str]) -> None:
             pass
     except OSError as err:
         raise OutputError(f"cannot write to output folder {folder}: {err.strerror}") from None
+
+
+def discard_previous_outputs(folder: str | os.PathLike[str], names: Sequence[str]) -> None:
+    """Remove result files an earlier run left in `folder`, so that a run that fails leaves none behind: a stale
+    file would read as this run's result. (Grand-challenge's output folders start empty.)"""
+    for name in names:
+        path = Path(folder) / name
+        try:
+            if path.is_file():
+                path.unlink()
+                _log.warning("removed %s left by an earlier run", path)
+        except OSError as err:
+            raise OutputError(f"cannot remove {path} left by an earlier run: {err.strerror}") from None
 
 
 def track2_classification(probabilities: Sequence[float], threshold: float,

@@ -137,8 +137,9 @@ class Track1Detector:
         proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
                                              config.tiling.tile_size, config.runtime.num_threads)
         verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
-                                         config.merging.box_size_px)
-        atypical = load_atypical(config.atypical, device=device) if with_atypical else None
+                                         config.merging.box_size_px, foundation=config.foundation)
+        atypical = load_atypical(config.atypical, device=device, foundation=config.foundation) \
+            if with_atypical else None
         return cls(config, proposer, verifier, atypical)
 
     def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier
-from midog.config import CHOICES, VerifierConfig
+from midog.config import CHOICES, FoundationConfig, VerifierConfig
 from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 
@@ -67,8 +67,9 @@ class Verifier:
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
-                     fallback_box_px: int = 50) -> "Verifier":
-        return cls(load_classifier(path, device), config, fallback_box_px)
+                     fallback_box_px: int = 50, foundation: FoundationConfig | None = None) -> "Verifier":
+        """`foundation`: where a foundation-model verifier's base weights are (see midog.foundation)."""
+        return cls(load_classifier(path, device, foundation=foundation), config, fallback_box_px)
 
     @property
     def threshold(self) -> float:

@@ -112,3 +112,21 @@ def test_two_images_are_refused(tmp_path: Path, roi: np.ndarray, capsys: pytest.
     code, _, _ = run(tmp_path / "in", tmp_path / "out")
     assert code == 2
     assert "expected one image" in capsys.readouterr().err
+
+
+def test_both_classifiers_look_for_foundation_weights_where_the_run_config_says(monkeypatch: pytest.MonkeyPatch,
+                                                                                 tmp_path: Path):
+    import midog.classifier
+
+    config = load_config(overrides={"foundation": {"dir": str(tmp_path / "bases"), "hf_cache": str(tmp_path)}})
+    seen = []
+    real = midog.classifier.load_classifier
+
+    def recording(path, device="cpu", foundation=None):
+        seen.append(foundation)
+        return real(path, device, foundation=foundation)
+
+    monkeypatch.setattr("midog.verifier.load_classifier", recording)
+    monkeypatch.setattr("midog.atypical.load_classifier", recording)
+    Track1Detector.from_config(config, device="cpu")
+    assert seen == [config.foundation, config.foundation]     # the verifier and the atypical classifier

@@ -171,6 +171,16 @@ def _atypical_output_is_a_folder(input_dir: Path) -> None:
     (input_dir.parent / "out" / TRACK1_ATYPICAL_FILENAME).mkdir(parents=True)
 
 
+def _earlier_outputs_then(make: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`make`'s input, with an earlier run's results already in the output folder: a refused run removes them."""
+    def make_with_outputs(input_dir: Path) -> None:
+        make(input_dir)
+        (input_dir.parent / "out").mkdir(parents=True, exist_ok=True)
+        for name in (TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME, TRACK2_FILENAME):
+            (input_dir.parent / "out" / name).write_text("[]")
+    return make_with_outputs
+
+
 def _copy_weights(case_dir: Path, weights: Path) -> Path:
     folder = case_dir / "weights"
     shutil.copytree(weights, folder)
@@ -228,6 +238,10 @@ REFUSED: dict[str, Case] = {
     "no image": Case(_empty_image_folder, exit_code=EXIT_INPUT, message="no .tif/.tiff/.mha image"),
     "two images": Case(_two_images, exit_code=EXIT_INPUT, message="expected one image"),
     "truncated TIFF": Case(_truncated_roi, exit_code=EXIT_INPUT, message="truncated"),
+    "truncated TIFF, an earlier run's results in the output folder": Case(
+        _earlier_outputs_then(_truncated_roi), exit_code=EXIT_INPUT, message="truncated"),
+    "track2 text file named .tif, an earlier run's results in the output folder": Case(
+        _earlier_outputs_then(_not_a_tiff(TRACK2_SLUG)), exit_code=EXIT_INPUT, message="not a readable TIFF"),
     "track1 text file named .tif": Case(_not_a_tiff(TRACK1_FOLDER), exit_code=EXIT_INPUT,
                                         message="not a readable TIFF"),
     "track2 text file named .tif": Case(_not_a_tiff(TRACK2_SLUG), exit_code=EXIT_INPUT,
