@@ -23,6 +23,7 @@ The model has one output logit; P(positive) = sigmoid(logit).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from torchvision.transforms.v2.functional import center_crop
 
 from midog.errors import WeightsError
 from midog.weights import verify_checksum
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -90,6 +93,8 @@ class BinaryClassifier:
     """How crops are resized to the input size: the backbone's own data config for a pretrained backbone."""
     crop_pct: float = PLAIN_CROP_PCT
     """Below 1: resize to floor(input_size / crop_pct), then centre-crop input_size (timm's eval transform)."""
+    batch_cap: int | None = field(default=None, repr=False)
+    """Set after a GPU out-of-memory error: the batch size that `predict_proba` uses at most from then on."""
 
     def __post_init__(self) -> None:
         check_resize(self.interpolation, self.crop_pct)
@@ -123,15 +128,33 @@ class BinaryClassifier:
 
     @torch.inference_mode()
     def predict_proba(self, crops: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-        """P(positive) for each crop, in order. With `tta`, the mean over the 8 dihedral transforms."""
+        """P(positive) for each crop, in order. With `tta`, the mean over the 8 dihedral transforms.
+
+        Out of GPU memory, the batch is halved (and stays so for later calls: `batch_cap`) and the same crops are
+        tried again; only a batch of one that does not fit is an error.
+        """
         self.model.eval()
         out = []
-        for start in range(0, len(crops), batch_size):
-            batch = self.preprocess(crops[start:start + batch_size])
-            views = dihedral_views(batch) if tta else [batch]
-            probs = torch.stack([torch.sigmoid(self.model(v).float().view(-1)) for v in views]).mean(0)
-            out.append(probs.cpu().numpy())
+        start = 0
+        while start < len(crops):
+            size = min(batch_size, self.batch_cap or batch_size)
+            try:
+                out.append(self._predict_batch(crops[start:start + size], tta))
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.batch_cap = size // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of GPU memory: %s classifier batch size lowered to %d", self.positive, self.batch_cap)
+                continue
+            start += size
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _predict_batch(self, crops: np.ndarray | torch.Tensor, tta: bool) -> np.ndarray:
+        batch = self.preprocess(crops)
+        views = dihedral_views(batch) if tta else [batch]
+        return torch.stack([torch.sigmoid(self.model(v).float().view(-1)) for v in views]).mean(0).cpu().numpy()
 
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         return {**self.describe(meta),

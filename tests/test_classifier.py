@@ -62,3 +62,24 @@ def test_the_resize_is_saved_and_a_checkpoint_without_it_loads_as_a_plain_resize
     with pytest.raises(WeightsError, match="interpolation must be one of"):
         load_classifier(tmp_path / "bad.pt")
 
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_probabilities(monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    clf = build_classifier("resnet10t", 32, positive="atypical")
+    x = crops(13, 40, 40, seed=4)
+    expected = clf.predict_proba(x, tta=True, batch_size=16)
+    forward = clf.model.forward
+
+    def small_memory(batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(batch)
+
+    monkeypatch.setattr(clf.model, "forward", small_memory)
+    np.testing.assert_allclose(clf.predict_proba(x, tta=True, batch_size=16), expected, atol=1e-6)
+    assert clf.batch_cap == 4                                   # 16 → 8 → 4, and it stays there
+    monkeypatch.setattr(clf.model, "forward", lambda batch: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory (simulated)")))
+    with pytest.raises(torch.OutOfMemoryError):                 # not even one crop fits: the error goes up
+        clf.predict_proba(x[:1])
