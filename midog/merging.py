@@ -14,6 +14,7 @@ gives hundreds of thousands of candidates, and torchvision's CPU NMS compares ev
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -50,30 +51,59 @@ class Candidates:
         return Candidates(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
+class RunTiles:
+    """Origins of the tiles the detector ran on, to tell whether a tile side is shared with a neighbour that ran."""
+
+    def __init__(self, origins: Sequence[tuple[int, int]]) -> None:
+        self._xs_by_row: dict[int, list[int]] = {}
+        self._ys_by_column: dict[int, list[int]] = {}
+        for x, y in origins:
+            self._xs_by_row.setdefault(int(y), []).append(int(x))
+            self._ys_by_column.setdefault(int(x), []).append(int(y))
+        for values in (*self._xs_by_row.values(), *self._ys_by_column.values()):
+            values.sort()
+
+    @staticmethod
+    def _any_between(values: list[int], low: int, high: int) -> bool:
+        i = bisect.bisect_right(values, low)
+        return i < len(values) and values[i] < high
+
+    def shared_sides(self, origin: tuple[int, int], tile: int) -> tuple[bool, bool, bool, bool]:
+        """(left, top, right, bottom): whether a tile that ran overlaps this one across that side."""
+        x, y = int(origin[0]), int(origin[1])
+        row, column = self._xs_by_row.get(y, []), self._ys_by_column.get(x, [])
+        return (self._any_between(row, x - tile, x), self._any_between(column, y - tile, y),
+                self._any_between(row, x, x + tile), self._any_between(column, y, y + tile))
+
+
 def interior_edge_mask(boxes: np.ndarray, origin: tuple[int, int], tile: int, width: int, height: int,
-                       margin: int) -> np.ndarray:
-    """True for boxes (tile coordinates) within `margin` px of a tile side that lies inside the image."""
+                       margin: int, run: RunTiles | None = None) -> np.ndarray:
+    """True for boxes (tile coordinates) within `margin` px of a tile side that lies inside the image and, when
+    `run` is given, that a neighbour which ran shares: a figure next to a tile skipped as glass stays."""
     if margin <= 0 or len(boxes) == 0:
         return np.zeros(len(boxes), dtype=bool)
     x, y = origin
+    left, top, right, bottom = run.shared_sides(origin, tile) if run is not None else (True,) * 4
     touches = np.zeros(len(boxes), dtype=bool)
-    if x > 0:
+    if x > 0 and left:
         touches |= boxes[:, 0] <= margin
-    if y > 0:
+    if y > 0 and top:
         touches |= boxes[:, 1] <= margin
-    if x + tile < width:
+    if x + tile < width and right:
         touches |= boxes[:, 2] >= tile - margin
-    if y + tile < height:
+    if y + tile < height and bottom:
         touches |= boxes[:, 3] >= tile - margin
     return touches
 
 
 def to_image_coordinates(tiles: Sequence[TileDetections], tile: int, width: int, height: int,
                          edge_margin: int = 0) -> Candidates:
-    """Shift every tile's boxes by its origin (clipped to the image), dropping boxes on shared tile sides."""
+    """Shift every tile's boxes by its origin (clipped to the image), dropping boxes on tile sides shared with
+    another tile in `tiles` (the tiles that ran: a side towards a tile skipped as glass keeps its boxes)."""
+    run = RunTiles([d.origin for d in tiles])
     boxes, scores, classes = [], [], []
     for detections in tiles:
-        keep = ~interior_edge_mask(detections.boxes, detections.origin, tile, width, height, edge_margin)
+        keep = ~interior_edge_mask(detections.boxes, detections.origin, tile, width, height, edge_margin, run)
         shifted = detections.boxes[keep] + np.array([*detections.origin, *detections.origin], dtype=np.float32)
         boxes.append(shifted)
         scores.append(detections.scores[keep])

@@ -35,6 +35,16 @@ def test_figure_cut_by_a_tile_side_gives_one_point():
     assert len(merge_tiles(tiles, TILE, 2000, 2000, MergingConfig(tile_edge_px=0))) == 2
 
 
+def test_a_figure_next_to_a_tile_skipped_as_glass_is_kept():
+    # a figure on the left side of the tile at x 410, whose left neighbour (x 0) held no tissue and did not run
+    alone = [tile((410, 0), (1, 100, 40, 150, 0.8))]
+    assert len(merge_tiles(alone, TILE, 1000, 512, MergingConfig())) == 1
+    # with the neighbour run, it sees the figure whole: the cut box goes, the whole one stays
+    both = alone + [tile((0, 0), (395, 100, 450, 150, 0.9))]
+    merged = merge_tiles(both, TILE, 1000, 512, MergingConfig())
+    assert len(merged) == 1 and merged.scores[0] == pytest.approx(0.9)
+
+
 def test_boxes_on_the_image_border_are_kept():
     boxes = np.array([[0, 0, 20, 20], [492, 492, 512, 512], [200, 0, 250, 30]], np.float32)
     assert not interior_edge_mask(boxes, (0, 0), TILE, 512, 512, 4).any()  # the tile is the whole image
