@@ -40,7 +40,8 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from midog.classifier import BinaryClassifier, build_classifier, load_classifier, preprocess_card
+from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
+                              preprocess_card)
 from midog.weights import plain, write_model_card
 from training.amibr import CropDataset, load_crops, load_index, slide_folds
 from training.augment import AugmentConfig, train_transform
@@ -57,6 +58,9 @@ class TrainConfig:
     arch: str = "resnet18"
     """Any timm model name (created with pretrained=False)."""
     input_size: int = 96
+    crop_pct: float = 1.0
+    """1: the crop is resized to input_size whole. Below 1: resized to input_size / crop_pct, then centre-cropped to
+    input_size (a narrower field of view at a finer scale); stored with the weights, so inference does the same."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     positive: str = "atypical"
     folds: int = 5
@@ -108,7 +112,11 @@ def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, 
 # ---------------------------------------------------------------------------------------------------- setup
 
 def build_model(cfg: TrainConfig) -> BinaryClassifier:
-    return build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs)
+    clf = build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs)
+    if cfg.crop_pct != PLAIN_CROP_PCT:
+        check_resize(clf.interpolation, cfg.crop_pct)
+        clf.crop_pct = float(cfg.crop_pct)
+    return clf
 
 
 def resolve_data_root(cfg: TrainConfig) -> Path:

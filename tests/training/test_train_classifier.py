@@ -273,3 +273,19 @@ def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
     assert card["cross_validation_last_epoch"] == summary["last_epoch"]
     with pytest.raises(ValueError, match="ship_epoch"):
         tc.fold_checkpoint_name(_config(root, run, ship_epoch="median"))
+
+
+def test_crop_pct_trains_and_serves_a_centre_crop_at_a_finer_scale(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    clf = tc.build_model(_config(root, tmp_path / "run", crop_pct=0.8))
+    path = clf.save(tmp_path / "m.pt")
+    loaded = load_classifier(path)
+    assert loaded.crop_pct == pytest.approx(0.8)
+    x = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    batch = torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255
+    resized = torch.nn.functional.interpolate(batch, size=(40, 40), mode="bilinear", antialias=True)
+    expected = (resized[..., 4:36, 4:36] - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / torch.tensor(
+        loaded.std).view(1, 3, 1, 1)                        # 32 / 0.8 = 40 px, then the central 32 px
+    torch.testing.assert_close(loaded.preprocess(x), expected)
+    with pytest.raises(ValueError, match="crop_pct"):
+        tc.build_model(_config(root, tmp_path / "run", crop_pct=1.5))
