@@ -23,7 +23,6 @@ The model has one output logit; P(positive) = sigmoid(logit).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import center_crop
 
+from midog.devices import batches_halving_on_oom
 from midog.errors import WeightsError
 from midog.weights import verify_checksum
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -134,21 +132,11 @@ class BinaryClassifier:
         tried again; only a batch of one that does not fit is an error.
         """
         self.model.eval()
-        out = []
-        start = 0
-        while start < len(crops):
-            size = min(batch_size, self.batch_cap or batch_size)
-            try:
-                out.append(self._predict_batch(crops[start:start + size], tta))
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-                self.batch_cap = size // 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("out of GPU memory: %s classifier batch size lowered to %d", self.positive, self.batch_cap)
-                continue
-            start += size
+        size = min(batch_size, self.batch_cap or batch_size)
+        out, last_size = batches_halving_on_oom(len(crops), size, lambda start, stop: self._predict_batch(
+            crops[start:stop], tta), self.device, f"{self.positive} classifier")
+        if last_size < size:
+            self.batch_cap = last_size
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def _predict_batch(self, crops: np.ndarray | torch.Tensor, tta: bool) -> np.ndarray:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Callable, TypeVar
 
 import torch
 
 from midog.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -27,3 +33,26 @@ def configure_torch(runtime: RuntimeConfig) -> None:
     torch.backends.cudnn.benchmark = not runtime.deterministic
     if runtime.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def batches_halving_on_oom(count: int, batch_size: int, run: Callable[[int, int], T], device: torch.device,
+                           what: str) -> tuple[list[T], int]:
+    """`run(start, stop)` over [0, count) in batches of `batch_size`: (the results in order, the batch size the
+    last batch ran with). Out of GPU memory, the batch is halved and the same items tried again; only a batch of
+    one that does not fit is an error. Callers keep the returned size so later calls start from it."""
+    results: list[T] = []
+    start = 0
+    while start < count:
+        stop = min(start + batch_size, count)
+        try:
+            results.append(run(start, stop))
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of GPU memory: %s batch size lowered to %d", what, batch_size)
+            continue
+        start = stop
+    return results, batch_size

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from midog.config import CHOICES, ProposalConfig, TilingConfig
+from midog.devices import batches_halving_on_oom
 from midog.errors import WeightsError
 from midog.image_io import RoiImage
 from midog.tiling import has_tissue, tissue_fraction
@@ -230,22 +231,10 @@ class YoloProposer:
         """Boxes (tile px, clipped), scores and classes for each of (B, H, W, 3) uint8 RGB tiles."""
         if tiles.shape[1] % self.stride or tiles.shape[2] % self.stride:
             raise ValueError(f"tile size {tiles.shape[1:3]} must be a multiple of the model stride {self.stride}")
-        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        start = 0
-        while start < len(tiles):
-            chunk = tiles[start:start + self.batch_size]
-            try:
-                out.extend(self._predict_chunk(chunk))
-            except torch.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("out of GPU memory: detector batch size lowered to %d", self.batch_size)
-                continue
-            start += len(chunk)
-        return out
+        chunks, self.batch_size = batches_halving_on_oom(
+            len(tiles), self.batch_size, lambda start, stop: self._predict_chunk(tiles[start:stop]), self.device,
+            "detector")
+        return [tile for chunk in chunks for tile in chunk]
 
     def _predict_chunk(self, tiles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         from ultralytics.utils import nms
