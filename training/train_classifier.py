@@ -4,9 +4,8 @@
                                         [--out DIR] [--resume] [--full]
 
 Per fold: AdamW + linear warmup + cosine decay, BCE with a positive-class weight for the imbalance, early stopping
-on validation balanced accuracy (with `ship_epoch: best`; with 'last' every fold runs its whole schedule), a decision
-threshold chosen on the validation fold (max balanced accuracy) and
-stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
+on validation balanced accuracy (with `ship_epoch: best`; with 'last' every fold runs its whole schedule), a
+decision threshold chosen on the validation fold (max balanced accuracy) and stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
 `--full` trains one model on all crops for the median best epoch of the CV folds (or `--full-epochs N`, which can
 run alongside the CV; `--full --full-epochs N --resume` after the CV then only sets its thresholds).
 
