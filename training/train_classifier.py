@@ -5,7 +5,8 @@
 
 Per fold: AdamW + linear warmup + cosine decay, BCE with a positive-class weight for the imbalance, early stopping
 on validation balanced accuracy (with `ship_epoch: best`; with 'last' every fold runs its whole schedule), a
-decision threshold chosen on the validation fold (max balanced accuracy) and stored in the checkpoint. Writes `DIR/fold{k}/{best.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
+decision threshold chosen on the validation fold (max balanced accuracy) and stored in the checkpoint. Writes
+`DIR/fold{k}/{best.pt,final.pt,last.pt,metrics.csv}` and `DIR/cv_summary.json`.
 `--full` trains one model on all crops for the median best epoch of the CV folds (or `--full-epochs N`, which can
 run alongside the CV; `--full --full-epochs N --resume` after the CV then only sets its thresholds).
 
@@ -95,6 +96,15 @@ class TrainConfig:
     eval_batch_size: int = 256
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     out: str = "runs/atypical"
+
+    def __post_init__(self) -> None:
+        # checked here, not where it is used: a misspelt value would otherwise train without early stopping
+        if self.ship_epoch not in SHIP_EPOCH_CHECKPOINTS:
+            raise ValueError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
+
+
+SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
+"""The fold checkpoint each `ship_epoch` follows: early stopping's best epoch, or the last epoch."""
 
 
 def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -493,9 +503,7 @@ def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, An
 
 def fold_checkpoint_name(cfg: TrainConfig) -> str:
     """The fold checkpoint that `ship_epoch` follows: best.pt (early stopping's best epoch) or final.pt (last)."""
-    if cfg.ship_epoch not in ("best", "last"):
-        raise ValueError(f"ship_epoch must be 'best' or 'last', got {cfg.ship_epoch!r}")
-    return "best.pt" if cfg.ship_epoch == "best" else "final.pt"
+    return SHIP_EPOCH_CHECKPOINTS[cfg.ship_epoch]
 
 
 def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
