@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import SimpleITK as sitk
 import tifffile
 
 from midog.errors import InputError
@@ -213,6 +212,13 @@ class TiffStack(PageStack):
         self._tif.close()
 
 
+def _sitk():
+    """SimpleITK, imported on first use: only MetaImage (.mha) input needs it, and it is a large import."""
+    import SimpleITK
+
+    return SimpleITK
+
+
 _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
               "MET_DOUBLE": 8}
@@ -224,7 +230,7 @@ class MhaStack(PageStack):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._check_header()
-        self._reader = sitk.ImageFileReader()
+        self._reader = _sitk().ImageFileReader()
         self._reader.SetFileName(str(path))
         self._reader.SetImageIO("MetaImageIO")
         try:
@@ -271,7 +277,7 @@ class MhaStack(PageStack):
         self._reader.SetExtractIndex(index)
         self._reader.SetExtractSize(size)
         try:
-            pixels = sitk.GetArrayFromImage(self._reader.Execute())
+            pixels = _sitk().GetArrayFromImage(self._reader.Execute())
         except RuntimeError as err:
             raise self._unreadable(f"pages {start + 1}-{stop}", err) from None
         if len(self._size) == 2:
@@ -594,7 +600,7 @@ class MhaRoi(RoiImage):
 
     def __init__(self, path: Path, fallback_spacing_um: float, max_pixels: int) -> None:
         self.path = path
-        self._reader = sitk.ImageFileReader()
+        self._reader = _sitk().ImageFileReader()
         self._reader.SetFileName(str(path))
         self._reader.SetImageIO("MetaImageIO")
         try:
@@ -631,7 +637,7 @@ class MhaRoi(RoiImage):
         self._reader.SetExtractIndex([x, y] + [0] * (dims - 2))
         self._reader.SetExtractSize([width, height] + [1] * (dims - 2) if not whole else list(self._reader.GetSize()))
         try:
-            pixels = sitk.GetArrayFromImage(self._reader.Execute())
+            pixels = _sitk().GetArrayFromImage(self._reader.Execute())
         except RuntimeError as err:
             raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[-1]}") from None
         if dims == 3:

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 import tifffile
 import torch
 
@@ -78,6 +77,8 @@ def write_tiff(path: Path, pixels: np.ndarray, spacing_um: tuple[float, float] |
 
 def write_mha(path: Path, pixels: np.ndarray, spacing_mm: tuple[float, float] | None = (0.00025, 0.00025),
               origin_mm: tuple[float, float] = (0.0, 0.0), compress: bool = False) -> Path:
+    import SimpleITK as sitk  # here only: the benchmarks import this module on machines that may lack SimpleITK
+
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3)
     if spacing_mm is not None:
