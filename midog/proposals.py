@@ -3,8 +3,8 @@
 The model is loaded once from an ultralytics checkpoint (any YOLO11 size, or our LSConv/EMA model), fused once, and
 called directly on batched tensors; NMS is ultralytics' own `non_max_suppression`, with the arguments its
 `DetectionPredictor` passes, so a tile gives the boxes `YOLO.predict` would give for it. Tiles are read and checked
-for tissue in a background thread while the model runs. On CUDA: fp16 autocast, channels-last, pinned host memory;
-an out-of-memory error halves the batch and goes on.
+for tissue in a background thread while the model runs. On CUDA: channels-last, pinned host memory, fp16 autocast
+when `proposals.half`; an out-of-memory error halves the batch and goes on.
 
 On the CPU (`proposals.backend: auto`), the fused model is exported once to ONNX (fixed tile size, dynamic batch)
 and run by ONNX Runtime, which is several times faster than PyTorch's eager CPU kernels for YOLO (see
