@@ -483,6 +483,7 @@ class TiffRoi(RoiImage):
             self._pixels = self._decode_whole()
             return
         self._scale = _uint8_scale(self._page.dtype, int(self._page.bitspersample))
+        self._mapped = self._memory_map()
         chunks = self._page.chunks
         self._seg_h, self._seg_w = int(chunks[0]), int(chunks[1])
         self._seg_cols = int(self._page.chunked[1])
@@ -493,6 +494,22 @@ class TiffRoi(RoiImage):
         if self._page.compression in (6, 7, 34892, 33007):  # JPEG flavours need their tables
             self._decode_args["jpegtables"] = self._page.jpegtables
             self._decode_args["jpegheader"] = self._page.jpegheader
+
+    def _memory_map(self) -> np.ndarray | None:
+        """Uncompressed strips stored back to back (tifffile's default layout for uncompressed data is one strip
+        for the whole image) as a read-only memory map, so a region reads only its own rows; None otherwise."""
+        page = self._page
+        photometric = getattr(page.photometric, "name", str(page.photometric))
+        if (page.is_tiled or photometric not in ("RGB", "MINISBLACK") or page.dtype is None
+                or not (page.is_contiguous and page.is_memmappable)):
+            return None
+        samples = int(self._page.shaped[4])
+        dtype = np.dtype(page.dtype).newbyteorder(self._tif.byteorder)
+        try:
+            return np.memmap(self.path, dtype=dtype, mode="r", offset=int(page.dataoffsets[0]),
+                             shape=(self.height, self.width, samples))
+        except (ValueError, OSError):
+            return None
 
     def thumbnail(self, max_pixels: int) -> np.ndarray | None:
         if self._pixels is not None or max_pixels <= 0:
@@ -548,6 +565,8 @@ class TiffRoi(RoiImage):
     def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._pixels is not None:
             return self._pixels[y0:y1, x0:x1]
+        if self._mapped is not None:
+            return _to_rgb_scaled(np.asarray(self._mapped[y0:y1, x0:x1]), self._scale)
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         rows = range(y0 // self._seg_h, (y1 - 1) // self._seg_h + 1)
         cols = range(x0 // self._seg_w, (x1 - 1) // self._seg_w + 1) if self._page.is_tiled else range(1)
@@ -586,6 +605,7 @@ class TiffRoi(RoiImage):
             return result
 
     def close(self) -> None:
+        self._mapped = None
         self._tif.close()
 
 

@@ -111,6 +111,33 @@ def test_tiff_layouts_read_the_same_in_memory_and_streamed(tmp_path: Path, pixel
         np.testing.assert_array_equal(expected, pixels)
 
 
+@pytest.mark.parametrize("kind", ["rgb", "gray16-big-endian", "rgba"])
+def test_uncompressed_strips_are_memory_mapped_not_decoded_whole(tmp_path: Path, kind: str):
+    """tifffile writes uncompressed data as one strip: streamed, a region must cost its own rows, not the image."""
+    import tracemalloc
+
+    rgb = he_roi(3000, 2000, seed=3, figures=[(1500, 1000)])
+    if kind == "rgb":
+        data, expected = rgb, rgb
+    elif kind == "rgba":
+        data, expected = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1), rgb
+    else:
+        data, expected = rgb[..., 0].astype(">u2") * 257, np.repeat(rgb[..., :1], 3, axis=-1)
+    path = tmp_path / "roi.tif"
+    tifffile.imwrite(path, data, photometric="rgb" if data.ndim == 3 else "minisblack",
+                     extrasamples=["unassalpha"] if kind == "rgba" else None,
+                     byteorder=">" if kind.endswith("big-endian") else "<")
+    assert len(tifffile.TiffFile(path).pages[0].dataoffsets) == 1
+    with open_roi(path, **STREAM) as roi:
+        tracemalloc.start()
+        region = roi.read_region(1200, 900, 512, 512)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(region, expected[900:1412, 1200:1712])
+        np.testing.assert_array_equal(roi.read_region(2900, 1950, 200, 100)[:50, :100], expected[1950:, 2900:])
+        assert peak < 12 * 512 * 512 * 3, f"{peak / 2**20:.0f} MB traced for a 0.75 MB region"
+
+
 @pytest.mark.parametrize("kind", ["gray", "rgba", "16bit"])
 def test_gray_rgba_and_16_bit_come_out_rgb_uint8(tmp_path: Path, pixels: np.ndarray, kind: str):
     if kind == "gray":
