@@ -110,6 +110,9 @@ class AtypicalConfig:
     """None: use the decision threshold stored with the weights."""
     tta: bool = True
     batch_size: int = 64
+    max_batch_megapixels: float = 16.0
+    """Track 2 reads at most this many pixels of pages per batch (and at least one page): a stack of large pages
+    stays in bounded memory. 64 crops of 128 px are 1 MP."""
     confidence: str = "p_atypical"
     """Track 2 "confidence": p_atypical (every page, as the reference container) | stated_class (as the official
     evaluator reads it for ROC AUC: 1 - P(atypical) on "normal" pages)."""
@@ -188,6 +191,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
     "atypical.batch_size": (_positive_int, "a positive integer"),
+    "atypical.max_batch_megapixels": (_positive_number, "a positive number"),
 }
 """Every size and threshold whose value can be wrong in a way that would only show deep inside a run."""
 

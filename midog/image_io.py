@@ -91,12 +91,27 @@ class PageStack:
         """Pages [start, stop) as RGB uint8 (H, W, 3) arrays; sizes may differ between pages."""
         raise NotImplementedError
 
-    def iter_batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        """Pages in order, `batch_size` at a time; only one batch is in memory."""
+    def page_pixels(self, number: int) -> int:
+        """Height × width of page `number`, from its header (nothing decoded)."""
+        raise NotImplementedError
+
+    def iter_batches(self, batch_size: int, max_batch_pixels: int = 0) -> Iterator[list[np.ndarray]]:
+        """Pages in order, at most `batch_size` at a time and, when `max_batch_pixels` > 0, no more pixels than that
+        in one batch (but at least one page), so large pages cannot make a batch of gigabytes; only one batch is in
+        memory."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, self.num_pages, batch_size):
-            yield self.read_pages(start, min(start + batch_size, self.num_pages))
+        start = 0
+        while start < self.num_pages:
+            stop, pixels = start + 1, self.page_pixels(start) if max_batch_pixels > 0 else 0
+            while stop < min(start + batch_size, self.num_pages):
+                if max_batch_pixels > 0:
+                    pixels += self.page_pixels(stop)
+                    if pixels > max_batch_pixels:
+                        break
+                stop += 1
+            yield self.read_pages(start, stop)
+            start = stop
 
     def close(self) -> None:
         pass
@@ -186,6 +201,10 @@ class TiffStack(PageStack):
     def read_pages(self, start: int, stop: int) -> list[np.ndarray]:
         return [self._read(number) for number in range(start, stop)]
 
+    def page_pixels(self, number: int) -> int:
+        shaped = self._tif.pages[self._indices[number]].shaped  # (planes, depth, height, width, samples)
+        return int(shaped[2]) * int(shaped[3])
+
     def _read(self, number: int) -> np.ndarray:
         page = self._tif.pages[self._indices[number]]
         photometric = getattr(page.photometric, "name", str(page.photometric))
@@ -244,6 +263,9 @@ class MhaStack(PageStack):
         self.num_pages = 1 if len(self._size) == 2 else self._size[2]
         if self.num_pages < 1:
             raise InputError(f"{path.name} holds no image page")
+
+    def page_pixels(self, number: int) -> int:
+        return int(self._size[0]) * int(self._size[1])
 
     def _check_header(self) -> None:
         """Refuse a non-MetaImage, or an uncompressed one holding fewer bytes than its header promises, before

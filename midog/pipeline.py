@@ -35,7 +35,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
     The stack is opened (and checked) and the output folder checked before the weights are loaded, pages are
-    classified in batches of `atypical.batch_size`, and the output is written once, atomically, after the last
+    classified in batches of `atypical.batch_size` (and `atypical.max_batch_megapixels`), and the output is written once, atomically, after the last
     page: a failure anywhere leaves no output file.
     """
     configure_torch(config.runtime)
@@ -47,7 +47,8 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
                                    foundation=config.foundation)
         loaded = time.perf_counter()
         probabilities: list[float] = []
-        for batch in stack.iter_batches(config.atypical.batch_size):
+        for batch in stack.iter_batches(config.atypical.batch_size,
+                                        int(config.atypical.max_batch_megapixels * 1e6)):
             probabilities.extend(classifier.predict_proba(batch).tolist())
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)

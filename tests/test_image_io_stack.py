@@ -120,6 +120,26 @@ def test_batches_are_in_order(tmp_path: Path):
     np.testing.assert_array_equal(np.stack([p for b in batches for p in b]), crops)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".mha"])
+def test_batches_hold_at_most_the_pixel_budget_but_one_page_at_least(tmp_path: Path, suffix: str):
+    if suffix == ".tif":  # pages of 30, 60, 30, 30, 90, 30 px
+        sizes = [30, 60, 30, 30, 90, 30]
+        path = tmp_path / "s.tif"
+        with tifffile.TiffWriter(path) as writer:
+            for i, size in enumerate(sizes):
+                writer.write(he_pages(1, size=size, seed=i)[0], photometric="rgb", metadata=None)
+        budget, expected = 60 * 60, [[30], [60], [30, 30], [90], [30]]  # 900 + 3,600 > 3,600: the 60 px page alone
+    else:  # a 3-D MetaImage: every page 40 px
+        path, sizes = write_mha(tmp_path / "s.mha", he_pages(7, size=40, seed=1)), [40] * 7
+        budget, expected = 3 * 40 * 40, [[40] * 3, [40] * 3, [40]]
+    with open_stack(path) as stack:
+        assert [stack.page_pixels(i) for i in range(len(sizes))] == [s * s for s in sizes]
+        batches = list(stack.iter_batches(64, max_batch_pixels=budget))
+        assert [[page.shape[0] for page in batch] for batch in batches] == expected
+        assert [len(b) for b in stack.iter_batches(2, max_batch_pixels=10**9)] == [2] * (len(sizes) // 2) + \
+            [1] * (len(sizes) % 2)
+
+
 def test_2000_pages_stream_in_bounded_memory(tmp_path: Path):
     page = he_pages(1, size=64, seed=2)[0]
     path = tmp_path / "big.tif"

@@ -123,6 +123,20 @@ def test_pages_stream_in_configured_batches(tmp_path: Path, capsys: pytest.Captu
     assert_matches(small, large)
 
 
+def test_large_pages_are_read_within_the_pixel_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """Four 1,000 px pages with a 2.5 MP budget: read two at a time, whatever atypical.batch_size says."""
+    from midog.image_io import TiffStack
+
+    write_tiff(track2_input(tmp_path / "in"), _rgb(4, size=1000, seed=7))
+    reads: list[int] = []
+    read_pages = TiffStack.read_pages
+    monkeypatch.setattr(TiffStack, "read_pages", lambda self, a, b: reads.append(b - a) or read_pages(self, a, b))
+    monkeypatch.setenv("MIDOG_ATYPICAL__MAX_BATCH_MEGAPIXELS", "2.5")
+    assert run(tmp_path / "in", tmp_path / "out", capsys)[0] == 0
+    assert reads == [2, 2] and len(read_output(tmp_path / "out")) == 4
+
+
 def test_same_input_twice_is_byte_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     write_tiff(track2_input(tmp_path / "in"), _rgb(6, seed=8))
     for out in ("a", "b"):
