@@ -525,7 +525,7 @@ class TiffRoi(RoiImage):
         if (page.is_tiled or photometric not in ("RGB", "MINISBLACK") or page.dtype is None
                 or not (page.is_contiguous and page.is_memmappable)):
             return None
-        samples = int(self._page.shaped[4])
+        samples = int(page.shaped[4])
         dtype = np.dtype(page.dtype).newbyteorder(self._tif.byteorder)
         try:
             return np.memmap(self.path, dtype=dtype, mode="r", offset=int(page.dataoffsets[0]),

@@ -35,8 +35,8 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
     The stack is opened (and checked) and the output folder checked before the weights are loaded, pages are
-    classified in batches of `atypical.batch_size` (and `atypical.max_batch_megapixels`), and the output is written once, atomically, after the last
-    page: a failure anywhere leaves no output file.
+    classified in batches of `atypical.batch_size` pages and `atypical.max_batch_megapixels` pixels at most, and the
+    output is written once, atomically, after the last page: a failure anywhere leaves no output file.
     """
     configure_torch(config.runtime)
     image_path = find_single_image(input_dir / "images" / TRACK2_SLUG)
