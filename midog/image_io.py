@@ -447,13 +447,28 @@ def _fallback_transform(path: Path, fallback_spacing_um: float, why: str) -> Phy
     return PhysicalTransform(spacing_mm=(spacing, spacing))
 
 
-def _uint8_scale(dtype: np.dtype, bits: int) -> float | None:
-    """Fixed scale to uint8 for a streamed image (a per-tile maximum would make tiles disagree); None = as is."""
+def _uint8_scale(dtype: np.dtype, maximum: float) -> float | None:
+    """The factor `_scale_to_uint8` applies to data of this type and maximum, fixed once for a streamed image (a
+    per-tile maximum would make tiles disagree; the declared bit depth would make 12-bit or 8-bit data held in 16
+    bits read dark where the same image in memory reads full range); None = as is."""
     if dtype == np.uint8:
         return None
-    if np.issubdtype(dtype, np.integer):
-        return 255.0 / ((1 << max(8, bits)) - 1)
-    return 255.0  # floats in [0, 1]
+    if np.issubdtype(dtype, np.floating):
+        return 255.0 if maximum <= 1.0 else 1.0
+    bits = max(8, int(maximum).bit_length())
+    return 1.0 if bits == 8 else 255.0 / ((1 << bits) - 1)
+
+
+def _colour_maximum(pixels: np.ndarray) -> float:
+    """The maximum over the samples `to_rgb_uint8` keeps (gray or RGB; alpha ignored), NaN as 0."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    kept = pixels[..., :1] if pixels.shape[-1] <= 2 else pixels[..., :3]
+    return float(np.nanmax(kept, initial=0)) if kept.size else 0.0
+
+
+STREAM_SAMPLE_SEGMENTS = 64
+"""Segments (tiles, strips, row bands) read once, spread over a streamed image, to find its data maximum."""
 
 
 def _to_rgb_scaled(pixels: np.ndarray, scale: float | None) -> np.ndarray:
@@ -504,7 +519,6 @@ class TiffRoi(RoiImage):
         if self.width * self.height <= max_pixels or not streamable:
             self._pixels = self._decode_whole()
             return
-        self._scale = _uint8_scale(self._page.dtype, int(self._page.bitspersample))
         self._mapped = self._memory_map()
         chunks = self._page.chunks
         self._seg_h, self._seg_w = int(chunks[0]), int(chunks[1])
@@ -516,6 +530,32 @@ class TiffRoi(RoiImage):
         if self._page.compression in (6, 7, 34892, 33007):  # JPEG flavours need their tables
             self._decode_args["jpegtables"] = self._page.jpegtables
             self._decode_args["jpegheader"] = self._page.jpegheader
+        self._scale = None if self._page.dtype == np.uint8 else _uint8_scale(self._page.dtype, self._sample_maximum())
+
+    def _sample_maximum(self) -> float:
+        """The data maximum over rows or segments spread evenly over the image (see `_uint8_scale`)."""
+        if self._mapped is not None:
+            rows = np.unique(np.linspace(0, self.height - 1, STREAM_SAMPLE_SEGMENTS * 4).astype(int))
+            return _colour_maximum(np.asarray(self._mapped[rows]))
+        count = len(self._page.dataoffsets)
+        wanted = np.unique(np.linspace(0, count - 1, min(count, STREAM_SAMPLE_SEGMENTS)).astype(int)).tolist()
+        maximum = 0.0
+        for _, segment in self._decoded(wanted):
+            maximum = max(maximum, _colour_maximum(segment))
+        return maximum
+
+    def _decoded(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, raw decoded segment as (rows, columns, samples)) for the segments at `indices`, in file order."""
+        offsets = [self._page.dataoffsets[i] for i in indices]
+        counts = [self._page.databytecounts[i] for i in indices]
+        try:
+            for data, index in self._tif.filehandle.read_segments(offsets, counts, indices=indices, sort=True):
+                segment, _, shape = self._page.decode(data, index, **self._decode_args)
+                if segment is None:  # an empty segment: tifffile leaves it to the fill value
+                    segment = np.zeros(shape, dtype=self._page.dtype)
+                yield index, np.asarray(segment).reshape(shape[1:])
+        except (ValueError, OSError, RuntimeError, EOFError, struct.error) as err:
+            raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
 
     def _memory_map(self) -> np.ndarray | None:
         """Uncompressed strips stored back to back (tifffile's default layout for uncompressed data is one strip
@@ -606,18 +646,8 @@ class TiffRoi(RoiImage):
         """Decoded segments (tiles or strips) as RGB uint8, through an LRU cache; thread-safe."""
         with self._lock:
             missing = [i for i in indices if i not in self._cache]
-            if missing:
-                offsets = [self._page.dataoffsets[i] for i in missing]
-                counts = [self._page.databytecounts[i] for i in missing]
-                fh = self._tif.filehandle
-                try:
-                    for data, index in fh.read_segments(offsets, counts, indices=missing, sort=True):
-                        segment, _, shape = self._page.decode(data, index, **self._decode_args)
-                        if segment is None:  # an empty segment: tifffile leaves it to the fill value
-                            segment = np.zeros(shape, dtype=self._page.dtype)
-                        self._cache[index] = _to_rgb_scaled(np.asarray(segment).reshape(shape[1:]), self._scale)
-                except (ValueError, OSError, RuntimeError, EOFError, struct.error) as err:
-                    raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
+            for index, segment in self._decoded(missing) if missing else ():
+                self._cache[index] = _to_rgb_scaled(segment, self._scale)
             result = []
             for i in indices:
                 self._cache.move_to_end(i)
@@ -662,7 +692,11 @@ class MhaRoi(RoiImage):
         compressed = self._reader.GetMetaData("CompressedData").lower() == "true" \
             if self._reader.HasMetaDataKey("CompressedData") else False
         if self.width * self.height <= max_pixels or compressed:
-            self._pixels = self._extract(0, 0, self.width, self.height, whole=True)
+            self._pixels = to_rgb_uint8(self._extract(0, 0, self.width, self.height, whole=True))
+        else:
+            rows = np.unique(np.linspace(0, self.height - 1, STREAM_SAMPLE_SEGMENTS).astype(int))
+            sample = [self._extract(0, int(y), self.width, 1) for y in rows]
+            self._scale = _uint8_scale(sample[0].dtype, max(_colour_maximum(row) for row in sample))
 
     def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
         spacing = tuple(float(s) for s in self._reader.GetSpacing()[:2])
@@ -675,6 +709,7 @@ class MhaRoi(RoiImage):
         return PhysicalTransform(spacing, origin, tuple(float(d) for d in direction2)), False  # type: ignore[arg-type]
 
     def _extract(self, x: int, y: int, width: int, height: int, whole: bool = False) -> np.ndarray:
+        """A region's pixels as stored (H, W[, C])."""
         dims = len(self._reader.GetSize())
         self._reader.SetExtractIndex([x, y] + [0] * (dims - 2))
         self._reader.SetExtractSize([width, height] + [1] * (dims - 2) if not whole else list(self._reader.GetSize()))
@@ -682,14 +717,10 @@ class MhaRoi(RoiImage):
             pixels = _sitk().GetArrayFromImage(self._reader.Execute())
         except RuntimeError as err:
             raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[-1]}") from None
-        if dims == 3:
-            pixels = pixels[0]
-        if whole:
-            return to_rgb_uint8(pixels)
-        return _to_rgb_scaled(pixels, _uint8_scale(pixels.dtype, 8 * pixels.dtype.itemsize))
+        return pixels[0] if dims == 3 else pixels
 
     def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._pixels is not None:
             return self._pixels[y0:y1, x0:x1]
         with self._lock:
-            return self._extract(x0, y0, x1 - x0, y1 - y0)
+            return _to_rgb_scaled(self._extract(x0, y0, x1 - x0, y1 - y0), self._scale)

@@ -138,6 +138,26 @@ def test_uncompressed_strips_are_memory_mapped_not_decoded_whole(tmp_path: Path,
         assert peak < 12 * 512 * 512 * 3, f"{peak / 2**20:.0f} MB traced for a 0.75 MB region"
 
 
+@pytest.mark.parametrize("layout", ["tiled", "strip", "mha"])
+@pytest.mark.parametrize("data", ["16-bit", "12-bit in 16", "8-bit in 16", "float 0-1", "float 0-255"])
+def test_wide_data_streamed_reads_as_in_memory(tmp_path: Path, pixels: np.ndarray, layout: str, data: str):
+    """One rule for the whole file: a streamed image is scaled by its data's maximum, as it is in memory (by the
+    declared depth, 12-bit or 8-bit data held in 16 bits read 16 or 257 times too dark when streamed)."""
+    values = {"16-bit": pixels.astype(np.uint16) * 257, "12-bit in 16": pixels.astype(np.uint16) * 16,
+              "8-bit in 16": pixels.astype(np.uint16), "float 0-1": pixels.astype(np.float32) / 255,
+              "float 0-255": pixels.astype(np.float32)}[data]
+    if layout == "mha":
+        path = write_mha(tmp_path / "roi.mha", values)
+    else:
+        path = write_tiff(tmp_path / "roi.tif", values, tile=128 if layout == "tiled" else None)
+    with open_roi(path) as whole, open_roi(path, **STREAM) as streamed:
+        assert whole._pixels is not None and streamed._pixels is None
+        for x, y, w, h in [(0, 0, 700, 500), (300, 200, 128, 96)]:
+            np.testing.assert_array_equal(streamed.read_region(x, y, w, h), whole.read_region(x, y, w, h))
+    expected = pixels if data != "12-bit in 16" else np.rint(pixels.astype(np.float32) * 16 * 255 / 4095)
+    np.testing.assert_array_equal(whole.read_region(0, 0, 700, 500), expected.astype(np.uint8))
+
+
 @pytest.mark.parametrize("kind", ["gray", "rgba", "16bit"])
 def test_gray_rgba_and_16_bit_come_out_rgb_uint8(tmp_path: Path, pixels: np.ndarray, kind: str):
     if kind == "gray":
