@@ -86,10 +86,30 @@ class PageStack:
 
     path: Path
     num_pages: int
+    _wide_maximum: float | None = None
 
     def read_pages(self, start: int, stop: int) -> list[np.ndarray]:
         """Pages [start, stop) as RGB uint8 (H, W, 3) arrays; sizes may differ between pages."""
+        return [self._to_rgb(pixels) for pixels in self._raw_pages(start, stop)]
+
+    def _raw_pages(self, start: int, stop: int) -> list[np.ndarray]:
+        """Pages [start, stop) as stored, (H, W) or (H, W, C), colour model resolved (palette, min-is-white)."""
         raise NotImplementedError
+
+    def _to_rgb(self, pixels: np.ndarray) -> np.ndarray:
+        """8-bit pages as they are; wider ones by one rule for the whole file, `to_rgb_uint8`'s rule applied to the
+        maximum over all its wide pages (found in one extra pass on first use): per page, a dark 16-bit page would
+        be brightened 2× or more beside its neighbours."""
+        if pixels.dtype in (np.uint8, np.bool_):
+            return to_rgb_uint8(pixels)
+        if self._wide_maximum is None:
+            self._wide_maximum = max(
+                (_colour_maximum(page) for start in range(0, self.num_pages, 16)
+                 for page in self._raw_pages(start, min(start + 16, self.num_pages))
+                 if page.dtype not in (np.uint8, np.bool_)), default=0.0)
+        if pixels.ndim == 3 and not 1 <= pixels.shape[-1] <= 4:
+            return to_rgb_uint8(pixels)  # refused there with its message
+        return _to_rgb_scaled(pixels, _uint8_scale(pixels.dtype, self._wide_maximum))
 
     def page_pixels(self, number: int) -> int:
         """Height × width of page `number`, from its header (nothing decoded)."""
@@ -198,7 +218,7 @@ class TiffStack(PageStack):
             raise InputError(f"{self.path.name} holds no image page")
         return indices
 
-    def read_pages(self, start: int, stop: int) -> list[np.ndarray]:
+    def _raw_pages(self, start: int, stop: int) -> list[np.ndarray]:
         return [self._read(number) for number in range(start, stop)]
 
     def page_pixels(self, number: int) -> int:
@@ -225,7 +245,7 @@ class TiffStack(PageStack):
             pixels = colormap[:, pixels].transpose(1, 2, 0)
         elif photometric == "MINISWHITE" and np.issubdtype(pixels.dtype, np.integer):
             pixels = ((1 << int(page.bitspersample)) - 1) - pixels
-        return to_rgb_uint8(pixels)
+        return pixels
 
     def close(self) -> None:
         self._tif.close()
@@ -291,7 +311,7 @@ class MhaStack(PageStack):
         if self.path.stat().st_size - marker.end() < values * value_size:
             raise InputError(f"{self.path.name} is truncated: it holds less pixel data than its header declares")
 
-    def read_pages(self, start: int, stop: int) -> list[np.ndarray]:
+    def _raw_pages(self, start: int, stop: int) -> list[np.ndarray]:
         if len(self._size) == 2:
             index, size = [0, 0], list(self._size)
         else:
@@ -306,7 +326,7 @@ class MhaStack(PageStack):
             pixels = pixels[None]
         elif self._reader.GetNumberOfComponents() == 1 and pixels.ndim == 2:
             pixels = pixels[None]
-        return [to_rgb_uint8(page) for page in pixels]
+        return list(pixels)
 
 
 # ---- Track 1: regions of interest, read tile by tile ---------------------------------------------------------------
@@ -475,7 +495,8 @@ def _to_rgb_scaled(pixels: np.ndarray, scale: float | None) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if scale is not None:
-        pixels = np.clip(np.rint(pixels[..., :3].astype(np.float32) * scale), 0, 255).astype(np.uint8)
+        data = np.nan_to_num(pixels[..., :3].astype(np.float32), nan=0.0)
+        pixels = np.clip(np.rint(data * scale), 0, 255).astype(np.uint8)
     return to_rgb_uint8(pixels)
 
 

@@ -75,6 +75,18 @@ def test_8bit_values_in_16bit_container_are_kept(tmp_path: Path, crops: np.ndarr
     np.testing.assert_array_equal(np.stack(pages), crops)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".mha"])
+def test_16bit_pages_share_one_scale_per_file(tmp_path: Path, crops: np.ndarray, suffix: str):
+    """A dark page keeps its darkness beside a bright one, in whatever batch it is read: one rule for the file."""
+    wide = crops.astype(np.uint16) * 257
+    wide[1] //= 4  # every value below 2**15: a per-page rule would divide it by 2**14 - 1, brightening it 4x
+    path = write_tiff(tmp_path / "s.tif", wide) if suffix == ".tif" else write_mha(tmp_path / "s.mha", wide)
+    for batch_size in (1, 4):
+        pages = read_all(path, batch_size=batch_size)
+        np.testing.assert_array_equal(pages[0], crops[0])
+        np.testing.assert_array_equal(pages[1], np.rint(wide[1] / 257.0).astype(np.uint8))
+
+
 def test_planar_rgb(tmp_path: Path, crops: np.ndarray):
     path = tmp_path / "planar.tif"
     tifffile.imwrite(path, crops.transpose(0, 3, 1, 2), photometric="rgb", planarconfig="separate")
