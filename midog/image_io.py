@@ -43,42 +43,59 @@ def find_single_image(folder: Path, suffixes: tuple[str, ...] = STACK_SUFFIXES) 
     return images[0]
 
 
-def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(pixels: np.ndarray, maximum: float | None = None) -> np.ndarray:
     """(H, W) or (H, W, C), C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA, any dtype → (H, W, 3) uint8; alpha dropped.
 
     Alpha is dropped rather than composited: cropouts are opaque, and writers that mislabel an extra sample as
-    alpha would otherwise turn a page white.
+    alpha would otherwise turn a page white. `maximum`: the data maximum that fixes the scale of wide data (see
+    `_scale_to_uint8`); by default this array's own. A streamed image or a stack passes the one of the whole file,
+    so its tiles and pages are scaled alike.
     """
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or not 1 <= pixels.shape[-1] <= 4:
         raise InputError(f"unsupported page layout {pixels.shape}: expected (H, W) or (H, W, 1..4 channels)")
-    pixels = _scale_to_uint8(pixels[..., :1] if pixels.shape[-1] <= 2 else pixels[..., :3])
+    pixels = _scale_to_uint8(_colour_samples(pixels), maximum)
     if pixels.shape[-1] == 1:
         pixels = np.repeat(pixels, 3, axis=-1)
     return np.ascontiguousarray(pixels)
 
 
-def _scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """8-bit as is. Wider integers: divided by the smallest bit depth ≥ 8 that holds the page's maximum
+def _colour_samples(pixels: np.ndarray) -> np.ndarray:
+    """The samples `to_rgb_uint8` keeps of (H, W, C): gray or RGB, alpha left out."""
+    return pixels[..., :1] if pixels.shape[-1] <= 2 else pixels[..., :3]
+
+
+def _data_maximum(pixels: np.ndarray) -> float:
+    """The maximum over the kept samples of (H, W) or (H, W, C) data (NaN ignored; 0 for no data)."""
+    kept = _colour_samples(pixels if pixels.ndim != 2 else pixels[..., None])
+    return float(np.nanmax(kept, initial=0)) if kept.size else 0.0
+
+
+def _scale_to_uint8(pixels: np.ndarray, maximum: float | None = None) -> np.ndarray:
+    """8-bit as is. Wider integers: divided by the smallest bit depth ≥ 8 that holds the data's maximum
     (2**bits - 1 → 255), so 16-bit data (x257) and 12-bit camera data both come out full range, and 8-bit data
-    stored in a 16-bit container comes out unchanged. Floats: [0, 1] → [0, 255], otherwise clipped."""
+    stored in a 16-bit container comes out unchanged. Floats: [0, 1] → [0, 255], otherwise clipped; NaN → 0."""
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype == np.bool_:
         return pixels.astype(np.uint8) * 255
-    if np.issubdtype(pixels.dtype, np.floating):
-        data = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        if data.size and float(data.max()) <= 1.0:
-            data = data * 255.0
-        return np.clip(np.rint(data), 0, 255).astype(np.uint8)
-    if not np.issubdtype(pixels.dtype, np.integer):
+    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
         raise InputError(f"unsupported pixel type {pixels.dtype}")
-    data = np.clip(pixels, 0, None)
-    bits = max(8, int(data.max()).bit_length() if data.size else 8)
-    if bits == 8:
-        return data.astype(np.uint8)
-    return np.rint(data.astype(np.float32) * (255.0 / ((1 << bits) - 1))).astype(np.uint8)
+    if maximum is None:
+        maximum = float(np.nanmax(pixels, initial=0)) if pixels.size else 0.0
+    if np.issubdtype(pixels.dtype, np.floating):
+        scale = 255.0 if maximum <= 1.0 else 1.0
+    else:
+        bits = max(8, int(maximum).bit_length())
+        scale = 1.0 if bits == 8 else 255.0 / ((1 << bits) - 1)
+    data = pixels.astype(np.float32)  # the one float copy; everything below works in place
+    if np.issubdtype(pixels.dtype, np.floating):
+        np.nan_to_num(data, copy=False, nan=0.0)
+    data *= scale
+    np.rint(data, out=data)
+    np.clip(data, 0, 255, out=data)
+    return data.astype(np.uint8)
 
 
 class PageStack:
@@ -104,12 +121,10 @@ class PageStack:
             return to_rgb_uint8(pixels)
         if self._wide_maximum is None:
             self._wide_maximum = max(
-                (_colour_maximum(page) for start in range(0, self.num_pages, 16)
+                (_data_maximum(page) for start in range(0, self.num_pages, 16)
                  for page in self._raw_pages(start, min(start + 16, self.num_pages))
                  if page.dtype not in (np.uint8, np.bool_)), default=0.0)
-        if pixels.ndim == 3 and not 1 <= pixels.shape[-1] <= 4:
-            return to_rgb_uint8(pixels)  # refused there with its message
-        return _to_rgb_scaled(pixels, _uint8_scale(pixels.dtype, self._wide_maximum))
+        return to_rgb_uint8(pixels, self._wide_maximum)
 
     def page_pixels(self, number: int) -> int:
         """Height × width of page `number`, from its header (nothing decoded)."""
@@ -467,37 +482,10 @@ def _fallback_transform(path: Path, fallback_spacing_um: float, why: str) -> Phy
     return PhysicalTransform(spacing_mm=(spacing, spacing))
 
 
-def _uint8_scale(dtype: np.dtype, maximum: float) -> float | None:
-    """The factor `_scale_to_uint8` applies to data of this type and maximum, fixed once for a streamed image (a
-    per-tile maximum would make tiles disagree; the declared bit depth would make 12-bit or 8-bit data held in 16
-    bits read dark where the same image in memory reads full range); None = as is."""
-    if dtype == np.uint8:
-        return None
-    if np.issubdtype(dtype, np.floating):
-        return 255.0 if maximum <= 1.0 else 1.0
-    bits = max(8, int(maximum).bit_length())
-    return 1.0 if bits == 8 else 255.0 / ((1 << bits) - 1)
-
-
-def _colour_maximum(pixels: np.ndarray) -> float:
-    """The maximum over the samples `to_rgb_uint8` keeps (gray or RGB; alpha ignored), NaN as 0."""
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    kept = pixels[..., :1] if pixels.shape[-1] <= 2 else pixels[..., :3]
-    return float(np.nanmax(kept, initial=0)) if kept.size else 0.0
-
-
 STREAM_SAMPLE_SEGMENTS = 64
-"""Segments (tiles, strips, row bands) read once, spread over a streamed image, to find its data maximum."""
-
-
-def _to_rgb_scaled(pixels: np.ndarray, scale: float | None) -> np.ndarray:
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if scale is not None:
-        data = np.nan_to_num(pixels[..., :3].astype(np.float32), nan=0.0)
-        pixels = np.clip(np.rint(data * scale), 0, 255).astype(np.uint8)
-    return to_rgb_uint8(pixels)
+"""Segments (tiles, strips, row bands) read once, spread over a streamed image, to find its data maximum: the
+scale to uint8 is fixed once per image, as in memory (a per-tile maximum would make tiles disagree, the declared bit
+depth would make 12-bit or 8-bit data held in 16 bits read dark)."""
 
 
 class TiffRoi(RoiImage):
@@ -551,18 +539,18 @@ class TiffRoi(RoiImage):
         if self._page.compression in (6, 7, 34892, 33007):  # JPEG flavours need their tables
             self._decode_args["jpegtables"] = self._page.jpegtables
             self._decode_args["jpegheader"] = self._page.jpegheader
-        self._scale = None if self._page.dtype == np.uint8 else _uint8_scale(self._page.dtype, self._sample_maximum())
+        self._maximum = None if self._page.dtype == np.uint8 else self._sample_maximum()
 
     def _sample_maximum(self) -> float:
-        """The data maximum over rows or segments spread evenly over the image (see `_uint8_scale`)."""
+        """The data maximum over rows or segments spread evenly over the image (see `STREAM_SAMPLE_SEGMENTS`)."""
         if self._mapped is not None:
             rows = np.unique(np.linspace(0, self.height - 1, STREAM_SAMPLE_SEGMENTS * 4).astype(int))
-            return _colour_maximum(np.asarray(self._mapped[rows]))
+            return _data_maximum(np.asarray(self._mapped[rows]))
         count = len(self._page.dataoffsets)
         wanted = np.unique(np.linspace(0, count - 1, min(count, STREAM_SAMPLE_SEGMENTS)).astype(int)).tolist()
         maximum = 0.0
         for _, segment in self._decoded(wanted):
-            maximum = max(maximum, _colour_maximum(segment))
+            maximum = max(maximum, _data_maximum(segment))
         return maximum
 
     def _decoded(self, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -649,7 +637,7 @@ class TiffRoi(RoiImage):
         if self._pixels is not None:
             return self._pixels[y0:y1, x0:x1]
         if self._mapped is not None:
-            return _to_rgb_scaled(np.asarray(self._mapped[y0:y1, x0:x1]), self._scale)
+            return to_rgb_uint8(np.asarray(self._mapped[y0:y1, x0:x1]), self._maximum)
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         rows = range(y0 // self._seg_h, (y1 - 1) // self._seg_h + 1)
         cols = range(x0 // self._seg_w, (x1 - 1) // self._seg_w + 1) if self._page.is_tiled else range(1)
@@ -668,7 +656,7 @@ class TiffRoi(RoiImage):
         with self._lock:
             missing = [i for i in indices if i not in self._cache]
             for index, segment in self._decoded(missing) if missing else ():
-                self._cache[index] = _to_rgb_scaled(segment, self._scale)
+                self._cache[index] = to_rgb_uint8(segment, self._maximum)
             result = []
             for i in indices:
                 self._cache.move_to_end(i)
@@ -716,8 +704,7 @@ class MhaRoi(RoiImage):
             self._pixels = to_rgb_uint8(self._extract(0, 0, self.width, self.height, whole=True))
         else:
             rows = np.unique(np.linspace(0, self.height - 1, STREAM_SAMPLE_SEGMENTS).astype(int))
-            sample = [self._extract(0, int(y), self.width, 1) for y in rows]
-            self._scale = _uint8_scale(sample[0].dtype, max(_colour_maximum(row) for row in sample))
+            self._maximum = max(_data_maximum(self._extract(0, int(y), self.width, 1)) for y in rows)
 
     def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
         spacing = tuple(float(s) for s in self._reader.GetSpacing()[:2])
@@ -744,4 +731,4 @@ class MhaRoi(RoiImage):
         if self._pixels is not None:
             return self._pixels[y0:y1, x0:x1]
         with self._lock:
-            return _to_rgb_scaled(self._extract(x0, y0, x1 - x0, y1 - y0), self._scale)
+            return to_rgb_uint8(self._extract(x0, y0, x1 - x0, y1 - y0), self._maximum)
