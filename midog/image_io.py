@@ -83,7 +83,7 @@ def _scale_to_uint8(pixels: np.ndarray, maximum: float | None = None) -> np.ndar
     if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
         raise InputError(f"unsupported pixel type {pixels.dtype}")
     if maximum is None:
-        maximum = float(np.nanmax(pixels, initial=0)) if pixels.size else 0.0
+        maximum = _data_maximum(pixels)
     if np.issubdtype(pixels.dtype, np.floating):
         scale = 255.0 if maximum <= 1.0 else 1.0
     else:
