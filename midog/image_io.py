@@ -206,10 +206,25 @@ class TiffStack(PageStack):
             raise InputError(f"{path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
         try:
             self._indices = self._index_pages()
+            self._channels = self._imagej_channels()
         except BaseException:
             self._tif.close()
             raise
-        self.num_pages = len(self._indices)
+        self.num_pages = len(self._indices) // self._channels
+
+    def _imagej_channels(self) -> int:
+        """TIFF pages per crop: 3 for an ImageJ colour hyperstack (a 16-bit composite, as Fiji saves colour that is
+        not 8-bit RGB: one grayscale page per channel, channels varying fastest), 1 otherwise."""
+        channels = int((self._tif.imagej_metadata or {}).get("channels", 1)) if self._tif.is_imagej else 1
+        if channels == 1 or int(self._tif.pages[self._indices[0]].samplesperpixel) != 1:
+            return 1
+        if channels != 3:
+            raise InputError(f"{self.path.name} is an ImageJ hyperstack with {channels} channels per crop; "
+                             "expected 1 (grayscale) or 3 (RGB)")
+        if len(self._indices) % channels:
+            raise InputError(f"{self.path.name} is an ImageJ hyperstack with {channels} channels but "
+                             f"{len(self._indices)} pages, not a multiple of {channels}")
+        return channels
 
     def _index_pages(self) -> list[int]:
         size = self.path.stat().st_size
@@ -237,11 +252,21 @@ class TiffStack(PageStack):
         return [self._read(number) for number in range(start, stop)]
 
     def page_pixels(self, number: int) -> int:
-        shaped = self._tif.pages[self._indices[number]].shaped  # (planes, depth, height, width, samples)
+        shaped = self._tif.pages[self._indices[number * self._channels]].shaped  # (planes, depth, h, w, samples)
         return int(shaped[2]) * int(shaped[3])
 
     def _read(self, number: int) -> np.ndarray:
-        page = self._tif.pages[self._indices[number]]
+        if self._channels == 1:
+            return self._read_page(self._indices[number], number)
+        first = number * self._channels
+        planes = [self._read_page(index, number) for index in self._indices[first:first + self._channels]]
+        if any(plane.shape != planes[0].shape or plane.ndim != 2 for plane in planes):
+            raise InputError(f"the channels of crop {number + 1} of {self.path.name} are not grayscale planes of one size")
+        return np.stack(planes, axis=-1)
+
+    def _read_page(self, index: int, number: int) -> np.ndarray:
+        """TIFF page `index`, which belongs to crop `number`."""
+        page = self._tif.pages[index]
         photometric = getattr(page.photometric, "name", str(page.photometric))
         if photometric not in _TIFF_PHOTOMETRICS:
             raise InputError(f"page {number + 1} of {self.path.name} has unsupported colour model {photometric}")

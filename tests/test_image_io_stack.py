@@ -105,6 +105,26 @@ def test_palette_and_miniswhite(tmp_path: Path):
     assert (white == 255).all()
 
 
+@pytest.mark.parametrize("axes", ["TCYX", "ZCYX", "CYX"])
+def test_imagej_colour_hyperstack_is_one_crop_per_channel_triple(tmp_path: Path, crops: np.ndarray, axes: str):
+    """Fiji saves 16-bit colour as a composite hyperstack, one grayscale TIFF page per channel: 3 pages, one crop."""
+    wide = crops.astype(np.uint16) * 257
+    data = wide.transpose(0, 3, 1, 2) if axes != "CYX" else wide[0].transpose(2, 0, 1)
+    tifffile.imwrite(tmp_path / "composite.tif", data, imagej=True, metadata={"axes": axes})
+    pages = read_all(tmp_path / "composite.tif", batch_size=4)
+    np.testing.assert_array_equal(np.stack(pages), crops if axes != "CYX" else crops[:1])
+
+
+def test_imagej_hyperstack_with_other_channel_counts_is_refused(tmp_path: Path, crops: np.ndarray):
+    tifffile.imwrite(tmp_path / "two.tif", crops[..., :2].transpose(0, 3, 1, 2), imagej=True,
+                     metadata={"axes": "TCYX"})
+    with pytest.raises(InputError, match="2 channels per crop"):
+        open_stack(tmp_path / "two.tif")
+    single = tmp_path / "gray.tif"  # an ImageJ grayscale stack stays one crop per page
+    tifffile.imwrite(single, crops[..., 0], imagej=True, metadata={"axes": "TYX"})
+    assert len(read_all(single)) == len(crops)
+
+
 def test_odd_and_mixed_page_sizes_and_one_page(tmp_path: Path):
     sizes = [(1, 1), (7, 13), (128, 128), (300, 97)]
     pages = [np.full(s + (3,), i * 40, np.uint8) for i, s in enumerate(sizes)]
