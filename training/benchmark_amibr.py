@@ -37,7 +37,7 @@ from training import linear_probe
 from training.amibr import CLASS_FOLDERS, load_index
 from training.lora import lora_train_values
 from training.runtime import REPO_ROOT, init_distributed
-from training.train_classifier import binary_metrics, cross_validate, load_train_config
+from training.train_classifier import binary_metrics, cross_validate, load_train_config, mean_std
 
 METHODS = ("end-to-end", "lora", "linear")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -94,17 +94,13 @@ def score_folds(name: str, labels: np.ndarray, fold_probs: Sequence[np.ndarray],
     return SetScores(name, int(len(labels)), int(labels.sum()), folds, ensemble)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def table(scores: Sequence[SetScores]) -> pd.DataFrame:
     rows = []
     for s in scores:
         row: dict[str, Any] = {"set": s.name, "crops": s.crops, "atypical": s.atypical, "folds": len(s.folds)}
         for key in ("balanced_accuracy", "balanced_accuracy_at_0.5", "roc_auc"):
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([f[key] for f in s.folds])
+            stats = mean_std([f[key] for f in s.folds])
+            row[f"{key}_mean"], row[f"{key}_std"] = stats["mean"], stats["std"]
         row["ensemble_balanced_accuracy"] = s.ensemble["balanced_accuracy"] if s.ensemble else float("nan")
         row["ensemble_roc_auc"] = s.ensemble["roc_auc"] if s.ensemble else float("nan")
         rows.append(row)
