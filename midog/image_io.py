@@ -261,7 +261,8 @@ class TiffStack(PageStack):
         first = number * self._channels
         planes = [self._read_page(index, number) for index in self._indices[first:first + self._channels]]
         if any(plane.shape != planes[0].shape or plane.ndim != 2 for plane in planes):
-            raise InputError(f"the channels of crop {number + 1} of {self.path.name} are not grayscale planes of one size")
+            raise InputError(f"the channels of crop {number + 1} of {self.path.name} are not grayscale planes of "
+                             "one size")
         return np.stack(planes, axis=-1)
 
     def _read_page(self, index: int, number: int) -> np.ndarray:
