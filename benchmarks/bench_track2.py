@@ -125,8 +125,7 @@ def main() -> int:
             for _ in range(args.repeats + 1):
                 started = time.perf_counter()
                 with open_stack(small) as stack:
-                    for batch in stack.iter_batches(config.atypical.batch_size,
-                                                    int(config.atypical.max_batch_megapixels * 1e6)):
+                    for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
                         classifier.predict_proba(batch)
                 timings.append(time.perf_counter() - started)
             median = statistics.median(timings[1:])

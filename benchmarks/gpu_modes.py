@@ -88,10 +88,9 @@ def main() -> int:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as profile:
             pipeline.detect(roi, False)
-        sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
         print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
         if len(activities) > 1:
-            print(profile.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=50))
+            print(profile.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
     return 0
 
 

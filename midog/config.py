@@ -117,6 +117,11 @@ class AtypicalConfig:
     """Track 2 "confidence": p_atypical (every page, as the reference container) | stated_class (as the official
     evaluator reads it for ROC AUC: 1 - P(atypical) on "normal" pages)."""
 
+    @property
+    def max_batch_pixels(self) -> int:
+        """`max_batch_megapixels` in pixels, as `PageStack.iter_batches` takes it."""
+        return int(self.max_batch_megapixels * 1e6)
+
 
 @dataclass
 class FoundationConfig:

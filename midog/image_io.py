@@ -84,13 +84,14 @@ def _scale_to_uint8(pixels: np.ndarray, maximum: float | None = None) -> np.ndar
         raise InputError(f"unsupported pixel type {pixels.dtype}")
     if maximum is None:
         maximum = _data_maximum(pixels)
-    if np.issubdtype(pixels.dtype, np.floating):
+    floating = np.issubdtype(pixels.dtype, np.floating)
+    if floating:
         scale = 255.0 if maximum <= 1.0 else 1.0
     else:
         bits = max(8, int(maximum).bit_length())
         scale = 1.0 if bits == 8 else 255.0 / ((1 << bits) - 1)
     data = pixels.astype(np.float32)  # the one float copy; everything below works in place
-    if np.issubdtype(pixels.dtype, np.floating):
+    if floating:
         np.nan_to_num(data, copy=False, nan=0.0)
     data *= scale
     np.rint(data, out=data)

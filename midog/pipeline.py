@@ -47,8 +47,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
                                    foundation=config.foundation)
         loaded = time.perf_counter()
         probabilities: list[float] = []
-        for batch in stack.iter_batches(config.atypical.batch_size,
-                                        int(config.atypical.max_batch_megapixels * 1e6)):
+        for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
             probabilities.extend(classifier.predict_proba(batch).tolist())
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
