@@ -67,6 +67,33 @@ def slide_folds(index: pd.DataFrame, n_folds: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
+def dataset_folds(index: pd.DataFrame) -> np.ndarray:
+    """Leave-one-dataset-out folds: fold k holds every crop of the k-th source dataset (sorted by name; AMi-Br:
+    0 = MIDOG21, 1 = TUPAC16). Training on one source and validating on another estimates how the model does on a
+    domain it never saw (other scanners, labs, tumour types), which slide folds mixing both sources cannot."""
+    names = sorted(set(index["dataset"]))
+    if len(names) < 2:
+        raise ValueError(f"leave-one-dataset-out needs at least 2 source datasets, got {names}")
+    return index["dataset"].map({name: k for k, name in enumerate(names)}).to_numpy(dtype=int)
+
+
+FOLD_SPLITS = ("slide", "dataset")
+
+
+def assign_folds(index: pd.DataFrame, split: str, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold number of every row: `split` 'slide' (slide_folds) or 'dataset' (dataset_folds, one fold per source,
+    so `n_folds` must equal the number of datasets)."""
+    if split == "slide":
+        return slide_folds(index, n_folds, seed)
+    if split == "dataset":
+        fold = dataset_folds(index)
+        if fold.max() + 1 != n_folds:
+            raise ValueError(f"split 'dataset' makes one fold per source dataset ({fold.max() + 1}), "
+                             f"but folds is {n_folds}")
+        return fold
+    raise ValueError(f"split must be one of {FOLD_SPLITS}, got {split!r}")
+
+
 def load_crops(paths: list[str] | pd.Series) -> np.ndarray:
     """All crops as one uint8 (N, H, W, 3) RGB array; they must share one size (AMi-Br: 128x128)."""
     crops = [np.asarray(Image.open(p).convert("RGB")) for p in paths]

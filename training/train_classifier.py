@@ -43,7 +43,7 @@ from tqdm import tqdm
 from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
                               preprocess_card)
 from midog.weights import plain, write_model_card
-from training.amibr import CropDataset, load_crops, load_index, slide_folds
+from training.amibr import FOLD_SPLITS, CropDataset, assign_folds, load_crops, load_index
 from training.augment import AugmentConfig, train_transform
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
                               write_csv)
@@ -65,6 +65,10 @@ class TrainConfig:
     positive: str = "atypical"
     folds: int = 5
     fold_seed: int = 0
+    split: str = "slide"
+    """How crops are split into folds: 'slide' (stratified, grouped by slide; the default and what the shipped
+    thresholds come from) or 'dataset' (leave one source dataset out: `folds` = number of datasets; each fold
+    model is scored on a domain it never saw, and the threshold of the other fold is a transferred one)."""
     seed: int = 0
     epochs: int = 30
     min_epochs: int = 8
@@ -101,6 +105,8 @@ class TrainConfig:
         # checked here, not where it is used: a misspelt value would otherwise train without early stopping
         if self.ship_epoch not in SHIP_EPOCH_CHECKPOINTS:
             raise ValueError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
+        if self.split not in FOLD_SPLITS:
+            raise ValueError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
 
 
 SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
@@ -401,14 +407,16 @@ def data_description(cfg: TrainConfig, index: Any, n_folds: int) -> dict[str, An
         "csv": Path(cfg.csv).name if cfg.csv else "amibr_train_split.csv",
         "crops": int(len(index)), "atypical": int(index["label"].sum()),
         "slides": int(index["group"].nunique()),
-        "split": f"{n_folds}-fold StratifiedGroupKFold by slide (seed {cfg.fold_seed}), no slide in two folds",
+        "split": (f"{n_folds}-fold StratifiedGroupKFold by slide (seed {cfg.fold_seed}), no slide in two folds"
+                  if cfg.split == "slide" else
+                  f"leave one source dataset out ({', '.join(sorted(set(index['dataset'])))})"),
     }
 
 
 def cross_validate(cfg: TrainConfig, out_dir: Path, ctx: Dist, only_fold: int | None = None,
                    resume: bool = False) -> list[FoldResult]:
     index, crops, labels = prepare_data(cfg)
-    fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
+    fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
     results = []
     folds = [only_fold] if only_fold is not None else list(range(cfg.folds))
     for k in folds:
@@ -515,7 +523,7 @@ def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
     in the fold's checkpoint as `tta_threshold`, which inference with TTA uses and shipping copies.
     """
     index, crops, labels = prepare_data(cfg)
-    fold_of = slide_folds(index, cfg.folds, cfg.fold_seed)
+    fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
     per_fold, oof, own_thresholds, vals = [], np.zeros(len(labels)), [], []
     name = fold_checkpoint_name(cfg)
     for k in range(cfg.folds):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from midog.errors import InputError
 from tests.conftest import shared_path
-from training.amibr import CropDataset, load_crops, load_index, slide_folds
+from training.amibr import CropDataset, assign_folds, load_crops, load_index, slide_folds
 
 
 def _write_fake(root: Path, n_slides: int = 6, per_slide: int = 4) -> Path:
@@ -46,6 +46,30 @@ def test_real_folds_keep_slides_apart_and_class_ratio():
         assert 0.1 < (fold == k).mean() < 0.3
     np.testing.assert_array_equal(fold, slide_folds(index, 5, seed=0))
     assert not np.array_equal(fold, slide_folds(index, 5, seed=1))
+
+
+def test_real_dataset_folds_hold_one_source_each():
+    index = load_index(shared_path("amibr"))
+    fold = assign_folds(index, "dataset", 2)
+    assert sorted(set(index["dataset"][fold == 0])) == ["MIDOG21"] and (fold == 0).sum() == 1292
+    assert sorted(set(index["dataset"][fold == 1])) == ["TUPAC16"] and (fold == 1).sum() == 1602
+
+
+def test_dataset_folds_leave_one_source_out(tmp_path):
+    root = _write_fake(tmp_path)
+    table = pd.read_csv(root / "amibr_train_split.csv", index_col=0)
+    table.loc[table["slide"].isin(["000.tiff", "003.tiff"]), "dataset"] = "ALPHA"
+    table.to_csv(root / "amibr_train_split.csv")
+    index = load_index(root)
+    fold = assign_folds(index, "dataset", 2, seed=7)
+    np.testing.assert_array_equal(fold, (index["dataset"] == "FAKE").to_numpy(dtype=int))   # sorted: ALPHA, FAKE
+    np.testing.assert_array_equal(assign_folds(index, "slide", 3, seed=0), slide_folds(index, 3, seed=0))
+    with pytest.raises(ValueError, match="one fold per source dataset"):
+        assign_folds(index, "dataset", 3)
+    with pytest.raises(ValueError, match="split must be one of"):
+        assign_folds(index, "patient", 2)
+    with pytest.raises(ValueError, match="at least 2 source datasets"):
+        assign_folds(index[index["dataset"] == "FAKE"], "dataset", 1)
 
 
 def test_same_slide_name_in_two_datasets_is_two_groups(tmp_path):

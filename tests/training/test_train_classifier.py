@@ -275,6 +275,20 @@ def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
         tc.fold_checkpoint_name(_config(root, run, ship_epoch="median"))
 
 
+def test_leave_one_dataset_out_validates_each_fold_on_the_source_it_did_not_train_on(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    table = pd.read_csv(root / "amibr_train_split.csv", index_col=0)
+    table.loc[table["slide"].isin(["000.tiff", "001.tiff"]), "dataset"] = "ALPHA"   # 16 crops; FAKE keeps 32
+    table.to_csv(root / "amibr_train_split.csv")
+    torch.set_num_threads(1)
+    results = tc.cross_validate(_config(root, tmp_path / "run", split="dataset", epochs=1), tmp_path / "run", Dist())
+    assert [load_classifier(r.checkpoint).meta["val_crops"] for r in results] == [16, 32]
+    summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
+    assert summary["data"]["split"] == "leave one source dataset out (ALPHA, FAKE)"
+    with pytest.raises(ValueError, match="split must be one of"):
+        _config(root, tmp_path / "run", split="scanner")
+
+
 def test_crop_pct_trains_and_serves_a_centre_crop_at_a_finer_scale(tmp_path):
     root = _write_amibr(tmp_path / "amibr")
     clf = tc.build_model(_config(root, tmp_path / "run", crop_pct=0.8))
