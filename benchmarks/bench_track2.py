@@ -108,7 +108,8 @@ def main() -> int:
         print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
               f"torch {torch.__version__} with {torch.get_num_threads()} threads, load average "
               f"{', '.join(f'{v:.1f}' for v in psutil.getloadavg())}")
-        print(f"config: tta={config.atypical.tta}, batch_size={config.atypical.batch_size}")
+        print(f"config: tta={config.atypical.tta} ({config.atypical.tta_views} views), "
+              f"batch_size={config.atypical.batch_size}")
 
         started = time.perf_counter()
         classifier = load_atypical(config.atypical, foundation=config.foundation)

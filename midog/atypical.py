@@ -31,6 +31,7 @@ class AtypicalClassifier:
     threshold: float
     tta: bool = True
     batch_size: int = 64
+    tta_views: int = 8
 
     def predict_proba(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """P(atypical) per crop, in order, as float32.
@@ -40,8 +41,8 @@ class AtypicalClassifier:
         """
         probabilities = np.zeros(len(crops), dtype=np.float32)
         for indices, batch in _same_size_groups(crops):
-            member_probs = [model.predict_proba(batch, tta=self.tta, batch_size=self.batch_size)
-                            for model in self.models]
+            member_probs = [model.predict_proba(batch, tta=self.tta, batch_size=self.batch_size,
+                                                tta_views=self.tta_views) for model in self.models]
             probabilities[indices] = np.mean(member_probs, axis=0)
         return probabilities
 
@@ -96,4 +97,4 @@ def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
         model.model.to(memory_format=torch.channels_last)
         models.append(model)
     return AtypicalClassifier(models=models, threshold=resolve_threshold(models, config.threshold, config.tta),
-                              tta=config.tta, batch_size=config.batch_size)
+                              tta=config.tta, batch_size=config.batch_size, tta_views=config.tta_views)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import center_crop
 
+from midog.config import TTA_VIEW_COUNTS
 from midog.devices import batches_halving_on_oom
 from midog.errors import WeightsError
 from midog.weights import verify_checksum
@@ -125,8 +126,10 @@ class BinaryClassifier:
         return (batch - mean) / std
 
     @torch.inference_mode()
-    def predict_proba(self, crops: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-        """P(positive) for each crop, in order. With `tta`, the mean over the 8 dihedral transforms.
+    def predict_proba(self, crops: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64,
+                      tta_views: int = 8) -> np.ndarray:
+        """P(positive) for each crop, in order. With `tta`, the mean over the `tta_views` views of `dihedral_views`
+        (8: every rotation and reflection; 4: the rotations).
 
         Out of GPU memory, the batch is halved (and stays so for later calls: `batch_cap`) and the same crops are
         tried again; only a batch of one that does not fit is an error.
@@ -134,14 +137,14 @@ class BinaryClassifier:
         self.model.eval()
         size = min(batch_size, self.batch_cap or batch_size)
         out, last_size = batches_halving_on_oom(len(crops), size, lambda start, stop: self._predict_batch(
-            crops[start:stop], tta), self.device, f"{self.positive} classifier")
+            crops[start:stop], tta, tta_views), self.device, f"{self.positive} classifier")
         if last_size < size:
             self.batch_cap = last_size
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def _predict_batch(self, crops: np.ndarray | torch.Tensor, tta: bool) -> np.ndarray:
+    def _predict_batch(self, crops: np.ndarray | torch.Tensor, tta: bool, tta_views: int) -> np.ndarray:
         batch = self.preprocess(crops)
-        views = dihedral_views(batch) if tta else [batch]
+        views = dihedral_views(batch, tta_views) if tta else [batch]
         return torch.stack([torch.sigmoid(self.model(v).float().view(-1)) for v in views]).mean(0).cpu().numpy()
 
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -176,13 +179,15 @@ class BinaryClassifier:
         return path
 
 
-def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 rotations/reflections of a (N, C, H, W) batch."""
+def dihedral_views(batch: torch.Tensor, count: int = 8) -> list[torch.Tensor]:
+    """The 8 rotations/reflections of a (N, C, H, W) batch, the 4 plain rotations first; `count` 4 keeps those."""
+    if count not in TTA_VIEW_COUNTS:
+        raise ValueError(f"test-time views must be one of {TTA_VIEW_COUNTS}, got {count!r}")
     views = []
     for flipped in (batch, batch.flip(-1)):
         for k in range(4):
             views.append(torch.rot90(flipped, k, dims=(-2, -1)))
-    return views
+    return views[:count]
 
 
 def _stored_resize(state: dict[str, Any]) -> dict[str, Any]:

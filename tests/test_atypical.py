@@ -73,6 +73,19 @@ def test_tta_is_the_mean_over_the_eight_dihedral_views(weights: dict[str, Path],
     np.testing.assert_allclose(stage.predict_proba(rotated), stage.predict_proba(crops), atol=1e-5)
 
 
+def test_four_tta_views_are_the_mean_over_the_four_rotations(weights: dict[str, Path], crops: np.ndarray):
+    stage = load_atypical(AtypicalConfig(weights=str(weights["b"]), tta=True, tta_views=4))
+    model = stage.models[0]
+    expected = np.mean([model.predict_proba(np.ascontiguousarray(np.rot90(crops, k, axes=(1, 2))))
+                        for k in range(4)], axis=0)
+    np.testing.assert_allclose(stage.predict_proba(crops), expected, atol=1e-5)
+    mirrored = np.ascontiguousarray(crops[:, :, ::-1])   # invariant to rotations, not to reflections
+    assert not np.allclose(stage.predict_proba(mirrored), stage.predict_proba(crops), atol=1e-5)
+    assert stage.threshold == pytest.approx(model.decision_threshold(tta=True))
+    with pytest.raises(ValueError, match="one of"):
+        model.predict_proba(crops, tta=True, tta_views=2)
+
+
 def test_any_crop_size_and_mixed_sizes(weights: dict[str, Path]):
     stage = load_atypical(AtypicalConfig(weights=str(weights["b"]), tta=False, batch_size=2))
     crops = [he_pages(1, size=s, seed=s)[0] for s in (128, 64, 128, 17, 300)]

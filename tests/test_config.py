@@ -46,6 +46,7 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     ("verifier.threshold", "high", "a number in [0, 1]"),
     ("proposals.batch_size", 0, "a positive integer"),
     ("atypical.crop_size", 64.5, "a positive integer"),
+    ("atypical.tta_views", 2, "4 or 8"),
 ])
 def test_values_a_run_cannot_take_are_refused_at_load(key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(f"config {key} is {value!r}; expected") + ".*" + re.escape(expected)):
@@ -54,8 +55,9 @@ def test_values_a_run_cannot_take_are_refused_at_load(key, value, expected):
 
 def test_limits_of_the_ranges_are_accepted():
     config = load_config(overrides={"atypical.threshold": None, "verifier.threshold": 1, "tiling.overlap": 0,
-                                    "merging.iou": 1.0, "atypical.confidence": "stated_class"})
-    assert config.atypical.threshold is None and config.merging.iou == 1.0
+                                    "merging.iou": 1.0, "atypical.confidence": "stated_class",
+                                    "atypical.tta_views": 4})
+    assert config.atypical.threshold is None and config.merging.iou == 1.0 and config.atypical.tta_views == 4
 
 
 def test_choices_are_the_ones_the_modules_offer():
