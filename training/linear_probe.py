@@ -208,15 +208,10 @@ def cross_validate_probe(cfg: ProbeConfig, out_dir: Path) -> tuple[FoundationCla
         results.append(result)
     summary = summarise(out_dir, cfg.folds)
     if summary is not None:
-        summary["data"] = data_description(_as_train_cfg(cfg), index, cfg.folds)
+        summary["data"] = data_description(index, cfg.folds, cfg.csv, cfg.fold_seed)
         summary["probe"] = plain(dataclasses.asdict(cfg))
         (out_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
     return clf, results
-
-
-def _as_train_cfg(cfg: ProbeConfig) -> Any:
-    """The two fields `data_description` reads."""
-    return argparse.Namespace(csv=cfg.csv, fold_seed=cfg.fold_seed)
 
 
 def probe_model_card(clf: FoundationClassifier, cfg: ProbeConfig, summary: dict[str, Any] | None) -> dict[str, Any]:

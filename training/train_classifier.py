@@ -401,14 +401,16 @@ def prepare_data(cfg: TrainConfig) -> tuple[Any, np.ndarray, np.ndarray]:
     return index, load_crops(index["path"]), index["label"].to_numpy()
 
 
-def data_description(cfg: TrainConfig, index: Any, n_folds: int) -> dict[str, Any]:
+def data_description(index: Any, n_folds: int, csv: str | None, fold_seed: int, split: str = "slide"
+                     ) -> dict[str, Any]:
+    """The model card's account of the training data and how it was split into folds."""
     return {
         "dataset": "AMi-Br training split (MIDOG21 + TUPAC16 crops, 128x128)",
-        "csv": Path(cfg.csv).name if cfg.csv else "amibr_train_split.csv",
+        "csv": Path(csv).name if csv else "amibr_train_split.csv",
         "crops": int(len(index)), "atypical": int(index["label"].sum()),
         "slides": int(index["group"].nunique()),
-        "split": (f"{n_folds}-fold StratifiedGroupKFold by slide (seed {cfg.fold_seed}), no slide in two folds"
-                  if cfg.split == "slide" else
+        "split": (f"{n_folds}-fold StratifiedGroupKFold by slide (seed {fold_seed}), no slide in two folds"
+                  if split == "slide" else
                   f"leave one source dataset out ({', '.join(sorted(set(index['dataset'])))})"),
     }
 
@@ -432,7 +434,7 @@ def cross_validate(cfg: TrainConfig, out_dir: Path, ctx: Dist, only_fold: int | 
     if ctx.main:
         summary = summarise(out_dir, cfg.folds)
         if summary:
-            summary["data"] = data_description(cfg, index, cfg.folds)
+            summary["data"] = data_description(index, cfg.folds, cfg.csv, cfg.fold_seed, cfg.split)
             (out_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
             print(json.dumps(summary["cv"], indent=2), flush=True)
     return results
