@@ -9,7 +9,8 @@ Official definitions (DeepMicroscopy/MIDOG25_T1_evaluation_docker, evaluate.py):
 - AP: torchmetrics `MeanAveragePrecision` (xyxy, bbox, max detections [1, 10, 1e6], recall thresholds
   0, 0.01, ..., 1.00), `map_50`, on boxes x±0.01125 mm, y±0.01125 mm around *every* point (both names) scored by
   its `probability`, all with one label. Float32 tensors, images added in job order.
-- FROC AUC: see `froc_curve` (the published container predates it; we implement the stated definition).
+- FROC AUC: `calc_froc_score` of the container's final version (the published test `metrics.json` predates it);
+  see `froc_curve`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ FROC_MAX_FP_PER_IMAGE = 8.0
 FROC_THRESHOLDS = 40
 FROC_POINTS = 50
 MAX_SWEEP_THRESHOLDS = 2000
+MIN_COORDINATE_MM = -MATCH_RADIUS_MM
+MAX_COORDINATE_MM = 10.0
+"""The container's final version rejects a point with x or y outside [-7.5 µm, 10 mm] (pixel coordinates)."""
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -102,12 +106,15 @@ def parse_ground_truth(ground_truth: Mapping[str, Any]) -> dict[str, ImageTruth]
     return truths
 
 
-def parse_points(payload: Any, pk: str) -> ImagePrediction:
+def parse_points(payload: Any, pk: str, check_coordinates: bool = True) -> ImagePrediction:
     """One job's "Multiple points" output, validated like the official container.
 
     Rejected, with the job and the field named: no `points`, a point that is not a dictionary, a missing
     `name`/`probability`/`point`, a name other than "mitotic figure"/"non-mitotic figure", a probability that is not
-    a finite number, a point with fewer than three coordinates (the container would crash on it).
+    a finite number, a point with fewer than three coordinates (the container would crash on it), and, unless
+    `check_coordinates` is off, an x or y below -7.5 µm or above 10 mm (the container's final version fails the
+    whole evaluation on it: such points are almost always pixel coordinates; its first version, which produced the
+    published test metrics.json, did not check).
     """
     points = payload.get("points") if isinstance(payload, Mapping) else None
     if not isinstance(points, list):
@@ -128,11 +135,21 @@ def parse_points(payload: Any, pk: str) -> ImagePrediction:
         # The container keeps point[0:3] and needs all three; anything after z is ignored, as there.
         if not isinstance(xyz, list) or len(xyz) < 3 or not all(is_number(v) for v in xyz[:3]):
             raise PredictionError(f"{where}: field 'point' must be [x, y, z] in mm, got {xyz!r}")
+        if check_coordinates:
+            _check_millimetres(xyz, where)
         coords.append(xyz[:3])
         mitotic.append(point["name"] == MITOTIC_FIGURE)
         probability.append(float(point["probability"]))
     return ImagePrediction(pk=pk, points=np.asarray(coords, dtype=np.float64).reshape(-1, 3),
                            mitotic=np.asarray(mitotic, dtype=bool), probability=np.asarray(probability))
+
+
+def _check_millimetres(xyz: list, where: str) -> None:
+    if xyz[0] < MIN_COORDINATE_MM or xyz[1] < MIN_COORDINATE_MM:
+        raise PredictionError(f"{where}: invalid point coordinates {xyz[:3]} (below -7.5 µm)")
+    if xyz[0] > MAX_COORDINATE_MM or xyz[1] > MAX_COORDINATE_MM:
+        raise PredictionError(f"{where}: invalid point coordinates {xyz[:3]}: beyond 10 mm, are these pixel "
+                              "coordinates? The output must be in millimetres")
 
 
 # ---- matching ------------------------------------------------------------------------------------------------
@@ -182,7 +199,8 @@ class ThresholdSweep:
 
     def __init__(self, truth: np.ndarray, prediction: ImagePrediction, radius: float = MATCH_RADIUS_MM):
         self.n_truth = len(truth)
-        self._sorted_probability = np.sort(prediction.probability)
+        self.probabilities = np.sort(prediction.probability)
+        """Every point's probability, ascending."""
         self._levels = np.zeros(0)
         """Ascending distinct probabilities of the points within reach of a target."""
         self._tp_by_kept_levels = np.zeros(1, dtype=np.int64)
@@ -205,7 +223,7 @@ class ThresholdSweep:
     def counts_many(self, thresholds: np.ndarray) -> np.ndarray:
         """(len(thresholds), 3) array of TP, FN, FP when the points with probability >= t are kept."""
         t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
-        kept = len(self._sorted_probability) - np.searchsorted(self._sorted_probability, t, side="left")
+        kept = len(self.probabilities) - np.searchsorted(self.probabilities, t, side="left")
         levels_kept = len(self._levels) - np.searchsorted(self._levels, t, side="left")
         tp = self._tp_by_kept_levels[levels_kept]
         return np.stack([tp, self.n_truth - tp, kept - tp], axis=1)
@@ -331,39 +349,44 @@ def _summed_counts(sweeps: Sequence[ThresholdSweep], thresholds: np.ndarray) -> 
 @dataclass(frozen=True)
 class FrocCurve:
     thresholds: np.ndarray
-    """Probability thresholds, descending; a point counts when probability >= threshold."""
+    """Probability thresholds, ascending; a point counts when probability >= threshold (empty without points)."""
     sensitivity: np.ndarray
     fp_per_image: np.ndarray
     grid: np.ndarray
     """FP/image evaluation points, 0..FROC_MAX_FP_PER_IMAGE."""
     grid_sensitivity: np.ndarray
     auc: float
+    """NaN when the group has no predicted point at all, as in the container."""
 
 
 def froc_curve(sweeps: Sequence[ThresholdSweep], n_thresholds: int = FROC_THRESHOLDS,
                n_points: int = FROC_POINTS, max_fp_per_image: float = FROC_MAX_FP_PER_IMAGE) -> FrocCurve:
-    """FROC over all points (both names) ranked by probability, matched within 7.5 µm like the F1 counts.
+    """The container's `calc_froc_score`, over all points (both names) ranked by probability.
 
-    - `n_thresholds` thresholds spaced evenly over [0, 1]; at each, the points with probability >= t are scored
-      and TP/FN/FP summed over the images; sensitivity = TP / (TP + FN) (0 without ground truth),
-      FP per image = FP / number of images.
-    - The curve starts at the origin (threshold above every probability); where several thresholds give the same
-      FP/image the highest sensitivity is kept.
-    - Sensitivity is read by linear interpolation at `n_points` evenly spaced FP/image values in
-      [0, max_fp_per_image], held at its last value beyond the curve's end, and integrated with the trapezoidal
-      rule: the AUC lies in [0, max_fp_per_image] (8 for a detector that finds everything before 0 FP/image).
+    - Thresholds: `n_thresholds` evenly spaced from the lowest to the highest probability of the group's points
+      (one threshold when they are all equal); no point at all gives NaN.
+    - At each, the points with probability >= t are matched within 7.5 µm like the F1 counts: sensitivity
+      = TP / (TP + FN + 1e-6) over the group, FP per image = the images' mean FP count.
+    - The (FP/image, sensitivity) pairs are ordered by FP/image with numpy's default argsort (ties stay in
+      whatever order it leaves them, as there), read by `np.interp` at `n_points` evenly spaced FP/image values in
+      [0, max_fp_per_image] (0 left of the curve, its last sensitivity right of it; no origin is added) and
+      integrated with the trapezoidal rule: at most 8 (7.999996 with the epsilon) for a detector that finds every
+      figure before its first false positive.
     """
-    thresholds = np.linspace(1.0, 0.0, n_thresholds)
-    tp, fn, fp = _summed_counts(sweeps, thresholds).T
-    positives = tp + fn
-    sensitivity = np.divide(tp, positives, out=np.zeros(n_thresholds), where=positives > 0)
-    fp_per_image = fp / max(len(sweeps), 1)
-    xs = np.concatenate([[0.0], fp_per_image])
-    ys = np.concatenate([[0.0], sensitivity])
-    unique_x = np.unique(xs)
-    best_y = np.array([ys[xs == x].max() for x in unique_x])
     grid = np.linspace(0.0, max_fp_per_image, n_points)
-    grid_sensitivity = np.interp(grid, unique_x, best_y)
+    probabilities = [s.probabilities for s in sweeps if len(s.probabilities)]
+    if not probabilities:
+        empty = np.zeros(0)
+        return FrocCurve(empty, empty, empty, grid, np.full(n_points, np.nan), float("nan"))
+    lowest = min(float(p[0]) for p in probabilities)
+    highest = max(float(p[-1]) for p in probabilities)
+    thresholds = np.array([lowest]) if lowest == highest else np.linspace(lowest, highest, n_thresholds)
+    tp, fn, fp = _summed_counts(sweeps, thresholds).T
+    sensitivity = tp / (tp + fn + EPS)
+    fp_per_image = fp / len(sweeps)
+    order = np.argsort(fp_per_image)
+    grid_sensitivity = np.interp(grid, fp_per_image[order], sensitivity[order], left=0,
+                                 right=sensitivity[order][-1])
     return FrocCurve(thresholds, sensitivity, fp_per_image, grid, grid_sensitivity,
                      float(np.trapezoid(grid_sensitivity, grid)))
 
@@ -443,7 +466,7 @@ def _group_metrics(images: Sequence[ImageResult], with_froc: bool, ap_backend: s
               "AP": average_precision([(r.truth, r.prediction) for r in images], ap_backend),
               "positives": tp + fn}
     if with_froc:
-        values["froc_auc"] = froc_curve([r.sweep for r in images]).auc if images else 0.0
+        values["froc_auc"] = froc_curve([r.sweep for r in images]).auc
     return values
 
 
@@ -478,7 +501,7 @@ def aggregate(images: Sequence[ImageResult], with_froc: bool = True, ap_backend:
 
 
 def evaluate_jobs(jobs: Sequence[Job], ground_truth: Mapping[str, Any], with_froc: bool = True,
-                  ap_backend: str = "numpy") -> Track1Evaluation:
+                  ap_backend: str = "numpy", check_coordinates: bool = True) -> Track1Evaluation:
     """Score jobs (in their order) against the ground truth, like the container; see `score` for the API."""
     truths = parse_ground_truth(ground_truth)
     images = []
@@ -490,7 +513,7 @@ def evaluate_jobs(jobs: Sequence[Job], ground_truth: Mapping[str, Any], with_fro
             raise PredictionError(f"job {job.pk}: image {job.image} was already scored (job {seen[job.image]})")
         seen[job.image] = job.pk
         truth = truths[job.image]
-        prediction = parse_points(job.payload, job.pk)
+        prediction = parse_points(job.payload, job.pk, check_coordinates)
         score = score_detection(truth.points, _flatten_z(prediction.points[prediction.mitotic]))
         images.append(ImageResult(truth, prediction, score, ThresholdSweep(truth.points, prediction)))
     if not images:
@@ -508,15 +531,15 @@ def jobs_from_mapping(predictions: Mapping[str, Any]) -> list[Job]:
 
 
 def evaluate(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any], with_froc: bool = True,
-             ap_backend: str = "numpy") -> Track1Evaluation:
-    return evaluate_jobs(jobs_from_mapping(predictions), ground_truth, with_froc, ap_backend)
+             ap_backend: str = "numpy", check_coordinates: bool = True) -> Track1Evaluation:
+    return evaluate_jobs(jobs_from_mapping(predictions), ground_truth, with_froc, ap_backend, check_coordinates)
 
 
 def score(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any], with_froc: bool = True,
-          ap_backend: str = "numpy") -> dict[str, Any]:
+          ap_backend: str = "numpy", check_coordinates: bool = True) -> dict[str, Any]:
     """Official Track 1 aggregates for `predictions` (image name → points or "Multiple points" dict).
 
     `ground_truth` is the official format (image name → annotations, tumour domain, ROI type). Images are added to
     AP in the mapping's order (it decides score ties between images, as the job order does in the container).
     """
-    return evaluate(predictions, ground_truth, with_froc, ap_backend).aggregates
+    return evaluate(predictions, ground_truth, with_froc, ap_backend, check_coordinates).aggregates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from evaluate_factory import payload, point, truth
 from midog.evaluate import GroundTruthError, PredictionError
-from midog.evaluate.track1 import EPS, evaluate, froc_curve, precision_recall_f1, score
+from midog.evaluate.track1 import EPS, evaluate, precision_recall_f1, score
 
 
 def test_official_formulas_with_epsilon() -> None:
@@ -73,41 +74,108 @@ def test_counts_are_summed_over_images_of_a_group() -> None:
     assert results[2]["pred"][1] == [0.0, 0.002, 0.0, 0, 0.9]
 
 
-def test_froc_of_a_perfect_detector_is_the_full_range() -> None:
-    ev = evaluate({"a.tiff": payload([point(0, 0, 0.99), point(100, 0, 0.5)])}, {"a.tiff": truth([(0, 0), (100, 0)])})
-    assert ev.froc.auc == pytest.approx(8.0)
+def official_froc(truths: list[list[list[float]]], detections: list[list[list[float]]]) -> float:
+    """The container's calc_froc_score, transcribed line by line (its matching is score_detection's)."""
+    from midog.evaluate.track1 import score_detection
+
+    if not [x for x in detections if len(x) > 0]:
+        return float("nan")
+    scores = np.array([sc for x, y, z, cls, sc in np.vstack([x for x in detections if len(x) > 0])])
+    threshold_list = ([np.min(scores)] if np.min(scores) == np.max(scores)
+                      else np.linspace(np.min(scores), np.max(scores), 40).tolist())
+    recalls, fppi = {}, {}
+    for threshold in threshold_list:
+        tps, fns, fps = 0, 0, []
+        for i in range(len(detections)):
+            kept = [[x, y, 0] for x, y, z, cls, sc in detections[i] if sc >= threshold]
+            counts = score_detection(np.array(truths[i]), np.array(kept))
+            fps.append(counts.false_positives)
+            tps += counts.true_positives
+            fns += counts.false_negatives
+        recalls[threshold] = tps / (tps + fns + 1e-6)
+        fppi[threshold] = np.mean(fps)
+    fppi_arr, recall_arr = np.array(list(fppi.values())), np.array(list(recalls.values()))
+    order = np.argsort(fppi_arr)
+    grid = np.linspace(0, 8, 50)
+    return float(np.trapezoid(np.interp(grid, fppi_arr[order], recall_arr[order], left=0,
+                                        right=recall_arr[order][-1]), grid))
 
 
-def test_froc_without_any_detection_is_zero() -> None:
+def froc_of(predictions: dict, gt: dict) -> tuple[float, float]:
+    """(ours, the container's) overall FROC AUC for image name -> payload."""
+    ev = evaluate(predictions, gt)
+    truths = [gt[name]["annotations"] for name in predictions]
+    detections = [[[*p["point"], int(p["name"] == "mitotic figure"), p["probability"]] for p in pay["points"]]
+                  for pay in predictions.values()]
+    return ev.aggregates["froc_auc"], official_froc(truths, detections)
+
+
+def test_froc_of_a_perfect_detector_is_the_full_range_less_the_epsilon() -> None:
+    ev = evaluate({"a.tiff": payload([point(0, 0, 0.9), point(100, 0, 0.9)])}, {"a.tiff": truth([(0, 0), (100, 0)])})
+    assert ev.froc.auc == pytest.approx(8 * 2 / (2 + EPS))  # sensitivity 2 / (2 + 1e-6) from 0 FP/image on
+
+
+def test_froc_reads_the_sensitivity_of_the_highest_threshold_when_all_share_zero_false_positives() -> None:
+    # No false positive anywhere, so every threshold sits at 0 FP/image; argsort leaves them in threshold order
+    # and np.interp holds the last one (t = 0.99, one figure of two found) beyond 0: half the range, as there.
+    predictions = {"a.tiff": payload([point(0, 0, 0.99), point(100, 0, 0.5)])}
+    gt = {"a.tiff": truth([(0, 0), (100, 0)])}
+    ours, official = froc_of(predictions, gt)
+    assert ours == official == pytest.approx(4 / (1 + EPS))
+    froc = evaluate(predictions, gt).froc
+    assert froc.thresholds[0] == 0.5 and froc.thresholds[-1] == 0.99  # the group's own probability range
+
+
+def test_froc_without_any_detection_is_nan_as_in_the_container() -> None:
     ev = evaluate({"a.tiff": payload([])}, {"a.tiff": truth([(0, 0)])})
-    assert ev.froc.auc == 0.0 and ev.aggregates["froc_auc"] == 0.0
+    assert math.isnan(ev.froc.auc) and math.isnan(ev.aggregates["froc_auc"])
+    assert math.isnan(ev.aggregates["roi_type_random_froc_auc"])  # a ROI type without images
 
 
-def test_froc_curve_points_by_hand() -> None:
-    # Image a: TP at 0.9. Image b: FP at 0.95, TP at 0.3. Two images, two truths.
+def test_froc_has_no_origin_point_so_a_curve_starting_above_zero_false_positives_reads_zero_before_it() -> None:
+    # Image a: TP at 0.9. Image b: FP at 0.95, TP at 0.3. The curve starts at 0.5 FP/image (sensitivity 0 at
+    # t = 0.95, 0.5 at t in (0.3, 0.9], 1 at t = 0.3): np.interp reads 0 left of it, and among the thresholds tied
+    # at 0.5 FP/image the one argsort leaves last sets the value right of it.
     gt = {"a.tiff": truth([(0, 0)]), "b.tiff": truth([(0, 0)])}
-    ev = evaluate({"a.tiff": payload([point(0, 0, 0.9)]),
-                   "b.tiff": payload([point(400, 0, 0.95), point(0, 0, 0.3)])}, gt)
-    froc = ev.froc
-    assert len(froc.thresholds) == 40 and len(froc.grid) == 50 and froc.grid[-1] == 8.0
-    by_threshold = {round(t, 4): (s, f) for t, s, f in zip(froc.thresholds, froc.sensitivity, froc.fp_per_image)}
-    t = froc.thresholds
-    assert by_threshold[round(t[t > 0.95].min(), 4)] == (0.0, 0.0)
-    assert by_threshold[round(t[(t <= 0.95) & (t > 0.9)].min(), 4)] == (0.0, 0.5)
-    assert by_threshold[round(t[(t <= 0.9) & (t > 0.3)].min(), 4)] == (0.5, 0.5)
-    assert by_threshold[round(t[t <= 0.3].max(), 4)] == (1.0, 0.5)
-    # The curve: origin, then sensitivity 1 at 0.5 FP/image, flat to 8 -> about 8 - 0.25.
-    expected = np.trapezoid(np.interp(froc.grid, [0, 0.5], [0, 1]), froc.grid)
-    assert froc.auc == pytest.approx(expected) and abs(froc.auc - 7.75) < 0.01
+    predictions = {"a.tiff": payload([point(0, 0, 0.9)]),
+                   "b.tiff": payload([point(400, 0, 0.95), point(0, 0, 0.3)])}
+    ours, official = froc_of(predictions, gt)
+    assert ours == official
+    froc = evaluate(predictions, gt).froc
+    assert len(froc.thresholds) == 40 and froc.thresholds[0] == 0.3 and froc.thresholds[-1] == 0.95
+    assert set(froc.fp_per_image) == {0.5} and froc.sensitivity[0] == pytest.approx(1.0)
+    assert froc.sensitivity[-1] == 0.0 and np.all(froc.grid_sensitivity[froc.grid < 0.5] == 0)
 
 
 def test_froc_beyond_eight_false_positives_per_image() -> None:
-    # Ten FPs above the only TP: sensitivity reaches 1 at 10 FP/image, so at 8 it is 0.8 on the straight line.
+    # Ten FPs above the only TP: FP/image is 10 at every threshold, so the curve lies right of the 0-8 window.
     points = [point(1000 + 50 * i, 0, 0.9) for i in range(10)] + [point(0, 0, 0.1)]
-    ev = evaluate({"a.tiff": payload(points)}, {"a.tiff": truth([(0, 0)])})
-    assert ev.froc.auc == pytest.approx(0.5 * 8 * 0.8)
-    # Fewer evaluation points change the grid, not this straight-line area.
-    assert froc_curve([ev.images[0].sweep], n_points=9).auc == pytest.approx(3.2)
+    ours, official = froc_of({"a.tiff": payload(points)}, {"a.tiff": truth([(0, 0)])})
+    assert ours == official == 0.0
+
+
+def test_froc_with_all_probabilities_equal_uses_one_threshold() -> None:
+    ev = evaluate({"a.tiff": payload([point(0, 0, 0.5), point(300, 0, 0.5)])}, {"a.tiff": truth([(0, 0)])})
+    assert list(ev.froc.thresholds) == [0.5]
+    assert ev.froc.auc == froc_of({"a.tiff": payload([point(0, 0, 0.5), point(300, 0, 0.5)])},
+                                  {"a.tiff": truth([(0, 0)])})[1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_froc_equals_the_containers_on_random_sets(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    gt, predictions = {}, {}
+    for i in range(int(rng.integers(1, 5))):
+        figures = rng.uniform(0, 400, size=(int(rng.integers(0, 6)), 2))
+        gt[f"{i}.tiff"] = truth([tuple(f) for f in figures], domain=int(rng.integers(0, 2)))
+        near = figures[rng.random(len(figures)) < 0.7] + rng.normal(0, 4, size=(1, 2))
+        far = rng.uniform(0, 400, size=(int(rng.integers(0, 8)), 2))
+        spots = np.concatenate([near.reshape(-1, 2), far])
+        levels = rng.choice([0.2, 0.5, 0.8], size=len(spots)) if seed % 3 == 0 else rng.random(len(spots))
+        predictions[f"{i}.tiff"] = payload([point(x, y, float(p), name="mitotic figure" if p > 0.4 else
+                                                  "non-mitotic figure") for (x, y), p in zip(spots, levels)])
+    ours, official = froc_of(predictions, gt)
+    assert ours == official or (math.isnan(ours) and math.isnan(official))
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -173,6 +241,17 @@ def test_bad_ground_truth(entry: dict, field: str) -> None:
         score({"a.tiff": payload([])}, {"a.tiff": entry})
 
 
+@pytest.mark.parametrize("xy_um, message", [((10_001, 5), "pixel coordinates"), ((5, 10_001), "pixel coordinates"),
+                                            ((-8, 0), "below -7.5"), ((0, -8), "below -7.5")])
+def test_points_outside_the_containers_millimetre_range_are_rejected(xy_um: tuple, message: str) -> None:
+    gt = {"a.tiff": truth([(0, 0)])}
+    with pytest.raises(PredictionError, match=message):
+        score({"a.tiff": payload([point(*xy_um)])}, gt)
+    assert score({"a.tiff": payload([point(*xy_um)])}, gt, check_coordinates=False)["f1_score"] < 1e-6
+    # the edges themselves are accepted, as in the container
+    assert score({"a.tiff": payload([point(-7.5, 10_000)])}, gt)["precision"] == 0.0
+
+
 def test_empty_prediction_set_is_an_error() -> None:
     with pytest.raises(PredictionError, match="no predictions"):
         score({}, {"a.tiff": truth([])})
@@ -180,13 +259,17 @@ def test_empty_prediction_set_is_an_error() -> None:
 
 def test_aggregates_are_plain_json_numbers() -> None:
     agg = score({"a.tiff": payload([point(0, 0)])}, {"a.tiff": truth([(0, 0)], domain=2)})
-    flat = [v for v in agg.values() if not isinstance(v, dict)] + list(agg["tumor_roitype"].values())
-    assert all(type(v) in (float, int) and math.isfinite(v) for v in flat)
+    flat = {k: v for k, v in agg.items() if not isinstance(v, dict)} | agg["tumor_roitype"]
+    assert all(type(v) in (float, int) for v in flat.values())
+    # NaN only where the container writes it: the FROC of the ROI types without images
+    assert {k for k, v in flat.items() if not math.isfinite(v)} == {"roi_type_random_froc_auc",
+                                                                    "roi_type_challenging_froc_auc"}
 
 
 def test_api_accepts_a_bare_list_of_points() -> None:
     gt = {"a.tiff": truth([(0, 0)])}
-    assert score({"a.tiff": [point(0, 0)]}, gt) == score({"a.tiff": payload([point(0, 0)])}, gt)
+    bare, full = score({"a.tiff": [point(0, 0)]}, gt), score({"a.tiff": payload([point(0, 0)])}, gt)
+    assert json.dumps(bare) == json.dumps(full)
 
 
 def _random_images(rng: np.random.Generator, ties: bool) -> list:
