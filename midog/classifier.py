@@ -264,7 +264,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise WeightsError(f"cannot load classifier weights {path}: {str(err).splitlines()[0]}") from None
+        raise WeightsError(f"cannot load classifier weights {path}: {_first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a midog classifier checkpoint (format {CHECKPOINT_FORMAT})")
     if state.get("kind", "timm") == "foundation":
@@ -273,11 +273,15 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         return load_foundation_classifier(state, path, device=device, config=foundation)
     if state.get("kind", "timm") != "timm":
         raise WeightsError(f"{path} has an unknown classifier kind '{state['kind']}'")
-    model = timm.create_model(state["arch"], pretrained=False, num_classes=1, **state.get("model_kwargs", {}))
+    check_checkpoint_fields(state, path)
+    try:
+        model = timm.create_model(state["arch"], pretrained=False, num_classes=1, **state.get("model_kwargs", {}))
+    except (RuntimeError, TypeError, ValueError) as err:  # unknown arch, arguments it does not take
+        raise WeightsError(f"{path}: cannot build {state['arch']!r}: {_first_line(err)}") from None
     try:
         model.load_state_dict(state["state_dict"], strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{path} does not fit {state['arch']}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise WeightsError(f"{path} does not fit {state['arch']}: {_first_line(err)}") from None
     model.eval().to(device)
     return BinaryClassifier(
         model=model,
@@ -292,6 +296,45 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         meta=state.get("meta", {}),
         **resize_from_state(state, path),
     )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def check_checkpoint_fields(state: dict[str, Any], path: Path) -> None:
+    """WeightsError naming the first field of a timm classifier checkpoint that `BinaryClassifier` cannot use."""
+    def bad(field_name: str, expected: str) -> WeightsError:
+        return WeightsError(f"{path} is not a usable classifier checkpoint: '{field_name}' is "
+                            f"{state.get(field_name)!r:.60}, expected {expected}")
+
+    for key in ("arch", "state_dict", "input_size", "mean", "std", "threshold"):
+        if key not in state:
+            raise WeightsError(f"{path} is not a usable classifier checkpoint: field '{key}' is missing")
+    if not isinstance(state["arch"], str):
+        raise bad("arch", "a timm model name")
+    if not isinstance(state["state_dict"], dict):
+        raise bad("state_dict", "a state dict")
+    if not isinstance(state.get("model_kwargs", {}), dict):
+        raise bad("model_kwargs", "a mapping")
+    size = state["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise bad("input_size", "a positive integer")
+    for key in ("mean", "std"):
+        values = state[key]
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            raise bad(key, "three numbers (RGB)")
+    if not all(v > 0 for v in state["std"]):
+        raise bad("std", "three positive numbers")
+    if not _is_probability(state["threshold"]):
+        raise bad("threshold", "a number in [0, 1]")
+    if state.get("tta_threshold") is not None and not _is_probability(state["tta_threshold"]):
+        raise bad("tta_threshold", "null or a number in [0, 1]")
 
 
 def tta_threshold_from_state(state: dict[str, Any]) -> float | None:

@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from midog.config import PipelineConfig, load_config
 from midog.errors import InputError, MidogError
@@ -48,8 +48,8 @@ def read_interface_slugs(input_dir: Path) -> list[str]:
         raise InputError(f"missing {inputs_json}")
     try:
         inputs = json.loads(inputs_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{inputs_json} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{inputs_json} is not valid JSON: {one_line(err)}") from None
     if not isinstance(inputs, list):
         raise InputError(f"{inputs_json} must hold a list of inputs")
     slugs = []
@@ -58,6 +58,8 @@ def read_interface_slugs(input_dir: Path) -> list[str]:
         slug = interface.get("slug") if isinstance(interface, dict) else None
         if not slug:
             raise InputError(f"{inputs_json}: an input has no interface slug")
+        if not isinstance(slug, str):
+            raise InputError(f"{inputs_json}: an interface slug must be a string, got {slug!r:.80}")
         slugs.append(slug)
     return slugs
 
@@ -74,8 +76,20 @@ def load_run_config(path: Path | None) -> PipelineConfig:
     return load_config(path, weights_config=weights_pipeline_config())
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type), for the one-line error contract."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line and exit code 2, like every other bad input (`--help` still helps)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineArgumentParser(description=__doc__)
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--config", type=Path, default=None, help="partial YAML overriding the shipped config")
@@ -100,6 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure still gets one line, unless --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"error: unexpected {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 1
     return 0

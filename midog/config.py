@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -168,8 +170,20 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return _finite_number(value) and value > 0
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _non_negative_number(value: Any) -> bool:
+    return _finite_number(value) and value >= 0
 
 
 def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = False) -> Callable[[Any], bool]:
@@ -182,12 +196,19 @@ def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = 
     return check
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "runtime.device": (lambda value: isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) is not None,
+                       "auto, cpu, cuda or cuda:N"),
+    "runtime.num_threads": (_non_negative_int, "0 (torch's default) or a positive integer"),
     "runtime.crop_chunk": (_positive_int, "a positive integer"),
-    "runtime.deterministic": (lambda value: isinstance(value, bool), "true or false"),
     "image.fallback_spacing_um": (_positive_number, "a positive number"),
     "image.max_spacing_um": (_positive_number, "a positive number"),
+    "image.in_memory_max_megapixels": (_non_negative_number, "a number >= 0"),
+    "image.segment_cache_mb": (_non_negative_number, "a number >= 0"),
     "tiling.tile_size": (_positive_int, "a positive integer"),
+    "tiling.thumbnail_megapixels": (_non_negative_number, "a number >= 0 (0 = off)"),
     "tiling.overlap": (_fraction(high_open=True), "a number in [0, 1)"),
     "tiling.tissue_min_fraction": (_fraction(), "a number in [0, 1]"),
     "tiling.tissue_saturation": (_fraction(), "a number in [0, 1]"),
@@ -198,9 +219,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "proposals.onnx_batch_size": (_positive_int, "a positive integer"),
     "proposals.max_detections_per_tile": (_positive_int, "a positive integer"),
     "merging.iou": (_fraction(low_open=True), "a number in (0, 1]"),
+    "merging.box_size_px": (_positive_int, "a positive integer"),
+    "merging.tile_edge_px": (_non_negative_int, "an integer >= 0"),
     "verifier.crop_size": (_positive_int, "a positive integer"),
     "verifier.threshold": (_fraction(), "a number in [0, 1]"),
     "verifier.batch_size": (_positive_int, "a positive integer"),
+    "verifier.context_px": (_non_negative_int, "an integer >= 0"),
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
     "atypical.tta_views": (lambda value: _positive_int(value) and value in TTA_VIEW_COUNTS,
@@ -208,11 +232,55 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "atypical.batch_size": (_positive_int, "a positive integer"),
     "atypical.max_batch_megapixels": (_positive_number, "a positive number"),
 }
-"""Every size and threshold whose value can be wrong in a way that would only show deep inside a run."""
+"""Every size and threshold whose value can be wrong in a way that would only show deep inside a run. Every other
+field is checked against its type (`validate_types`); the tile size against the detector's stride at its load."""
+
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda value: isinstance(value, bool), "true or false"),
+    "int": (lambda value: isinstance(value, int) and not isinstance(value, bool), "an integer"),
+    "float": (lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "a number"),
+    "str": (lambda value: isinstance(value, str), "a string"),
+    "str | None": (lambda value: value is None or isinstance(value, str), "null or a string"),
+    "float | None": (lambda value: value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                     "null or a number"),
+    "str | list[str]": (lambda value: isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
+        "a file name or a list of file names"),
+}
+"""What each annotation of the config dataclasses accepts (a field with another annotation fails the tests)."""
+
+
+def _as_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a number field takes any text float() reads as a finite number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if number == number and abs(number) != float("inf"):
+            return number
+    return value
+
+
+def validate_types(config: PipelineConfig) -> None:
+    """ConfigError naming the first field whose value does not have its annotated type (numbers given as text for
+    a number field, e.g. `1e-3`, are converted in place)."""
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if f.type in ("float", "float | None"):
+                value = _as_float(value)
+                setattr(part, f.name, value)
+            check, expected = FIELD_TYPES[str(f.type)]
+            if not check(value):
+                expected = RANGES.get(f"{section.name}.{f.name}", (check, expected))[1]
+                raise ConfigError(f"config {section.name}.{f.name} is {value!r}; expected {expected}")
 
 
 def validate_config(config: PipelineConfig) -> PipelineConfig:
     """`config` itself, or ConfigError naming the first option with a value it cannot take."""
+    validate_types(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
@@ -254,7 +322,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
-        overrides.setdefault(section, {})[key] = _coerce(value)
+        try:
+            overrides.setdefault(section, {})[key] = _coerce(value)
+        except yaml.YAMLError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"cannot read {name}={value!r}: {first}") from None
     return overrides
 
 

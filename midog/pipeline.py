@@ -169,7 +169,7 @@ class Track1Detector:
         lap("merging")
         verified = self._verify(image, candidates.boxes)
         probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)
-        labels = self.verifier.labels(verified)
+        labels = self.verifier.labels(probability)  # the name follows the written probability in either mode
         lap("verification")
         centres = candidates.centres if len(candidates) else np.zeros((0, 2))
         millimetres = image.transform.to_mm(centres)

@@ -29,7 +29,7 @@ import torch
 
 from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.devices import batches_halving_on_oom
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.image_io import RoiImage
 from midog.tiling import has_tissue, tissue_fraction
 from midog.weights import sha256_of, verify_checksum
@@ -178,6 +178,11 @@ def onnx_detector(model: torch.nn.Module, weights: str | os.PathLike[str], tile_
     return OnnxDetector(path, tile_size, threads, batch_size)
 
 
+def model_stride(model: torch.nn.Module) -> int:
+    """The detector's largest stride (at least 32, YOLO11's): tile sides must be a multiple of it."""
+    return int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 32))
+
+
 class YoloProposer:
     """Runs the detector on tiles. `propose` reads, filters and batches the tiles itself; `predict` takes pixels."""
 
@@ -188,7 +193,7 @@ class YoloProposer:
         self.device = device
         self.config = config
         self.batch_size = max(1, int(config.batch_size))
-        self.stride = int(max(getattr(model, "stride", torch.tensor([32.0])).max().item(), 32))
+        self.stride = model_stride(model)
         self.end2end = bool(getattr(model, "end2end", False))
         self.half = bool(config.half) and device.type == "cuda"
         self.channels_last = bool(config.channels_last) and onnx is None
@@ -206,6 +211,10 @@ class YoloProposer:
         if config.backend not in CHOICES["proposals.backend"]:
             raise ValueError(f"unknown proposals.backend '{config.backend}'; expected auto, torch or onnxruntime")
         model = load_detector(path, device)
+        if tile_size % model_stride(model):
+            raise ConfigError(f"config tiling.tile_size is {tile_size}; the detector {Path(path).name} needs a "
+                              f"multiple of its stride {model_stride(model)} (e.g. "
+                              f"{max(1, round(tile_size / model_stride(model))) * model_stride(model)})")
         onnx = None
         if device.type == "cpu" and config.backend != "torch":
             onnx = onnx_detector(model, path, tile_size, threads, config.onnx_batch_size)

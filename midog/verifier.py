@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
+from midog.errors import WeightsError
 from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 
@@ -69,7 +71,11 @@ class Verifier:
     def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
                      fallback_box_px: int = 50, foundation: FoundationConfig | None = None) -> "Verifier":
         """`foundation`: where a foundation-model verifier's base weights are (see midog.foundation)."""
-        return cls(load_classifier(path, device, foundation=foundation), config, fallback_box_px)
+        classifier = load_classifier(path, device, foundation=foundation)
+        if classifier.positive != MITOTIC_FIGURE:
+            raise WeightsError(f"weights '{Path(path).name}' classify '{classifier.positive}', not "
+                               f"'{MITOTIC_FIGURE}': not a verifier")
+        return cls(classifier, config, fallback_box_px)
 
     @property
     def threshold(self) -> float:

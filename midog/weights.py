@@ -75,9 +75,14 @@ def read_model_card(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WeightsError(f"model card {path} is not valid JSON: {err}") from None
+    if not isinstance(card, dict):
+        raise WeightsError(f"model card {path} must be a JSON object")
+    if "sha256" in card and not isinstance(card["sha256"], str):
+        raise WeightsError(f"model card {path}: 'sha256' must be a string, got {card['sha256']!r:.40}")
+    return card
 
 
 def verify_checksum(checkpoint: str | os.PathLike[str]) -> None:

@@ -83,3 +83,53 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_probabilities(monkeyp
         torch.OutOfMemoryError("CUDA out of memory (simulated)")))
     with pytest.raises(torch.OutOfMemoryError):                 # not even one crop fits: the error goes up
         clf.predict_proba(x[:1])
+
+MALFORMED = {
+    "no arch": (lambda s: s.pop("arch"), "field 'arch' is missing"),
+    "no threshold": (lambda s: s.pop("threshold"), "field 'threshold' is missing"),
+    "unknown arch": (lambda s: s.update(arch="resnet18_from_the_future"), "cannot build 'resnet18_from_the_future'"),
+    "arguments the arch does not take": (lambda s: s.update(model_kwargs={"wings": 2}), "cannot build 'test_resnet'"),
+    "TTA threshold above 1": (lambda s: s.update(tta_threshold=7.0), "'tta_threshold' is 7.0"),
+    "TTA threshold NaN": (lambda s: s.update(tta_threshold=float("nan")), "'tta_threshold' is nan"),
+    "threshold as text": (lambda s: s.update(threshold="high"), "'threshold' is 'high'"),
+    "input size 0": (lambda s: s.update(input_size=0), "'input_size' is 0"),
+    "two-channel mean": (lambda s: s.update(mean=[0.5, 0.5]), "'mean' is \\[0.5, 0.5\\]"),
+    "zero std": (lambda s: s.update(std=[0.2, 0.0, 0.2]), "'std'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_checkpoint_is_a_weights_error_naming_the_field(tmp_path: Path, case: str):
+    mutate, message = MALFORMED[case]
+    state = torch.load(build_classifier("test_resnet", 32).save(tmp_path / "clf.pt"), weights_only=True)
+    mutate(state)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match=message):
+        load_classifier(tmp_path / "bad.pt")
+
+
+def test_an_empty_checkpoint_file_is_a_weights_error(tmp_path: Path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(WeightsError, match="cannot load classifier weights .*empty.pt: EOFError"):
+        load_classifier(tmp_path / "empty.pt")
+
+
+@pytest.mark.parametrize("card, message", [('{"sha256": 5}', "'sha256' must be a string"),
+                                           ("[1, 2]", "must be a JSON object")])
+def test_a_malformed_model_card_is_a_weights_error(tmp_path: Path, card: str, message: str):
+    path = build_classifier("test_resnet", 32).save(tmp_path / "clf.pt")
+    path.with_suffix(".json").write_text(card)
+    with pytest.raises(WeightsError, match=message):
+        load_classifier(path)
+    path.with_suffix(".json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        load_classifier(path)
+
+
+def test_an_atypical_checkpoint_is_refused_as_a_verifier(tmp_path: Path):
+    from midog.config import VerifierConfig
+    from midog.verifier import Verifier
+
+    path = build_classifier("test_resnet", 32, positive="atypical").save(tmp_path / "verifier.pt")
+    with pytest.raises(WeightsError, match="classify 'atypical', not 'mitotic figure'"):
+        Verifier.from_weights(path, VerifierConfig(), torch.device("cpu"))

@@ -47,6 +47,21 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     ("proposals.batch_size", 0, "a positive integer"),
     ("atypical.crop_size", 64.5, "a positive integer"),
     ("atypical.tta_views", 2, "4 or 8"),
+    ("tiling.thumbnail_megapixels", "abc", "a number >= 0"),
+    ("merging.box_size_px", 0, "a positive integer"),
+    ("merging.tile_edge_px", -5, "an integer >= 0"),
+    ("verifier.context_px", -100, "an integer >= 0"),
+    ("image.in_memory_max_megapixels", -1, "a number >= 0"),
+    ("image.fallback_spacing_um", float("inf"), "a positive number"),
+    ("atypical.max_batch_megapixels", float("inf"), "a positive number"),
+    ("runtime.num_threads", 1.5, "0 (torch's default) or a positive integer"),
+    ("runtime.device", "gpu", "auto, cpu, cuda or cuda:N"),
+    ("proposals.half", "maybe", "true or false"),
+    ("merging.class_agnostic", "nope", "true or false"),
+    ("atypical.tta", 1, "true or false"),
+    ("atypical.weights", 123, "a file name or a list of file names"),
+    ("atypical.weights", [], "a file name or a list of file names"),
+    ("foundation.hf_cache", 5, "null or a string"),
 ])
 def test_values_a_run_cannot_take_are_refused_at_load(key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(f"config {key} is {value!r}; expected") + ".*" + re.escape(expected)):
@@ -58,6 +73,29 @@ def test_limits_of_the_ranges_are_accepted():
                                     "merging.iou": 1.0, "atypical.confidence": "stated_class",
                                     "atypical.tta_views": 4})
     assert config.atypical.threshold is None and config.merging.iou == 1.0 and config.atypical.tta_views == 4
+
+
+def test_every_config_field_has_a_type_check():
+    import dataclasses
+
+    from midog.config import FIELD_TYPES, PipelineConfig
+
+    for section in dataclasses.fields(PipelineConfig):
+        for f in dataclasses.fields(section.default_factory):
+            assert str(f.type) in FIELD_TYPES, f"{section.name}.{f.name}: {f.type}"
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-1", 0.5), ("1", 1)])
+def test_numbers_in_scientific_notation_are_numbers(text, value):
+    # YAML 1.1 (PyYAML) reads 1e-3 without a dot as a string
+    assert load_config(environ={"MIDOG_VERIFIER__THRESHOLD": text}).verifier.threshold == value
+
+
+def test_an_environment_value_yaml_cannot_parse_is_one_line_naming_the_variable():
+    with pytest.raises(ConfigError, match=r"^cannot read MIDOG_ATYPICAL__THRESHOLD='\[0.5': [^\n]*$"):
+        load_config(environ={"MIDOG_ATYPICAL__THRESHOLD": "[0.5"})
+    with pytest.raises(ConfigError, match="MIDOG_ATYPICAL__THRESHOLD"):
+        load_config(environ={"MIDOG_ATYPICAL__THRESHOLD": "!!python/object:os.system ls"})
 
 
 def test_choices_are_the_ones_the_modules_offer():

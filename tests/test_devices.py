@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from midog.config import load_config
+from midog.errors import ConfigError
 from midog.devices import configure_torch, resolve_device
 
 
@@ -39,4 +40,18 @@ def test_fast_gpu_kernels_when_asked(torch_state, monkeypatch):
 def test_auto_device_is_the_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_explicit_device_that_is_not_there_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="runtime.device is 'cuda:1'.*0 CUDA device"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="expected auto, cpu"):
+        resolve_device("gpu")
+
+
+def test_an_explicit_cuda_device_is_taken_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)

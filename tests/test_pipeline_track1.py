@@ -91,8 +91,12 @@ def test_product_probability_mode(tmp_path: Path, roi: np.ndarray, monkeypatch: 
     result = Track1Detector.from_config(load_config()).detect(
         tmp_path / "in" / "images" / "histopathology-roi-cropout" / "roi.tif", progress=False)
     assert result.detections
+    threshold = load_config().verifier.threshold
     for d in result.detections:
         assert d.probability == pytest.approx(d.detector_confidence * d.verifier_probability)
+        # the name follows the written probability, so a threshold tuned on the outputs means the same here
+        assert d.is_mitotic_figure == (d.probability >= threshold)
+    assert any(d.verifier_probability >= threshold > d.probability for d in result.detections)
 
 
 def test_missing_weights_fail_cleanly_without_output(tmp_path: Path, roi: np.ndarray,

@@ -196,6 +196,21 @@ def _checksum_mismatch(case_dir: Path, weights: Path) -> Path:
     return folder
 
 
+def _empty(name: str) -> Callable[[Path, Path], Path]:
+    """A checkpoint of 0 bytes, as a failed upload leaves it."""
+    def make(case_dir: Path, weights: Path) -> Path:
+        folder = _copy_weights(case_dir, weights)
+        (folder / name).write_bytes(b"")
+        return folder
+    return make
+
+
+def _atypical_as_verifier(case_dir: Path, weights: Path) -> Path:
+    folder = _copy_weights(case_dir, weights)
+    shutil.copy(folder / "atypical.pt", folder / "verifier.pt")
+    return folder
+
+
 def _garbage(name: str) -> Callable[[Path, Path], Path]:
     def make(case_dir: Path, weights: Path) -> Path:
         folder = _copy_weights(case_dir, weights)
@@ -233,6 +248,8 @@ REFUSED: dict[str, Case] = {
                          message="unknown interface slug"),
     "interface not an object": Case(_inputs_json([{"interface": ["histopathology-region-of-interest-cropout"]}]),
                                     exit_code=EXIT_INPUT, message="no interface slug"),
+    "slug not a string": Case(_inputs_json([{"interface": {"slug": ["histopathology-region-of-interest-cropout"]}}]),
+                              exit_code=EXIT_INPUT, message="interface slug must be a string"),
     "missing slug": Case(_inputs_json([{"image": {"name": "roi.tif"}, "interface": {"kind": "Image"}}]),
                          exit_code=EXIT_INPUT, message="no interface slug"),
     "no image": Case(_empty_image_folder, exit_code=EXIT_INPUT, message="no .tif/.tiff/.mha image"),
@@ -260,10 +277,19 @@ REFUSED: dict[str, Case] = {
                               weights=_checksum_mismatch),
     "garbage atypical weights": Case(_track2(_pages(2)), exit_code=EXIT_WEIGHTS,
                                      message="cannot load classifier weights", weights=_garbage("atypical.pt")),
+    "empty verifier weights": Case(_track1(), exit_code=EXIT_WEIGHTS, message="cannot load classifier weights",
+                                   weights=_empty("verifier.pt")),
+    "atypical weights as the verifier": Case(_track1(), exit_code=EXIT_WEIGHTS, message="not a verifier",
+                                             weights=_atypical_as_verifier),
     "garbage detector weights": Case(_track1(), exit_code=EXIT_WEIGHTS, message="cannot load detector weights",
                                      weights=_garbage("detector.pt")),
     "threshold out of range": Case(_track2(_pages(2)), exit_code=EXIT_CONFIG, message="config atypical.threshold",
                                    env={"MIDOG_ATYPICAL__THRESHOLD": "1.5"}),
+    "environment value YAML cannot parse": Case(_track2(_pages(2)), exit_code=EXIT_CONFIG,
+                                                message="cannot read MIDOG_ATYPICAL__THRESHOLD",
+                                                env={"MIDOG_ATYPICAL__THRESHOLD": "[0.5"}),
+    "tile size off the detector's stride": Case(_track1(), exit_code=EXIT_CONFIG, message="multiple of its stride",
+                                                env={"MIDOG_TILING__TILE_SIZE": "500"}),
     "unknown config key": Case(_track1(), exit_code=EXIT_CONFIG, message="unknown config key 'tiling.tilesize'",
                                env={"MIDOG_TILING__TILESIZE": "256"}),
 }
@@ -412,6 +438,18 @@ def test_debug_shows_the_traceback(tmp_path: Path, home: Path):
     assert "Traceback (most recent call last)" in debug.stderr
     assert "midog.errors.InputError: missing" in debug.stderr and "inputs.json" in debug.stderr
     assert output_files(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("argv, message", [(["--inptu", "x"], "unrecognized arguments: --inptu x"),
+                                           (["--input"], "argument --input: expected one argument")])
+def test_a_usage_error_is_one_line_and_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]):
+    from midog.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == EXIT_INPUT
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message} (see ") and lines[0].endswith(" --help)")
 
 
 # ---- offline, and nothing written outside the output and temp folders ---------------------------------------------

@@ -128,6 +128,13 @@ def test_tiles_must_fit_the_model_stride(proposer: YoloProposer):
         proposer.predict(np.zeros((1, 500, 500, 3), np.uint8))
 
 
+def test_a_tile_size_off_the_stride_is_a_config_error_at_load(detector: Path):
+    from midog.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tiling.tile_size is 500; .* multiple of its stride 32 \(e.g. 512\)"):
+        YoloProposer.from_weights(detector, torch.device("cpu"), ProposalConfig(), tile_size=500)
+
+
 def test_corrupt_detector_weights_are_refused(tmp_path: Path, detector: Path):
     broken = tmp_path / "detector.pt"
     broken.write_bytes(detector.read_bytes()[:1000])
