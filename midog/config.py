@@ -346,24 +346,27 @@ def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
-    weights_config: str | Path | None = None,
+    weights_config: str | Path | Mapping[str, Any] | None = None,
 ) -> PipelineConfig:
-    """Shipped defaults, then `weights_config` (the weights' own pipeline.yaml), then the YAML at `path` (partial is
-    fine), then MIDOG_* variables, then `overrides`.
+    """Shipped defaults, then `weights_config` (the weights' own pipeline.yaml, or the sections of it that apply,
+    see `midog.weights.weights_pipeline_values`), then the YAML at `path` (partial is fine), then MIDOG_* variables,
+    then `overrides`.
 
     `overrides` uses dotted keys (`{"verifier.threshold": 0.6}`) or nested dicts.
     """
     values = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     for layer in (weights_config, path):
-        if layer is not None:
-            values = _merge(values, _read_yaml(Path(layer)))
+        if isinstance(layer, Mapping):
+            values = _merge(values, layer)
+        elif layer is not None:
+            values = _merge(values, read_config_file(Path(layer)))
     values = _merge(values, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         values = _merge(values, _nest(overrides))
     return validate_config(_build(PipelineConfig, values))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
     """A partial config file as a mapping; ConfigError when it cannot be read or is not a mapping."""
     try:
         values = yaml.safe_load(path.read_text()) or {}

@@ -72,6 +72,15 @@ def _data_maximum(pixels: np.ndarray) -> float:
     return float(np.nanmax(kept, initial=0)) if kept.size else 0.0
 
 
+def _invert_min_is_white(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """MinIsWhite grayscale (0 = white) as MinIsBlack; 1-bit pages decode as bool. Floats are left as they are."""
+    if pixels.dtype == np.bool_:
+        return ~pixels
+    if np.issubdtype(pixels.dtype, np.integer):
+        return ((1 << bits) - 1) - pixels
+    return pixels
+
+
 def _scale_to_uint8(pixels: np.ndarray, maximum: float | None = None) -> np.ndarray:
     """8-bit as is. Wider integers: divided by the smallest bit depth ≥ 8 that holds the data's maximum
     (2**bits - 1 → 255), so 16-bit data (x257) and 12-bit camera data both come out full range, and 8-bit data
@@ -285,8 +294,8 @@ class TiffStack(PageStack):
             if colormap.dtype == np.uint16:
                 colormap = np.rint(colormap / 257.0).astype(np.uint8)
             pixels = colormap[:, pixels].transpose(1, 2, 0)
-        elif photometric == "MINISWHITE" and np.issubdtype(pixels.dtype, np.integer):
-            pixels = ((1 << int(page.bitspersample)) - 1) - pixels
+        elif photometric == "MINISWHITE":
+            pixels = _invert_min_is_white(pixels, int(page.bitspersample))
         return pixels
 
     def close(self) -> None:
@@ -656,8 +665,8 @@ class TiffRoi(RoiImage):
             if colormap.dtype == np.uint16:
                 colormap = np.rint(colormap / 257.0).astype(np.uint8)
             pixels = colormap[:, pixels].transpose(1, 2, 0)
-        elif photometric == "MINISWHITE" and np.issubdtype(pixels.dtype, np.integer):
-            pixels = ((1 << int(self._page.bitspersample)) - 1) - pixels
+        elif photometric == "MINISWHITE":
+            pixels = _invert_min_is_white(pixels, int(self._page.bitspersample))
         return to_rgb_uint8(pixels)
 
     def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:

@@ -99,7 +99,8 @@ def interior_edge_mask(boxes: np.ndarray, origin: tuple[int, int], tile: int, wi
 def to_image_coordinates(tiles: Sequence[TileDetections], tile: int, width: int, height: int,
                          edge_margin: int = 0) -> Candidates:
     """Shift every tile's boxes by its origin (clipped to the image), dropping boxes on tile sides shared with
-    another tile in `tiles` (the tiles that ran: a side towards a tile skipped as glass keeps its boxes)."""
+    another tile in `tiles` (the tiles that ran: a side towards a tile skipped as glass keeps its boxes) and boxes
+    centred in the padding of an image smaller than a tile (nothing of the image is there to point at)."""
     run = RunTiles([d.origin for d in tiles])
     boxes, scores, classes = [], [], []
     for detections in tiles:
@@ -112,6 +113,11 @@ def to_image_coordinates(tiles: Sequence[TileDetections], tile: int, width: int,
         return Candidates.empty()
     merged = Candidates(np.concatenate(boxes).astype(np.float32), np.concatenate(scores).astype(np.float32),
                         np.concatenate(classes).astype(np.int64))
+    cx = (merged.boxes[:, 0] + merged.boxes[:, 2]) / 2
+    cy = (merged.boxes[:, 1] + merged.boxes[:, 3]) / 2
+    inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    if not inside.all():
+        merged = Candidates(merged.boxes[inside], merged.scores[inside], merged.classes[inside])
     np.clip(merged.boxes[:, 0::2], 0, width, out=merged.boxes[:, 0::2])  # padding beyond a small image's border
     np.clip(merged.boxes[:, 1::2], 0, height, out=merged.boxes[:, 1::2])
     return merged

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from midog.errors import WeightsError
 
@@ -30,24 +30,41 @@ PIPELINE_CONFIG_NAME = "pipeline.yaml"
 """A partial pipeline config shipped with a set of weights (thresholds tuned for those weights)."""
 
 
-def weights_pipeline_config() -> Path | None:
-    """`pipeline.yaml` of the first weights folder that holds a checkpoint or one, else None.
+STAGE_SECTIONS = ("proposals", "verifier", "atypical")
+"""Config sections with a checkpoint of their own (`<section>.weights`)."""
 
-    Only that folder counts, so tuned thresholds never leak from `weights/` onto other weights in /opt/ml/model: a
-    model folder without its own `pipeline.yaml` runs with the defaults.
+
+def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]]) -> dict[str, Any]:
+    """The parts of the weights folders' `pipeline.yaml` files that belong to the checkpoints actually loaded.
+
+    `checkpoints` maps each stage section to its `weights` value. A stage's section is taken from the
+    `pipeline.yaml` beside that stage's checkpoint (an ensemble's first), and every section without a checkpoint of
+    its own (tiling, merging, ...) from the one beside the detector, whose proposals they shape. So a folder that
+    overrides one checkpoint brings the values tuned for it, the stages it does not override keep theirs, and
+    values tuned for one checkpoint never reach another.
     """
-    for folder in weights_dirs():
-        if (folder / PIPELINE_CONFIG_NAME).is_file():
-            return folder / PIPELINE_CONFIG_NAME
-        if folder.is_dir() and any(folder.glob("*.pt")):
-            return None
-    return None
+    from midog.config import read_config_file  # midog.config stays free of file-system lookups
+
+    values: dict[str, Any] = {}
+    for section, names in checkpoints.items():
+        name = names if isinstance(names, str) else (list(names) or [""])[0]
+        try:
+            folder = find_weights(name).parent if name else None
+        except WeightsError:
+            continue  # the stage reports its missing checkpoint when it loads
+        if folder is None or not (folder / PIPELINE_CONFIG_NAME).is_file():
+            continue
+        for key, part in read_config_file(folder / PIPELINE_CONFIG_NAME).items():
+            if key == section or (section == "proposals" and key not in checkpoints):
+                values[key] = part
+    return values
 
 
 def find_weights(name: str | os.PathLike[str]) -> Path:
-    """Resolve a checkpoint name (or an absolute/relative path that exists) to a file."""
+    """Resolve a checkpoint to a file: a bare file name is looked up in `weights_dirs()` (first match wins); a path
+    with a folder in it (absolute, or relative to the working directory) is taken as it is."""
     candidate = Path(name)
-    if candidate.is_absolute() or candidate.exists():
+    if candidate.is_absolute() or len(candidate.parts) > 1:
         if candidate.is_file():
             return candidate
         raise WeightsError(f"weights file not found: {candidate}")

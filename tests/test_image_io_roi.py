@@ -220,3 +220,9 @@ def test_unreadable_inputs_are_refused(tmp_path: Path, pixels: np.ndarray):
 def test_physical_transform_applies_direction_and_origin():
     flipped = PhysicalTransform(spacing_mm=(0.001, 0.002), origin_mm=(5.0, 6.0), direction=(-1.0, 0.0, 0.0, 1.0))
     assert flipped.to_mm(np.array([[10.0, 10.0]]))[0] == pytest.approx([4.99, 6.02])
+
+
+def test_a_1_bit_min_is_white_roi_reads_white(tmp_path: Path):
+    tifffile.imwrite(tmp_path / "white1.tif", np.zeros((40, 48), bool), photometric="miniswhite")
+    with open_roi(tmp_path / "white1.tif") as roi:
+        assert (roi.read_region(0, 0, 48, 40) == 255).all()

@@ -103,6 +103,9 @@ def test_palette_and_miniswhite(tmp_path: Path):
     tifffile.imwrite(tmp_path / "white.tif", np.zeros((3, 3), np.uint8), photometric="miniswhite")
     (white,) = read_all(tmp_path / "white.tif")
     assert (white == 255).all()
+    tifffile.imwrite(tmp_path / "white1.tif", np.zeros((8, 8), bool), photometric="miniswhite")  # 1-bit
+    (white_1bit,) = read_all(tmp_path / "white1.tif")
+    assert (white_1bit == 255).all()
 
 
 @pytest.mark.parametrize("axes", ["TCYX", "ZCYX", "CYX"])

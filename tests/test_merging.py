@@ -53,11 +53,14 @@ def test_boxes_on_the_image_border_are_kept():
 
 
 def test_shift_to_image_coordinates_happens_once_and_clips_padding():
-    tiles = [tile((820, 410), (10, 20, 60, 70, 0.5)), tile((0, 0), (250, 250, 400, 400, 0.4))]
+    tiles = [tile((820, 410), (10, 20, 60, 70, 0.5)), tile((0, 0), (250, 250, 340, 400, 0.4), (256, 256, 512, 512, 0.3))]
     wide = to_image_coordinates(tiles, TILE, width=2000, height=1000)
-    np.testing.assert_allclose(wide.boxes, [[830, 430, 880, 480], [250, 250, 400, 400]])
-    narrow = to_image_coordinates(tiles, TILE, width=300, height=1000)  # boxes reaching into padding are clipped
-    np.testing.assert_allclose(narrow.boxes, [[300, 430, 300, 480], [250, 250, 300, 400]])
+    np.testing.assert_allclose(wide.boxes, [[830, 430, 880, 480], [250, 250, 340, 400], [256, 256, 512, 512]])
+    # an image smaller than a tile: a box reaching into the padding is clipped, one centred there is dropped
+    assert len(to_image_coordinates(tiles, TILE, width=300, height=200)) == 0  # every centre below row 200
+    short = to_image_coordinates(tiles, TILE, width=300, height=1000)
+    np.testing.assert_allclose(short.boxes, [[250, 250, 300, 400]])
+    np.testing.assert_allclose(short.scores, [0.4])
 
 
 def test_merge_threshold_is_iou_at_least_half():

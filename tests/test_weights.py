@@ -31,18 +31,48 @@ def write_pipeline(folder: Path, threshold: float) -> Path:
     return path
 
 
-def test_pipeline_config_comes_from_the_first_folder_with_weights(folders: tuple[Path, Path, Path]):
+CHECKPOINTS = {"proposals": "detector.pt", "verifier": "verifier.pt", "atypical": "atypical.pt"}
+
+
+def test_pipeline_values_follow_the_checkpoints_actually_loaded(folders: tuple[Path, Path, Path]):
     env, model, repo = folders
-    repo_config = write_pipeline(repo, 0.3)
-    assert weights.weights_pipeline_config() == repo_config  # env and model folders are empty
-    (model / "README.md").write_text("model tarball folder")
-    assert weights.weights_pipeline_config() == repo_config  # a folder without checkpoints does not count
-    (model / "verifier.pt").write_bytes(b"other weights")
-    assert weights.weights_pipeline_config() is None  # repo thresholds never apply to other weights
-    model_config = write_pipeline(model, 0.7)
-    assert weights.weights_pipeline_config() == model_config
-    env_config = write_pipeline(env, 0.4)
-    assert weights.weights_pipeline_config() == env_config
+    for name in CHECKPOINTS.values():
+        (repo / name).write_bytes(b"shipped")
+    (repo / weights.PIPELINE_CONFIG_NAME).write_text(yaml.safe_dump(
+        {"verifier": {"threshold": 0.3}, "atypical": {"threshold": 0.45}, "tiling": {"overlap": 0.25}}))
+    shipped = {"verifier": {"threshold": 0.3}, "atypical": {"threshold": 0.45}, "tiling": {"overlap": 0.25}}
+    assert weights.weights_pipeline_values(CHECKPOINTS) == shipped
+    # a model folder overriding only the atypical classifier: the shipped verifier keeps its tuned threshold, the new
+    # atypical classifier does not inherit the one tuned for the shipped classifier
+    (model / "atypical.pt").write_bytes(b"new")
+    assert weights.weights_pipeline_values(CHECKPOINTS) == {"verifier": {"threshold": 0.3}, "tiling": {"overlap": 0.25}}
+    # the model folder's own values: its atypical section applies, its verifier section (no verifier there) does not
+    (model / weights.PIPELINE_CONFIG_NAME).write_text(yaml.safe_dump(
+        {"verifier": {"threshold": 0.7}, "atypical": {"threshold": 0.6}}))
+    assert weights.weights_pipeline_values(CHECKPOINTS) == {"verifier": {"threshold": 0.3}, "tiling": {"overlap": 0.25},
+                                                            "atypical": {"threshold": 0.6}}
+    # a new detector elsewhere: the sections without a checkpoint follow it, and it has no pipeline.yaml
+    (env / "detector.pt").write_bytes(b"new detector")
+    assert weights.weights_pipeline_values(CHECKPOINTS) == {"verifier": {"threshold": 0.3},
+                                                            "atypical": {"threshold": 0.6}}
+    # a missing checkpoint contributes nothing (its stage reports it when it loads)
+    assert weights.weights_pipeline_values({"verifier": "absent.pt"}) == {}
+
+
+def test_a_bare_checkpoint_name_is_never_taken_from_the_working_directory(folders: tuple[Path, Path, Path],
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    _, _, repo = folders
+    (repo / "atypical.pt").write_bytes(b"shipped")
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    (work / "atypical.pt").write_bytes(b"stray file")
+    (work / "runs" / "mine.pt").write_bytes(b"a path the user means")
+    monkeypatch.chdir(work)
+    assert weights.find_weights("atypical.pt") == repo / "atypical.pt"
+    assert weights.find_weights("runs/mine.pt") == Path("runs/mine.pt")
+    with pytest.raises(WeightsError, match="weights file not found"):
+        weights.find_weights("runs/absent.pt")
 
 
 def test_config_layers_in_order(tmp_path: Path, folders: tuple[Path, Path, Path]):
@@ -63,6 +93,7 @@ def test_process_py_applies_the_weights_pipeline_config(tmp_path: Path, folders:
 
     _, _, repo = folders
     write_pipeline(repo, 0.25)
+    (repo / "verifier.pt").write_bytes(b"the checkpoint the threshold was tuned for")
     seen = []
     monkeypatch.setitem(cli.HANDLERS, cli.TRACK2_SLUG, lambda i, o, config: seen.append(config.verifier.threshold))
     (tmp_path / "inputs.json").write_text('[{"interface": {"slug": "stacked-histopathology-roi-cropouts"}}]')

@@ -113,6 +113,8 @@ def _plain_jobs(folder: Path, known_images: set[str]) -> list[Job]:
     jobs = []
     for path in files:
         image = image_key(path.name, known_images)
+        if image is None and path.name == "metrics.json":
+            continue  # the evaluation's own output, written into the folder by an earlier run
         if image is None:
             raise PredictionError(f"job {path.name}: no ground truth for an image named like '{path.stem}'")
         jobs.append(Job(pk=path.name, image=image, payload=read_json(path, PredictionError, f"job {path.name}")))

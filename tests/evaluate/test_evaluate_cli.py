@@ -39,6 +39,18 @@ def test_plain_folder_maps_file_names_to_images(tmp_path: Path) -> None:
     assert image_key("unknown.json", {"stack_1.tiff"}) is None
 
 
+def test_a_plain_folder_can_hold_its_own_metrics_json(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "007.json").write_text(json.dumps(payload([point(0, 0)])))
+    args = ["track1", "--ground-truth", str(_write_gt(tmp_path, GT1)), "--predictions", str(folder),
+            "--output", str(folder / "metrics.json")]
+    assert main(args) == 0 and main(args) == 0  # the second run does not read the first one's output as a job
+    (folder / "notes.json").write_text("{}")
+    with pytest.raises(PredictionError, match="no ground truth for an image named like 'notes'"):
+        load_jobs(folder, 1, set(GT1))
+
+
 def test_missing_job_output_names_the_job(tmp_path: Path) -> None:
     folder = container_folder(tmp_path / "pred", {"007.tiff": payload([])})
     (folder / "job-0" / "output" / "mitotic-figures.json").unlink()
