@@ -216,7 +216,7 @@ class TiffStack(PageStack):
             raise InputError(f"{path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
         try:
             self._indices = self._index_pages()
-            self._channels = self._imagej_channels()
+            self._channels = self._ome_channels() if self._tif.is_ome else self._imagej_channels()
         except BaseException:
             self._tif.close()
             raise
@@ -234,6 +234,31 @@ class TiffStack(PageStack):
         if len(self._indices) % channels:
             raise InputError(f"{self.path.name} is an ImageJ hyperstack with {channels} channels but "
                              f"{len(self._indices)} pages, not a multiple of {channels}")
+        return channels
+
+    def _page(self, index: int) -> tifffile.TiffPage:
+        """Page `index` with its own tags (reading an OME series leaves lightweight TiffFrames in the page cache)."""
+        page = self._tif.pages[index]
+        return page if isinstance(page, tifffile.TiffPage) else page.aspage()
+
+    def _ome_channels(self) -> int:
+        """TIFF pages per crop for an OME-TIFF: 3 when its channels are stored one grayscale page each (in any axis
+        order: the page list is regrouped so each crop's three channel pages follow each other), 1 otherwise."""
+        series = self._tif.series[0]
+        axes, shape = series.axes, series.shape
+        if "C" not in axes or "S" in axes or shape[axes.index("C")] == 1:
+            return 1
+        channels = shape[axes.index("C")]
+        if channels != 3:
+            raise InputError(f"{self.path.name} is an OME-TIFF with {channels} channels per crop; "
+                             "expected 1 (grayscale) or 3 (RGB)")
+        planes = [size for axis, size in zip(axes, shape) if axis not in "YX"]
+        if int(np.prod(planes)) != len(self._indices):
+            raise InputError(f"{self.path.name}: its OME metadata ({axes} {tuple(shape)}) does not match its "
+                             f"{len(self._indices)} pages")
+        plane_axes = [axis for axis in axes if axis not in "YX"]
+        order = np.moveaxis(np.asarray(self._indices).reshape(planes), plane_axes.index("C"), -1)
+        self._indices = order.reshape(-1).tolist()
         return channels
 
     def _index_pages(self) -> list[int]:
@@ -262,7 +287,7 @@ class TiffStack(PageStack):
         return [self._read(number) for number in range(start, stop)]
 
     def page_pixels(self, number: int) -> int:
-        shaped = self._tif.pages[self._indices[number * self._channels]].shaped  # (planes, depth, h, w, samples)
+        shaped = self._page(self._indices[number * self._channels]).shaped  # (planes, depth, h, w, samples)
         return int(shaped[2]) * int(shaped[3])
 
     def _read(self, number: int) -> np.ndarray:
@@ -277,7 +302,7 @@ class TiffStack(PageStack):
 
     def _read_page(self, index: int, number: int) -> np.ndarray:
         """TIFF page `index`, which belongs to crop `number`."""
-        page = self._tif.pages[index]
+        page = self._page(index)
         photometric = getattr(page.photometric, "name", str(page.photometric))
         if photometric not in _TIFF_PHOTOMETRICS:
             raise InputError(f"page {number + 1} of {self.path.name} has unsupported colour model {photometric}")

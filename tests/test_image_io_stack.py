@@ -263,3 +263,20 @@ def test_find_single_image(tmp_path: Path):
     (tmp_path / "b.mha").write_bytes(b"x")
     with pytest.raises(InputError, match="found 2: a.TIFF, b.mha"):
         find_single_image(tmp_path)
+
+
+@pytest.mark.parametrize("axes", ["TCYX", "CTYX", "CYX"])
+def test_ome_tiff_with_one_page_per_channel_is_one_crop_per_channel_triple(tmp_path: Path, axes: str):
+    crops = np.random.default_rng(0).integers(0, 256, (4, 3, 16, 12)).astype(np.uint16) * 257  # T, C, Y, X
+    data = {"TCYX": crops, "CTYX": np.moveaxis(crops, 1, 0), "CYX": crops[0]}[axes]
+    tifffile.imwrite(tmp_path / "s.ome.tif", data, photometric="minisblack", metadata={"axes": axes})
+    pages = read_all(tmp_path / "s.ome.tif")
+    expected = np.moveaxis(crops if axes != "CYX" else crops[:1], 1, -1) // 257
+    assert len(pages) == len(expected) and all(np.array_equal(p, e) for p, e in zip(pages, expected))
+
+
+def test_ome_tiff_with_four_channels_is_refused(tmp_path: Path):
+    tifffile.imwrite(tmp_path / "s.ome.tif", np.zeros((2, 4, 8, 8), np.uint8), photometric="minisblack",
+                     metadata={"axes": "TCYX"})
+    with pytest.raises(InputError, match="OME-TIFF with 4 channels per crop"):
+        read_all(tmp_path / "s.ome.tif")
