@@ -53,6 +53,25 @@ def init_distributed() -> Dist:
     return Dist(rank=dist.get_rank(), world_size=world, device=device)
 
 
+def same_model_on_every_rank(model: torch.nn.Module, ctx: Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics drift apart between ranks during an epoch:
+    DDP broadcasts them only before the next training forward), so the validation that follows scores, on every
+    rank, the model rank 0 saves. No-op in a single process."""
+    if ctx.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def rank0_array(values: np.ndarray, ctx: Dist) -> np.ndarray:
+    """Rank 0's `values` on every rank (same shape and dtype everywhere): every decision taken from them, early
+    stopping above all, is then the same on every rank, so no rank waits at a barrier the others never reach."""
+    if ctx.world_size <= 1:
+        return values
+    tensor = torch.as_tensor(np.ascontiguousarray(values)).to(ctx.device)
+    dist.broadcast(tensor, src=0)
+    return tensor.cpu().numpy()
+
+
 def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:
     """The checked-out commit of `repo`, or "unknown" outside a git checkout (e.g. an unpacked release)."""
     try:

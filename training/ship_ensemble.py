@@ -2,7 +2,8 @@
 
     python -m training.ship_ensemble runs/lora_uni2-h --name atypical_uni2h [--to weights] [--half]
 
-Copies `RUN/fold{k}/best.pt` to `TO/NAME_fold{k}.pt`, each with its model card (architecture, method, fold,
+Copies `RUN/fold{k}/best.pt` (or `final.pt`: the checkpoint the run's `ship_epoch` names in `cv_summary.json`, or
+`--checkpoint`) to `TO/NAME_fold{k}.pt`, each with its model card (architecture, method, fold,
 validation metrics, sha256), and writes `TO/NAME_ensemble.json`, the ensemble's card listing every member with its
 sha256, threshold and validation metrics plus the cross-validated mean ± std (from `cv_summary.json`), and
 `TO/NAME_ensemble.yaml`, the partial pipeline config that serves it:
@@ -53,14 +54,28 @@ def member_card(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return card
 
 
-def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None = None, half: bool = False
-                  ) -> Path:
+FOLD_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
+"""`ship_epoch` → the fold checkpoint it ships (as training.train_classifier.SHIP_EPOCH_CHECKPOINTS)."""
+
+
+def fold_checkpoint(run_dir: Path, choice: str = "auto") -> str:
+    """`best.pt` or `final.pt`; `auto` follows the `ship_epoch` the run recorded (best.pt when it recorded none)."""
+    if choice != "auto":
+        return FOLD_CHECKPOINTS[choice]
+    summary_path = run_dir / "cv_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return FOLD_CHECKPOINTS[summary.get("ship_epoch", "best")]
+
+
+def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None = None, half: bool = False,
+                  checkpoint: str = "auto") -> Path:
     """Copy the fold checkpoints with their cards; returns the ensemble's partial config (YAML)."""
-    checkpoints = sorted(run_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+    file_name = fold_checkpoint(run_dir, checkpoint)
+    checkpoints = sorted(run_dir.glob(f"fold*/{file_name}"), key=lambda p: int(p.parent.name[4:]))
     if folds is not None:
         checkpoints = checkpoints[:folds]
     if not checkpoints:
-        raise FileNotFoundError(f"no fold*/best.pt in {run_dir}")
+        raise FileNotFoundError(f"no fold*/{file_name} in {run_dir}")
     target_dir.mkdir(parents=True, exist_ok=True)
     members = []
     for checkpoint in checkpoints:
@@ -99,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", type=Path, default=Path("weights"))
     parser.add_argument("--folds", type=int, help="only the first N folds")
     parser.add_argument("--half", action="store_true", help="store tensors as fp16")
+    parser.add_argument("--checkpoint", choices=("auto", *FOLD_CHECKPOINTS), default="auto",
+                        help="best (best.pt) or last (final.pt) epoch of each fold; auto: the run's ship_epoch")
     args = parser.parse_args(argv)
-    config = ship_ensemble(args.run, args.to, args.name, args.folds, args.half)
+    config = ship_ensemble(args.run, args.to, args.name, args.folds, args.half, args.checkpoint)
     print(f"wrote {config}: python process.py --config {config}")
     return 0
 

@@ -45,8 +45,8 @@ from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier
 from midog.weights import plain, write_model_card
 from training.amibr import FOLD_SPLITS, CropDataset, assign_folds, load_crops, load_index
 from training.augment import AugmentConfig, train_transform
-from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
-                              write_csv)
+from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
+                              save_atomic, seed_everything, write_csv)
 
 
 @dataclass
@@ -165,7 +165,7 @@ def make_train_loader(cfg: TrainConfig, dataset: CropDataset, ctx: Dist, seed: i
     sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
         if ctx.world_size > 1 else None
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=len(dataset) > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
+                      drop_last=len(dataset) // ctx.world_size > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
 
@@ -342,7 +342,8 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
         row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
         improved = val_idx is None
         if val_idx is not None:
-            probs = predict(clf, val_set, cfg.eval_batch_size)
+            same_model_on_every_rank(clf.model, ctx)
+            probs = rank0_array(predict(clf, val_set, cfg.eval_batch_size), ctx)
             threshold, score = best_threshold(val_set.labels.numpy(), probs)
             metrics = binary_metrics(val_set.labels.numpy(), probs, threshold)
             metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(val_set.labels.numpy(), probs, 0.5)
@@ -435,6 +436,7 @@ def cross_validate(cfg: TrainConfig, out_dir: Path, ctx: Dist, only_fold: int | 
         summary = summarise(out_dir, cfg.folds)
         if summary:
             summary["data"] = data_description(index, cfg.folds, cfg.csv, cfg.fold_seed, cfg.split)
+            summary["ship_epoch"] = cfg.ship_epoch  # which fold checkpoint ships (training.ship_ensemble reads it)
             (out_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
             print(json.dumps(summary["cv"], indent=2), flush=True)
     return results
@@ -501,7 +503,7 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
 
 def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, Any] | None,
          extra: dict[str, Any], half: bool = False) -> Path:
-    """Copy a best.pt to `target` (optionally with fp16 tensors) and write its model card beside it."""
+    """Copy a fold or full-data checkpoint to `target` (optionally with fp16 tensors) and write its model card."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if half:
         state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
@@ -561,11 +563,12 @@ def other_folds_thresholds(thresholds: list[float]) -> list[float]:
 
 def ship_folds(cfg: TrainConfig, out_dir: Path, weights_dir: Path, stem: str, summary: dict[str, Any],
                extra: dict[str, Any], half: bool) -> list[Path]:
-    """Every fold's best.pt as `weights_dir/{stem}_fold{k}.pt` with a model card naming the whole ensemble."""
+    """Every fold's best.pt (final.pt with `ship_epoch: last`) as `weights_dir/{stem}_fold{k}.pt`, with a model card
+    naming the whole ensemble."""
     names = [f"{stem}_fold{k}.pt" for k in range(cfg.folds)]
     members = []
     for k, name in enumerate(names):
-        members.append(ship(cfg, out_dir / f"fold{k}" / "best.pt", weights_dir / name, summary,
+        members.append(ship(cfg, out_dir / f"fold{k}" / fold_checkpoint_name(cfg), weights_dir / name, summary,
                             {"ensemble": {"members": names, "this_fold": k,
                                           "combine": "mean of P(atypical); threshold = mean of member thresholds"},
                              **extra}, half=half))
@@ -606,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs:
         overrides["epochs"] = args.epochs
     cfg = load_train_config(args.config, overrides)
+    if args.fold is not None and not 0 <= args.fold < cfg.folds:
+        raise SystemExit(f"--fold {args.fold}: the config has {cfg.folds} folds (0 to {cfg.folds - 1})")
     ctx = init_distributed()
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -658,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                                extra, half=args.half):
             print(f"shipped {path}", flush=True)
     elif args.ship and ctx.main:
-        source = out_dir / ("full" if args.full else f"fold{args.fold or 0}") / "best.pt"
+        source = (out_dir / "full" / "best.pt" if args.full
+                  else out_dir / f"fold{args.fold or 0}" / fold_checkpoint_name(cfg))
         extra = {"validation_tta": tta_report} if tta_report else {}
         if args.full:
             state = torch.load(source, map_location="cpu", weights_only=True)

@@ -48,8 +48,8 @@ from midog.classifier import BinaryClassifier, build_classifier
 from midog.errors import InputError, MidogError
 from midog.weights import write_model_card
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
-from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, save_atomic, seed_everything,
-                              write_csv)
+from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
+                              save_atomic, seed_everything, write_csv)
 
 POSITIVE_FOLDER = "mitotic_figure"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -376,8 +376,10 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
     net = VerifierNet(clf.model, cfg.projection_dim).to(ctx.device)
     model: torch.nn.Module = net
     if ctx.world_size > 1:
+        # without the contrastive term the projection head gets no gradient, which DDP must be told about
         model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=cfg.loss.supcon_weight == 0)
 
     train_set = CropFolder(train_paths, train_labels, cfg.input_size, train_transform(cfg.augment))
     val_set = CropFolder(val_paths, val_labels, cfg.input_size)
@@ -422,7 +424,8 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
         losses, steps = train_epoch(clf, model, loader, optimizer, scheduler, cfg, ctx, rng, steps_left,
                                     desc=f"verifier ep{epoch}")
         state["steps"] += steps
-        probs = predict_folder(clf, val_set, cfg.eval_batch_size)
+        same_model_on_every_rank(net, ctx)
+        probs = rank0_array(predict_folder(clf, val_set, cfg.eval_batch_size), ctx)
         threshold, f1 = f1_threshold(val_labels, probs)
         metrics = binary_metrics(val_labels, probs, threshold)
         row: dict[str, Any] = {"epoch": epoch, "steps": state["steps"], "lr": optimizer.param_groups[0]["lr"],

@@ -52,3 +52,39 @@ def test_save_atomic_replaces_and_leaves_no_temporary_file(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert loaded["step"] == 2 and torch.equal(loaded["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def _two_ranks(rank: int, port: int, results: "torch.multiprocessing.SimpleQueue") -> None:
+    import torch.distributed as dist
+
+    from training.runtime import rank0_array, same_model_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ctx = Dist(rank=rank, world_size=2)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        model.train()
+        model(torch.randn(2, 3, 8, 8) + rank)  # each rank's running statistics drift its own way, as after an epoch
+        same_model_on_every_rank(model, ctx)
+        probabilities = rank0_array(np.full(5, 0.1 + rank, np.float32), ctx)
+        results.put((rank, model[1].running_mean.tolist(), int(model[1].num_batches_tracked), probabilities.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_validates_rank_0s_model_and_decides_on_its_numbers():
+    """Early stopping is decided per rank from validation numbers: if they differ, one rank stops and waits at a
+    barrier while another trains on (the hang a 2-process run showed before). Both ranks must see rank 0's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_two_ranks, args=(port, results), nprocs=2, start_method="spawn", join=True)
+    (_, mean0, count0, probs0), (_, mean1, count1, probs1) = sorted(results.get() for _ in range(2))
+    assert mean0 == mean1 and count0 == count1 == 1
+    assert probs0 == probs1 == pytest.approx([0.1] * 5)

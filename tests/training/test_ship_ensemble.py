@@ -41,3 +41,16 @@ def test_ship_ensemble_cards_and_config_serve_the_mean(tmp_path: Path, monkeypat
                for k in range(2)]
     np.testing.assert_allclose(stage.predict_proba(x), np.mean(members, axis=0), atol=1e-6)
     assert stage.threshold == pytest.approx(0.4)
+
+
+def test_ship_ensemble_follows_the_runs_ship_epoch(tmp_path: Path):
+    run = tmp_path / "run"
+    for k in range(2):
+        for name, threshold in (("best.pt", 0.2), ("final.pt", 0.6)):
+            build_classifier("test_resnet", 32, positive="atypical", threshold=threshold).save(
+                run / f"fold{k}" / name, meta={"fold": k})
+    (run / "cv_summary.json").write_text(json.dumps({"ship_epoch": "last"}))
+    ship_ensemble(run, tmp_path / "last", "atyp")
+    assert json.loads((tmp_path / "last" / "atyp_ensemble.json").read_text())["threshold"] == pytest.approx(0.6)
+    ship_ensemble(run, tmp_path / "best", "atyp", checkpoint="best")
+    assert json.loads((tmp_path / "best" / "atyp_ensemble.json").read_text())["threshold"] == pytest.approx(0.2)

@@ -136,6 +136,25 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     assert resumed.threshold == pytest.approx(straight.threshold)
 
 
+def test_shipped_fold_models_follow_ship_epoch_last(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 2\nmin_epochs: 1\n"
+                      f"batch_size: 8\nfolds: 2\nship_epoch: last\nout: {tmp_path / 'run'}\n")
+    with pytest.raises(SystemExit, match="--fold 5: the config has 2 folds"):
+        main(["--config", str(config), "--fold", "5"])
+    assert not (tmp_path / "run" / "fold5").exists()
+    assert main(["--config", str(config), "--evaluate-tta", "--ship-folds", str(tmp_path / "w" / "atypical.pt")]) == 0
+    assert json.loads((tmp_path / "run" / "cv_summary.json").read_text())["ship_epoch"] == "last"
+    for k in range(2):
+        final = torch.load(tmp_path / "run" / f"fold{k}" / "final.pt", weights_only=True)
+        shipped = torch.load(tmp_path / "w" / f"atypical_fold{k}.pt", weights_only=True)
+        assert shipped["meta"]["epoch"] == final["meta"]["epoch"] == 2
+        assert shipped["tta_threshold"] == final["tta_threshold"]  # set by --evaluate-tta on final.pt
+        for key, value in final["state_dict"].items():
+            torch.testing.assert_close(shipped["state_dict"][key], value, msg=key)
+
+
 def test_cli_single_fold_and_full_retrain(tmp_path):
     root = _write_amibr(tmp_path / "amibr")
     config = tmp_path / "cfg.yaml"
