@@ -73,6 +73,10 @@ class ProposalConfig:
     convolutions) and moved the container case's probabilities up to 0.057 and its points up to 1.4 px from the
     CPU's, where fp32 on the GPU stays within 3.4e-4 and 0.004 px (docs/container.md, Determinism)."""
     max_detections_per_tile: int = 300
+    classes: list[int] | None = field(default_factory=lambda: [0])
+    """Detector classes kept as candidates (ultralytics' NMS `classes` filter): 0 is the mitotic figure in every
+    detector `training.prepare_midogpp` builds; with `--classes 2` class 1 is the hard negative ("imposter"), a
+    confident *non*-figure that must not become a candidate nor suppress a figure's box. null keeps every class."""
     channels_last: bool = True
     """Run the detector in channels-last memory format (faster on CUDA and on recent CPUs)."""
     backend: str = "auto"
@@ -243,6 +247,9 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str | None": (lambda value: value is None or isinstance(value, str), "null or a string"),
     "float | None": (lambda value: value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
                      "null or a number"),
+    "list[int] | None": (lambda value: value is None or (isinstance(value, list) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)),
+        "null or a list of class numbers (integers >= 0)"),
     "str | list[str]": (lambda value: isinstance(value, str) or (
         isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
         "a file name or a list of file names"),

@@ -259,7 +259,7 @@ class YoloProposer:
         # no time limit: ultralytics' default (2 s + 0.05 s per tile) returns the remaining tiles of a batch empty
         # on a busy CPU, with only a log warning
         detections = nms.non_max_suppression(
-            preds.float(), self.config.confidence, self.config.nms_iou, None, False,
+            preds.float(), self.config.confidence, self.config.nms_iou, self.config.classes, False,
             max_det=self.config.max_detections_per_tile, nc=0, end2end=self.end2end, max_time_img=float("inf"),
         )
         height, width = tiles.shape[1:3]

@@ -108,8 +108,9 @@ def track1_input(root: Path, pixels: np.ndarray | None = None, name: str = "roi.
 
 
 def tiny_detector(path: Path, seed: int = 0, class_bias: float = 0.0, width: float = 0.0625,
-                  base: str = "yolo11n.yaml") -> Path:
-    """A random YOLO11 (ultralytics' YAML at a tiny width, one class) saved as an ultralytics checkpoint.
+                  base: str = "yolo11n.yaml", classes: int = 1) -> Path:
+    """A random YOLO11 (ultralytics' YAML at a tiny width, `classes` classes: mitotic figure, then hard negative)
+    saved as an ultralytics checkpoint.
 
     Random initialisation gives near-zero class scores (ultralytics' prior bias); `class_bias` is added to the class
     logits so that a random model proposes something at confidence 0.2.
@@ -120,8 +121,8 @@ def tiny_detector(path: Path, seed: int = 0, class_bias: float = 0.0, width: flo
     cfg = yaml_model_load(base)
     cfg["scales"] = {"n": [0.25, width, 1024]}
     cfg["scale"] = "n"
-    model = DetectionModel(cfg, nc=1, verbose=False)
-    model.names = {0: "mitotic figure"}
+    model = DetectionModel(cfg, nc=classes, verbose=False)
+    model.names = {0: "mitotic figure", 1: "hard negative"} if classes == 2 else {0: "mitotic figure"}
     shift_class_bias(model, class_bias)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.half(), "train_args": {}, "date": None, "version": None}, path)

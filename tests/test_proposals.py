@@ -128,6 +128,40 @@ def test_tiles_must_fit_the_model_stride(proposer: YoloProposer):
         proposer.predict(np.zeros((1, 500, 500, 3), np.uint8))
 
 
+def _favour_class(path: Path, favoured: int, margin: float = 1.0) -> Path:
+    """The detector at `path` with `margin` added to one class's logits: it wins every box."""
+    from ultralytics.nn.modules import Detect
+
+    checkpoint = torch.load(path, weights_only=False)
+    model = checkpoint["model"].float()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Detect):
+                for branch in module.cv3:
+                    branch[-1].bias[favoured] += margin
+    target = path.with_name(f"{path.stem}_class{favoured}.pt")
+    torch.save({**checkpoint, "model": model.half()}, target)
+    return target
+
+
+def test_only_the_mitotic_figure_class_of_a_two_class_detector_becomes_a_candidate(tmp_path: Path,
+                                                                                  tiles: np.ndarray):
+    assert ProposalConfig().classes == [0]
+    two_class = tiny_detector(tmp_path / "two.pt", class_bias=5.0, classes=2)
+
+    def proposals(weights: Path, classes: list[int] | None) -> list[np.ndarray]:
+        proposer = YoloProposer.from_weights(weights, torch.device("cpu"), ProposalConfig(classes=classes))
+        return [c for _, _, c in proposer.predict(tiles)]
+
+    negatives = _favour_class(two_class, 1)  # every box's best class is the hard negative
+    assert sum(len(c) for c in proposals(negatives, None)) > 0
+    assert all(set(c.tolist()) == {1} for c in proposals(negatives, None) if len(c))
+    assert sum(len(c) for c in proposals(negatives, [0])) == 0  # none of them is a candidate
+    figures = _favour_class(two_class, 0)
+    kept = proposals(figures, [0])
+    assert sum(len(c) for c in kept) > 0 and [len(c) for c in kept] == [len(c) for c in proposals(figures, None)]
+
+
 def test_a_tile_size_off_the_stride_is_a_config_error_at_load(detector: Path):
     from midog.errors import ConfigError
 
