@@ -8,6 +8,10 @@ each worker imports this module and runs `MidogDetectionTrainer.__init__`, which
 `midog.yolo_modules` by import path. (A class defined in the `__main__` of `python -m training.train_detector`
 would be pickled by value instead, and nothing would register in the workers.) No sitecustomize, no edited files.
 
+Offline: ultralytics downloads a font while checking the dataset (for plots, which we turn off) and, on CUDA with
+`amp`, a yolo26n.pt to compare fp32 with autocast. Both are replaced while they run by offline checks
+(`offline_checks`): no font is needed, and AMP is trusted except on the GPUs ultralytics itself lists as broken.
+
 Random erasing: ultralytics applies its `erasing` argument to classification only. This trainer inserts
 `DetectionErasing(p=args.erasing)` into the training dataset's transforms (before the final formatting), again after
 mosaic closes, so `erasing` means the same for detection.
@@ -15,12 +19,17 @@ mosaic closes, so `erasing` means the same for detection.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import torch
+import ultralytics.data.utils as data_utils
+import ultralytics.engine.trainer as engine_trainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 
 from midog.yolo_modules import register_custom_modules
@@ -66,12 +75,46 @@ class DetectionErasing:
         return labels
 
 
+AMP_BROKEN_GPUS = re.compile(r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
+                             re.IGNORECASE)
+"""ultralytics' own list (`check_amp`) of GPUs whose fp16 autocast gives NaN losses or zero mAP."""
+
+
+def offline_check_amp(model: torch.nn.Module) -> bool:
+    """`check_amp` without its download: AMP on accelerators, except the GPUs ultralytics lists as broken."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False
+    return not AMP_BROKEN_GPUS.search(torch.cuda.get_device_name(device))
+
+
+@contextlib.contextmanager
+def offline_checks() -> Iterator[None]:
+    """ultralytics' font and AMP checks, which download, replaced by offline ones for the duration."""
+    saved = data_utils.check_font, engine_trainer.check_amp
+    data_utils.check_font = lambda *args, **kwargs: None  # fonts only serve plots, which our configs turn off
+    engine_trainer.check_amp = offline_check_amp
+    try:
+        yield
+    finally:
+        data_utils.check_font, engine_trainer.check_amp = saved
+
+
 class MidogDetectionTrainer(DetectionTrainer):
     """DetectionTrainer that registers the custom YOLO blocks and adds `DetectionErasing` to training images."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         register_custom_modules()  # also runs in every DDP worker, which rebuilds this trainer
         super().__init__(*args, **kwargs)
+
+    def get_dataset(self) -> dict[str, Any]:
+        with offline_checks():
+            return super().get_dataset()
+
+    def _do_train(self, *args: Any, **kwargs: Any) -> Any:
+        """Setup (AMP check), epochs and final evaluation (dataset checks) in every process, DDP workers included."""
+        with offline_checks():
+            return super()._do_train(*args, **kwargs)
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
         dataset = super().build_dataset(img_path, mode, batch)

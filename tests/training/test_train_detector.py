@@ -151,12 +151,26 @@ def test_trainer_adds_erasing_and_ddp_workers_can_rebuild_it(tmp_path: Path, dat
     assert result.stdout.split()[-4:] == ["training.detector_trainer", "C3k2_LSConv", "C3k2_LSConv", "True"]
 
 
-def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path):
+def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch):
+    import socket
+
+    import ultralytics.utils.checks as checks
+
+    monkeypatch.setattr(checks, "USER_CONFIG_DIR", tmp_path / "fresh-config")  # no font cached from an earlier run
+    lookups: list[str] = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(str(host))
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     out = tmp_path / "shipped" / "detector.pt"
     code = main(["--data", str(dataset), "--model", "yolo11n-lsconv-ema", "--epochs", "1", "--batch", "2",
                  "--imgsz", "64", "--device", "cpu", "--workers", "0", "--threads", "1",
                  "--project", str(tmp_path / "runs"), "--name", "tiny", "--out", str(out)])
     assert code == 0
+    assert lookups == []  # ultralytics' font download (for plots) never tried
     weights = tmp_path / "runs" / "tiny" / "weights"
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["sha256"] == sha256_of(out) == sha256_of(weights / "best.pt")
@@ -171,6 +185,18 @@ def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path)
         results = model.predict(image, imgsz=64, conf=0.0, device="cpu", verbose=False)
         assert len(results) == 1 and results[0].orig_shape == (96, 96)
         assert torch.is_tensor(results[0].boxes.xyxy)
+
+
+def test_amp_is_checked_offline_while_the_trainer_sets_up():
+    import ultralytics.engine.trainer as engine_trainer
+
+    from training.detector_trainer import offline_check_amp, offline_checks
+
+    original = engine_trainer.check_amp
+    with offline_checks():
+        assert engine_trainer.check_amp is offline_check_amp  # ultralytics' own downloads yolo26n.pt on CUDA
+    assert engine_trainer.check_amp is original
+    assert offline_check_amp(torch.nn.Linear(2, 2)) is False  # on the CPU, as ultralytics' (AMP is for GPUs)
 
 
 def test_an_interrupted_run_resumes_with_its_own_settings(tmp_path: Path, dataset: Path):
