@@ -337,6 +337,11 @@ def convert(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.P
     absent = [f for f in index.slides["file_name"] if not (images / f).is_file()]
     if absent:
         raise InputError(f"{len(absent)} MIDOG++ images are missing from {images}, e.g. {absent[0]}")
+    leftovers = [p for kind in ("images", "labels") for p in (out / kind).rglob("*") if p.is_file()] \
+        if out.is_dir() else []
+    if leftovers:  # another split's tiles would stay beside this one's: slides in two splits
+        raise InputError(f"{out} already holds a prepared dataset ({len(leftovers)} files under images/ and labels/, "
+                         f"e.g. {leftovers[0].relative_to(out)}); choose an empty --out or remove it first")
     split = split_slides(index.slides, cfg.ratios, cfg.seed)
     for kind in ("images", "labels"):
         for name in SPLITS:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from midog.config import write_config_values
+from midog.evaluate.io import PredictionError
 from midog.evaluate.track1 import Track1Evaluation
 from midog.evaluate.track2 import Track2Evaluation, balanced_accuracy_curve
 
@@ -36,6 +37,9 @@ class TunedThreshold:
 
 
 def tune_detection(evaluation: Track1Evaluation) -> TunedThreshold:
+    if len(evaluation.curve.thresholds) == 0:
+        raise PredictionError("no predicted point in any image: there is no threshold to choose (is the detector "
+                              "trained, and its proposals.confidence reachable?)")
     threshold, f1 = evaluation.curve.best()
     return TunedThreshold(TRACK1_KEY, threshold, f1, "f1")
 

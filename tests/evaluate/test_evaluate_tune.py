@@ -32,6 +32,13 @@ def test_detection_threshold_maximises_f1_over_all_candidates() -> None:
     assert tuned.threshold == 0.6 and tuned.value == pytest.approx(4 / 5, abs=1e-6)
 
 
+def test_no_candidate_anywhere_is_a_clear_error() -> None:
+    from midog.evaluate import PredictionError
+
+    with pytest.raises(PredictionError, match="no predicted point in any image"):
+        tune_detection(track1.evaluate({"a.tiff": payload([])}, GT1))
+
+
 def test_track2_threshold_maximises_balanced_accuracy() -> None:
     tuned = tune_classification(track2.evaluate(PRED2, GT2))
     assert tuned.key == "atypical.threshold"

@@ -190,6 +190,11 @@ def test_full_conversion_of_generated_midogpp(tmp_path: Path) -> None:
             assert not list((out / "images" / other).glob(f"{row.slide:03d}_*"))
         n_tiles += expected
     assert sum(v["tiles"] for v in summary["tiles"].values()) == n_tiles
+    # a second preparation into the same folder (another seed) would mix two splits: refused, nothing written
+    before = sorted(p.name for p in (out / "images" / "train").iterdir())
+    with pytest.raises(InputError, match="already holds a prepared dataset"):
+        convert(index, fake.images, out, ConvertConfig(seed=1), progress=False)
+    assert sorted(p.name for p in (out / "images" / "train").iterdir()) == before
 
     coco_boxes = {}
     for ann in fake.coco["annotations"]:
