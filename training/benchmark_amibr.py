@@ -225,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", help="local pretrained weights of the backbone")
     parser.add_argument("--test", action="append", default=[], metavar="NAME=DIR",
                         help="a test set in the AMi-Br layout (repeatable)")
-    parser.add_argument("--folds", type=int)
+    parser.add_argument("--folds", type=int, default=5,
+                        help="slide-grouped folds (default 5, the benchmark's protocol, whatever the config says)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--out")
     parser.add_argument("--tta", action="store_true", help="8-fold dihedral TTA on the test sets")

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from midog.classifier import load_classifier
-from midog.foundation import LoraSettings, resolve_spec
+from midog.foundation import LoraSettings, options_from_dict, resolve_spec
 from midog.weights import read_model_card, write_model_card
 from training import train_classifier
 from training.runtime import REPO_ROOT
@@ -112,7 +112,7 @@ def _option(argv: list[str], name: str) -> str | None:
 def describe_shipped(checkpoint: Path, values: dict[str, Any]) -> None:
     """Correct the model card train_classifier wrote (it assumes training from scratch)."""
     card = read_model_card(checkpoint) or {}
-    spec = resolve_spec(values["arch"])
+    spec = resolve_spec(values["arch"], options_from_dict(values["model_kwargs"]))  # pooling etc. as trained
     lora = values["model_kwargs"]["lora"]
     card.update({
         "pretrained": spec.hub_id or spec.arch,

@@ -488,7 +488,10 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         "input_size": state["input_size"], "crop_size": 128, "threshold": state["threshold"],
         **({"tta_threshold": state["tta_threshold"]} if "tta_threshold" in state else {}),
         "preprocess": preprocess_card(state),
-        "positive": state["positive"], "pretrained": "none (trained from scratch)",
+        "positive": state["positive"],
+        "pretrained": ("none (trained from scratch)" if state.get("kind", "timm") == "timm" else
+                       f"{state['arch']}: a foundation-model backbone, base weights read locally "
+                       "(docs/foundation-models.md)"),
         "training_config": plain(dataclasses.asdict(cfg)),
         "git_commit": git_commit(),
     }

@@ -66,3 +66,7 @@ def test_a_test_folder_without_the_amibr_layout_fails_before_training(tmp_path: 
     (tmp_path / "flat").mkdir()
     with pytest.raises(InputError, match="Atypical/"):
         benchmark_amibr.main(["--method", "linear", "--test", str(tmp_path / "flat")])
+
+
+def test_the_benchmark_runs_five_folds_unless_told_otherwise():
+    assert benchmark_amibr.parse_args(["--method", "end-to-end"]).folds == 5  # atypical.yaml itself has 3

@@ -112,3 +112,7 @@ def test_lora_cli_composes_the_training_config(tmp_path: Path, monkeypatch: pyte
     for k in range(2):
         card = read_model_card(tmp_path / f"fm_fold{k}.pt")
         assert card["pretrained"] == "paige-ai/Virchow2" and card["method"].startswith("LoRA (peft) r=16 alpha=16")
+    # the card describes the backbone as trained: a pooling set in model_kwargs, not the registry's default
+    values["model_kwargs"]["pooling"] = "cls"
+    lora_cli.describe_shipped(tmp_path / "fm_fold0.pt", values)
+    assert read_model_card(tmp_path / "fm_fold0.pt")["backbone"]["pooling"] == "cls"
