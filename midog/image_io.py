@@ -377,7 +377,13 @@ class MhaStack(PageStack):
         if marker.group(1) != b"LOCAL":
             raise InputError(f"{self.path.name} keeps its pixels in another file; a self-contained .mha is needed")
         value_size = _MET_SIZES.get(fields[b"ElementType"].decode(errors="replace"))
-        if fields.get(b"CompressedData", b"False").lower() == b"true" or value_size is None:
+        if fields.get(b"CompressedData", b"False").lower() == b"true":
+            declared = fields.get(b"CompressedDataSize", b"").strip()
+            if declared.isdigit() and self.path.stat().st_size - marker.end() < int(declared):
+                raise InputError(f"{self.path.name} is truncated: it holds less compressed pixel data than its "
+                                 "header declares")
+            return
+        if value_size is None:
             return
         try:
             values = int(np.prod([int(v) for v in fields[b"DimSize"].split()]))
@@ -500,7 +506,8 @@ class ArrayRoi(RoiImage):
 def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = 0.25,
              in_memory_max_megapixels: float = 200.0, segment_cache_mb: float = 256.0,
              max_spacing_um: float = 20.0) -> RoiImage:
-    """Open a .tif/.tiff/.mha ROI (level 0 of a pyramid); a missing, truncated or non-image file → InputError.
+    """Open a .tif/.tiff/.mha ROI or an Aperio .svs slide (level 0 of a pyramid); a missing, truncated or
+    non-image file → InputError.
 
     A spacing coarser than `max_spacing_um` is a placeholder, not a scanner's (see `_plausible_spacing`), and is
     replaced by `fallback_spacing_um` with a warning, like a missing one.
@@ -510,12 +517,12 @@ def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = 0.25,
         raise InputError(f"image not found: {path}")
     suffix = path.suffix.lower()
     max_pixels = int(in_memory_max_megapixels * 1e6)
-    if suffix in (".tif", ".tiff"):
+    if suffix in (".tif", ".tiff", ".svs"):  # Aperio .svs (the MIDOG++ / MITOS_WSI slides) is a tiled TIFF
         roi: RoiImage = TiffRoi(path, fallback_spacing_um, max_pixels, int(segment_cache_mb * 2**20))
     elif suffix == ".mha":
         roi = MhaRoi(path, fallback_spacing_um, max_pixels)
     else:
-        raise InputError(f"unsupported image type '{path.suffix}' ({path.name}); expected {'/'.join(ROI_SUFFIXES)}")
+        raise InputError(f"unsupported image type '{path.suffix}' ({path.name}); expected {'/'.join(ROI_SUFFIXES)}/.svs")
     return _plausible_spacing(roi, fallback_spacing_um, max_spacing_um)
 
 

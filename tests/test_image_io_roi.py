@@ -226,3 +226,12 @@ def test_a_1_bit_min_is_white_roi_reads_white(tmp_path: Path):
     tifffile.imwrite(tmp_path / "white1.tif", np.zeros((40, 48), bool), photometric="miniswhite")
     with open_roi(tmp_path / "white1.tif") as roi:
         assert (roi.read_region(0, 0, 48, 40) == 255).all()
+
+
+def test_an_aperio_svs_slide_opens_as_a_tiff(tmp_path: Path, pixels: np.ndarray):
+    """MIDOG++ and the MITOS_WSI datasets publish .svs slides (tiled TIFFs), which training reads directly."""
+    write_tiff(tmp_path / "slide.svs", pixels)
+    write_tiff(tmp_path / "slide.tif", pixels)
+    with open_roi(tmp_path / "slide.svs") as svs, open_roi(tmp_path / "slide.tif") as tif:
+        assert (svs.width, svs.height) == (tif.width, tif.height)
+        assert np.array_equal(svs.read_region(0, 0, 64, 48), tif.read_region(0, 0, 64, 48))
