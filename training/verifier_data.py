@@ -48,6 +48,9 @@ from midog.proposals import YoloProposer
 from midog.tiling import tile_origins
 from midog.verifier import crop_boxes, resize_crop
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, MidogppIndex, load_midogpp, split_slides
+
+SPLIT_RATIOS = (0.7, 0.1, 0.2)
+"""prepare_midogpp's default slide split; pass the same --seed and --ratios as the YOLO dataset."""
 from training.train_verifier import POSITIVE_FOLDER
 
 HARD_NEGATIVE_FOLDER = "hard_negative"
@@ -133,11 +136,11 @@ def propose(proposer: YoloProposer, image: RoiImage, config: PipelineConfig) -> 
 
 def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector: str | os.PathLike[str],
                   splits: Sequence[str] = ("train", "val"), seed: int = 0, config: PipelineConfig | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, ratios: Sequence[float] = SPLIT_RATIOS) -> pd.DataFrame:
     """Run the proposal network over every slide of `splits`: a table slide, x1, y1, x2, y2, score."""
     config = config or load_config()
     proposer = YoloProposer.from_weights(detector, resolve_device(config.runtime.device), config.proposals)
-    split = split_slides(index.slides, seed=seed)
+    split = split_slides(index.slides, ratios, seed)
     chosen = index.slides[split.isin(list(splits)).to_numpy()]
     rows = []
     for row in tqdm(chosen.itertuples(), total=len(chosen), desc="proposals", disable=not progress):
@@ -151,11 +154,12 @@ def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector:
 
 def extract(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.PathLike[str],
             splits: Sequence[str] = ("train", "val"), seed: int = 0, cfg: CropConfig | None = None,
-            detections: pd.DataFrame | None = None, progress: bool = True) -> dict[str, dict[str, int]]:
+            detections: pd.DataFrame | None = None, progress: bool = True,
+            ratios: Sequence[float] = SPLIT_RATIOS) -> dict[str, dict[str, int]]:
     """Write the crops of every slide in `splits`; returns the number of crops per split and folder."""
     cfg = cfg or CropConfig()
     images, out = Path(images), Path(out)
-    split = split_slides(index.slides, seed=seed)
+    split = split_slides(index.slides, ratios, seed)
     chosen = index.slides.assign(split=split.to_numpy())
     chosen = chosen[chosen["split"].isin(list(splits))]
     absent = [f for f in chosen["file_name"] if not (images / f).is_file()]
@@ -208,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "merging); default: midog/configs/default.yaml")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=("train", "val", "test"))
     parser.add_argument("--seed", type=int, default=0, help="slide split seed (use the YOLO dataset's)")
+    parser.add_argument("--ratios", type=float, nargs=3, default=SPLIT_RATIOS, metavar=("TRAIN", "VAL", "TEST"),
+                        help="slide split ratios (use the YOLO dataset's, as given to prepare_midogpp)")
     parser.add_argument("--crop-size", type=int, default=CropConfig.crop_size)
     parser.add_argument("--context-px", type=int, default=CropConfig.context_px)
     parser.add_argument("--radius-px", type=float, default=CropConfig.radius_px)
@@ -225,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         detections = load_detections(args.detections) if args.detections else None
         if args.detector:
             detections = detect_slides(index, args.images, args.detector, args.splits, args.seed,
-                                       load_config(args.config))
+                                       load_config(args.config), ratios=args.ratios)
             args.out.mkdir(parents=True, exist_ok=True)
             detections.to_csv(args.out / "detections.csv", index=False)
-        counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections)
+        counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections, ratios=args.ratios)
     except MidogError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

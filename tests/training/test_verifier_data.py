@@ -110,6 +110,20 @@ def test_detections_need_their_columns(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 2 and "lacks columns" in capsys.readouterr().err
 
 
+def test_extract_splits_slides_with_the_ratios_given(tmp_path: Path) -> None:
+    from training.verifier_data import extract
+
+    fake = write_fake_midogpp(tmp_path / "src", slides_per_tumour=5)
+    index = load_midogpp(fake.annotations, fake.xvalidation)
+    ratios = (0.4, 0.2, 0.4)
+    expected = split_slides(index.slides, ratios, 0)
+    assert not expected.equals(split_slides(index.slides, seed=0))  # these ratios move slides between splits
+    counts = extract(index, fake.images, tmp_path / "crops", ("train",), 0, ratios=ratios, progress=False)
+    n_train_figures = sum(1 for a in fake.coco["annotations"] if a["category_id"] == 1
+                          and a["image_id"] in set(index.slides["slide"][expected == "train"]))
+    assert counts["train"]["mitotic_figure"] == n_train_figures
+
+
 def test_extract_refuses_missing_images(tmp_path: Path) -> None:
     fake = write_fake_midogpp(tmp_path / "src", slides_per_tumour=2)
     index = load_midogpp(fake.annotations, fake.xvalidation)
