@@ -120,8 +120,11 @@ def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, 
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-    augment = AugmentConfig(**(values.pop("augment", None) or {}))
-    return TrainConfig(**values, augment=augment)
+    augment_values = values.pop("augment", None) or {}
+    unknown = set(augment_values) - {f.name for f in dataclasses.fields(AugmentConfig)}
+    if unknown:
+        raise ValueError(f"unknown augment keys: {sorted(unknown)}")
+    return TrainConfig(**values, augment=AugmentConfig(**augment_values))
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -611,7 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["out"] = args.out
     if args.epochs:
         overrides["epochs"] = args.epochs
-    cfg = load_train_config(args.config, overrides)
+    try:
+        cfg = load_train_config(args.config, overrides)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # one line, as the pipeline's config errors
+        raise SystemExit(f"error: training config {args.config}: {str(err).strip().splitlines()[0]}") from None
     if args.fold is not None and not 0 <= args.fold < cfg.folds:
         raise SystemExit(f"--fold {args.fold}: the config has {cfg.folds} folds (0 to {cfg.folds - 1})")
     ctx = init_distributed()

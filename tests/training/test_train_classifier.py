@@ -136,6 +136,18 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     assert resumed.threshold == pytest.approx(straight.threshold)
 
 
+@pytest.mark.parametrize("text, message", [("lr: 0.1\nwings: 2\n", "unknown training config keys: \\['wings'\\]"),
+                                           ("augment:\n  wings: 2\n", "unknown augment keys: \\['wings'\\]"),
+                                           ("split: patch\n", "split must be one of"),
+                                           ("lr: [unclosed\n", "while parsing")])
+def test_a_bad_training_config_is_one_line(tmp_path, text, message):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit, match=f"^error: training config {config}: .*{message}") as exited:
+        main(["--config", str(config)])
+    assert "\n" not in str(exited.value.code)
+
+
 def test_shipped_fold_models_follow_ship_epoch_last(tmp_path):
     root = _write_amibr(tmp_path / "amibr")
     config = tmp_path / "cfg.yaml"
