@@ -37,7 +37,7 @@ from torchvision.transforms.v2.functional import center_crop
 
 from midog.config import TTA_VIEW_COUNTS
 from midog.devices import batches_halving_on_oom
-from midog.errors import WeightsError
+from midog.errors import WeightsError, first_line
 from midog.weights import verify_checksum
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
@@ -264,7 +264,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise WeightsError(f"cannot load classifier weights {path}: {_first_line(err)}") from None
+        raise WeightsError(f"cannot load classifier weights {path}: {first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a midog classifier checkpoint (format {CHECKPOINT_FORMAT})")
     if state.get("kind", "timm") == "foundation":
@@ -277,11 +277,11 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     try:
         model = timm.create_model(state["arch"], pretrained=False, num_classes=1, **state.get("model_kwargs", {}))
     except (RuntimeError, TypeError, ValueError) as err:  # unknown arch, arguments it does not take
-        raise WeightsError(f"{path}: cannot build {state['arch']!r}: {_first_line(err)}") from None
+        raise WeightsError(f"{path}: cannot build {state['arch']!r}: {first_line(err)}") from None
     try:
         model.load_state_dict(state["state_dict"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise WeightsError(f"{path} does not fit {state['arch']}: {_first_line(err)}") from None
+        raise WeightsError(f"{path} does not fit {state['arch']}: {first_line(err)}") from None
     model.eval().to(device)
     return BinaryClassifier(
         model=model,
@@ -296,10 +296,6 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         meta=state.get("meta", {}),
         **resize_from_state(state, path),
     )
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _is_probability(value: Any) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from midog.config import PipelineConfig, load_config
-from midog.errors import InputError, MidogError
+from midog.errors import InputError, MidogError, first_line
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, discard_previous_outputs
 from midog.weights import STAGE_SECTIONS, weights_pipeline_values
 
@@ -49,7 +49,7 @@ def read_interface_slugs(input_dir: Path) -> list[str]:
     try:
         inputs = json.loads(inputs_json.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise InputError(f"{inputs_json} is not valid JSON: {one_line(err)}") from None
+        raise InputError(f"{inputs_json} is not valid JSON: {first_line(err)}") from None
     if not isinstance(inputs, list):
         raise InputError(f"{inputs_json} must hold a list of inputs")
     slugs = []
@@ -77,11 +77,6 @@ def load_run_config(path: Path | None) -> PipelineConfig:
     names = load_config(path)  # which checkpoints the run loads, and so whose pipeline.yaml applies
     checkpoints = {section: getattr(names, section).weights for section in STAGE_SECTIONS}
     return load_config(path, weights_config=weights_pipeline_values(checkpoints))
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an exception's message (or its type), for the one-line error contract."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -117,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure still gets one line, unless --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+        print(f"error: unexpected {type(err).__name__}: {first_line(err)}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from midog.errors import ConfigError
+from midog.errors import ConfigError, first_line
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
 ENV_PREFIX = "MIDOG_"
@@ -332,7 +332,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             overrides.setdefault(section, {})[key] = _coerce(value)
         except yaml.YAMLError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise ConfigError(f"cannot read {name}={value!r}: {first}") from None
     return overrides
 
@@ -378,7 +378,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"cannot read config {path}: {first}") from None
     if not isinstance(values, Mapping):
         raise ConfigError(f"config {path} must hold a mapping of sections, not {type(values).__name__}")

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when the message is empty): the one line a user
+    sees. Library messages often run over several lines, and some (EOFError of an empty file) have none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class MidogError(Exception):
     """Base class: a failure the user can act on. `exit_code` is what process.py returns."""
 

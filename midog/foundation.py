@@ -33,7 +33,7 @@ from torch import nn
 
 from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state,
                               tta_threshold_from_state)
-from midog.errors import WeightsError
+from midog.errors import WeightsError, first_line
 from midog.weights import plain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -340,14 +340,14 @@ def read_state_dict(path: Path) -> Mapping[str, Any]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and torch raise several types for truncated or foreign files
-        raise WeightsError(f"cannot read foundation weights {path}: {str(err).splitlines()[0]}") from None
+        raise WeightsError(f"cannot read foundation weights {path}: {first_line(err)}") from None
 
 
 def load_base_weights(backbone: nn.Module, path: Path, spec: BackboneSpec) -> None:
     try:
         state_dict = map_foreign_keys(read_state_dict(path), backbone)
     except (ValueError, RuntimeError) as err:  # ours, or timm's converter failing to reshape
-        raise WeightsError(f"{path} does not fit {spec.name} ({spec.arch}): {str(err).splitlines()[0][:300]}") \
+        raise WeightsError(f"{path} does not fit {spec.name} ({spec.arch}): {first_line(err)[:300]}") \
             from None
     try:
         backbone.load_state_dict(state_dict, strict=True)
@@ -465,7 +465,7 @@ def inject_lora(backbone: nn.Module, settings: LoraSettings) -> None:
     try:
         inject_adapter_in_model(config, backbone)
     except ValueError as err:  # peft: no module matched
-        raise ValueError(f"LoRA target modules {settings.target_modules} not found: {str(err).splitlines()[0]}") \
+        raise ValueError(f"LoRA target modules {settings.target_modules} not found: {first_line(err)}") \
             from None
     for name, param in backbone.named_parameters():
         param.requires_grad = "lora_" in name

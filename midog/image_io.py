@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import tifffile
 
-from midog.errors import InputError
+from midog.errors import InputError, first_line
 
 
 # ---- Track 2: multi-page stacks -----------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class PageStack:
         self.close()
 
     def _unreadable(self, what: str, err: BaseException) -> InputError:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         return InputError(f"cannot read {what} of {self.path.name}: {first}")
 
 
@@ -213,7 +213,7 @@ class TiffStack(PageStack):
         try:
             self._tif = tifffile.TiffFile(path)
         except (ValueError, OSError, struct.error) as err:  # TiffFileError is a ValueError
-            raise InputError(f"{path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
+            raise InputError(f"{path.name} is not a readable TIFF: {first_line(err)}") from None
         try:
             self._indices = self._index_pages()
             self._channels = self._ome_channels() if self._tif.is_ome else self._imagej_channels()
@@ -564,7 +564,7 @@ class TiffRoi(RoiImage):
         try:
             self._tif = tifffile.TiffFile(path)
         except (ValueError, OSError, struct.error) as err:  # TiffFileError is a ValueError
-            raise InputError(f"{path.name} is not a readable TIFF: {str(err).splitlines()[0]}") from None
+            raise InputError(f"{path.name} is not a readable TIFF: {first_line(err)}") from None
         try:
             self._open(fallback_spacing_um, max_pixels, cache_bytes)
         except BaseException:
@@ -632,7 +632,7 @@ class TiffRoi(RoiImage):
                     segment = np.zeros(shape, dtype=self._page.dtype)
                 yield index, np.asarray(segment).reshape(shape[1:])
         except (ValueError, OSError, RuntimeError, EOFError, struct.error) as err:
-            raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
+            raise InputError(f"cannot read {self.path.name}: {first_line(err)}") from None
 
     def _memory_map(self) -> np.ndarray | None:
         """Uncompressed strips stored back to back (tifffile's default layout for uncompressed data is one strip
@@ -686,7 +686,7 @@ class TiffRoi(RoiImage):
         try:
             pixels = self._page.asarray()
         except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error, MemoryError) as err:
-            raise InputError(f"cannot read {self.path.name}: {str(err).strip().splitlines()[0]}") from None
+            raise InputError(f"cannot read {self.path.name}: {first_line(err)}") from None
         if self._page.axes.startswith("S") and pixels.ndim == 3:  # planar configuration: samples first
             pixels = np.moveaxis(pixels, 0, -1)
         while pixels.ndim > 3 and pixels.shape[0] == 1:

@@ -29,7 +29,7 @@ import torch
 
 from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.devices import batches_halving_on_oom
-from midog.errors import ConfigError, WeightsError
+from midog.errors import ConfigError, WeightsError, first_line
 from midog.image_io import RoiImage
 from midog.tiling import has_tissue, tissue_fraction
 from midog.weights import sha256_of, verify_checksum
@@ -91,7 +91,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     try:
         model, _ = load_checkpoint(str(path), device="cpu")
     except Exception as err:  # torch/pickle raise many types for truncated or foreign files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise WeightsError(f"cannot load detector weights {path}: {first}") from None
     if not hasattr(model, "fuse") or getattr(model, "task", "detect") != "detect":
         raise WeightsError(f"{path} is not an ultralytics detection checkpoint")
@@ -172,7 +172,7 @@ def onnx_detector(model: torch.nn.Module, weights: str | os.PathLike[str], tile_
             try:
                 export_onnx(model, path, tile_size)
             except Exception as err:  # an operator without an ONNX mapping: the PyTorch model still works
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                first = first_line(err)
                 log.warning("ONNX export of %s failed (%s): the detector runs in PyTorch", weights.name, first)
                 return None
     return OnnxDetector(path, tile_size, threads, batch_size)

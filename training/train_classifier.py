@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
                               preprocess_card)
+from midog.errors import first_line
 from midog.weights import plain, write_model_card
 from training.amibr import FOLD_SPLITS, CropDataset, assign_folds, load_crops, load_index
 from training.augment import AugmentConfig, train_transform
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, overrides)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # one line, as the pipeline's config errors
-        raise SystemExit(f"error: training config {args.config}: {str(err).strip().splitlines()[0]}") from None
+        raise SystemExit(f"error: training config {args.config}: {first_line(err)}") from None
     if args.fold is not None and not 0 <= args.fold < cfg.folds:
         raise SystemExit(f"--fold {args.fold}: the config has {cfg.folds} folds (0 to {cfg.folds - 1})")
     ctx = init_distributed()
