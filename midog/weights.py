@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from midog.config import read_config_file
 from midog.errors import WeightsError
 
 REPO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -43,8 +44,6 @@ def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]]) -> d
     overrides one checkpoint brings the values tuned for it, the stages it does not override keep theirs, and
     values tuned for one checkpoint never reach another.
     """
-    from midog.config import read_config_file  # midog.config stays free of file-system lookups
-
     values: dict[str, Any] = {}
     for section, names in checkpoints.items():
         name = names if isinstance(names, str) else (list(names) or [""])[0]
