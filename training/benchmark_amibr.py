@@ -37,7 +37,8 @@ from training import linear_probe
 from training.amibr import CLASS_FOLDERS, load_index
 from training.lora import lora_train_values
 from training.runtime import REPO_ROOT, init_distributed
-from training.train_classifier import binary_metrics, cross_validate, load_train_config, mean_std
+from training.train_classifier import (binary_metrics, cross_validate, fold_checkpoint_name, load_train_config,
+                                       mean_std)
 
 METHODS = ("end-to-end", "lora", "linear")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -141,8 +142,9 @@ def validation_scores(results: Sequence[Any], n_crops: int, n_atypical: int) -> 
 
 # ---------------------------------------------------------------------------------------------------- methods
 
-def fold_checkpoints(out_dir: Path, n_folds: int) -> list[Path]:
-    paths = [out_dir / f"fold{k}" / "best.pt" for k in range(n_folds)]
+def fold_checkpoints(out_dir: Path, n_folds: int, name: str = "best.pt") -> list[Path]:
+    """Each fold's checkpoint: best.pt, or final.pt for a run with `ship_epoch: last` (what --ship-folds ships)."""
+    paths = [out_dir / f"fold{k}" / name for k in range(n_folds)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"fold checkpoints missing: {missing}")
@@ -183,7 +185,7 @@ def run_trained(method: str, args: argparse.Namespace, out_dir: Path, test_sets:
         return [], {}
     index = load_index(linear_probe.repo_path(cfg.data_root), cfg.csv)
     scores = [validation_scores(results, len(index), int(index["label"].sum()))]
-    checkpoints = fold_checkpoints(out_dir, cfg.folds)
+    checkpoints = fold_checkpoints(out_dir, cfg.folds, fold_checkpoint_name(cfg))
     thresholds = [float(torch.load(c, map_location="cpu", weights_only=True)["threshold"]) for c in checkpoints]
     for name, folder in test_sets.items():
         test = folder_index(folder)

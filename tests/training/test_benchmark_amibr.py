@@ -51,7 +51,7 @@ def test_lora_benchmark_evaluates_every_fold_checkpoint(data: dict[str, Path], t
     config = tmp_path / "lora.yaml"
     config.write_text(yaml.safe_dump({
         "data_root": str(data["train"]), "arch": "test_vit", "input_size": 32, "batch_size": 8, "epochs": 1,
-        "min_epochs": 1, "lr": 0.005, "num_threads": 0, "eval_batch_size": 32,
+        "min_epochs": 1, "lr": 0.005, "num_threads": 0, "eval_batch_size": 32, "ship_epoch": "last",
         "model_kwargs": {"method": "lora", "weights": str(data["weights"]), "timm_kwargs": TINY,
                          "lora": {"r": 2}}}))
     out = tmp_path / "bench"
@@ -60,6 +60,9 @@ def test_lora_benchmark_evaluates_every_fold_checkpoint(data: dict[str, Path], t
     frame = pd.read_csv(out / "benchmark.csv").set_index("set")
     assert list(frame.index) == ["cv-validation", "external"] and frame.loc["external", "folds"] == 2
     assert 0.0 <= frame.loc["external", "roc_auc_mean"] <= 1.0
+    # the fold models scored are the ones --ship-folds would ship: final.pt with ship_epoch: last
+    scored = json.loads((out / "benchmark.json").read_text())["checkpoints"]
+    assert [Path(c).name for c in scored] == ["final.pt", "final.pt"]
 
 
 def test_a_test_folder_without_the_amibr_layout_fails_before_training(tmp_path: Path):
