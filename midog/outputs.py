@@ -68,9 +68,12 @@ def check_output_folder(folder: str | os.PathLike[str]) -> None:
 
 def discard_previous_outputs(folder: str | os.PathLike[str], names: Sequence[str]) -> None:
     """Remove result files an earlier run left in `folder`, so that a run that fails leaves none behind: a stale
-    file would read as this run's result. (Grand-challenge's output folders start empty.)"""
+    file would read as this run's result. (Grand-challenge's output folders start empty.) A folder where a result
+    file belongs is an OutputError before any work."""
     for name in names:
         path = Path(folder) / name
+        if path.is_dir():  # found now, not after the whole run: no result could be written there
+            raise OutputError(f"cannot write {path}: a folder of that name is in the way")
         try:
             if path.is_file():
                 path.unlink()

@@ -134,3 +134,23 @@ def test_both_classifiers_look_for_foundation_weights_where_the_run_config_says(
     monkeypatch.setattr("midog.atypical.load_classifier", recording)
     Track1Detector.from_config(config, device="cpu")
     assert seen == [config.foundation, config.foundation]     # the verifier and the atypical classifier
+
+
+def test_the_two_track1_outputs_are_written_both_or_neither(tmp_path: Path, roi: np.ndarray,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]):
+    import midog.pipeline as pipeline
+    from midog.errors import OutputError
+
+    real_write = pipeline.write_json_atomic
+
+    def disk_full_on_the_second(path: Path, payload: object) -> Path:
+        if Path(path).name == TRACK1_ATYPICAL_FILENAME:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real_write(path, payload)
+
+    monkeypatch.setattr(pipeline, "write_json_atomic", disk_full_on_the_second)
+    track1_input(tmp_path / "in", roi)
+    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 4
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # the first file did not stay behind

@@ -166,7 +166,7 @@ def _output_under_a_file(input_dir: Path) -> None:
 
 
 def _atypical_output_is_a_folder(input_dir: Path) -> None:
-    """Track 1's second output cannot be written: the first must not stay behind on its own."""
+    """Track 1's second output cannot be written: refused before any work, and nothing is written."""
     _track1()(input_dir)
     (input_dir.parent / "out" / TRACK1_ATYPICAL_FILENAME).mkdir(parents=True)
 
@@ -271,6 +271,9 @@ REFUSED: dict[str, Case] = {
         env={"MIDOG_ATYPICAL__WEIGHTS": "absent.pt"}),
     "output file name taken by a folder": Case(_atypical_output_is_a_folder, exit_code=EXIT_OUTPUT,
                                                message="atypical-mitotic-figures.json"),
+    "output file name taken by a folder, found before the weights load": Case(
+        _atypical_output_is_a_folder, exit_code=EXIT_OUTPUT, message="a folder of that name is in the way",
+        env={"MIDOG_ATYPICAL__WEIGHTS": "absent.pt"}),
     "missing weights": Case(_track1(), exit_code=EXIT_WEIGHTS, message="'absent.pt' not found",
                             env={"MIDOG_VERIFIER__WEIGHTS": "absent.pt"}),
     "checksum mismatch": Case(_track1(), exit_code=EXIT_WEIGHTS, message="checksum mismatch",
