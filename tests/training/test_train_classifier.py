@@ -334,3 +334,18 @@ def test_crop_pct_trains_and_serves_a_centre_crop_at_a_finer_scale(tmp_path):
     torch.testing.assert_close(loaded.preprocess(x), expected)
     with pytest.raises(ValueError, match="crop_pct"):
         tc.build_model(_config(root, tmp_path / "run", crop_pct=1.5))
+
+
+def test_under_ddp_a_ranks_share_smaller_than_a_batch_still_trains():
+    """48 crops on 2 ranks are 24 each: with batch 32, dropping the last (only) batch would train nothing."""
+    from training.runtime import Dist
+
+    cfg = TrainConfig(batch_size=32)
+    crops = np.zeros((48, 16, 16, 3), np.uint8)
+    labels = np.arange(48) % 2
+    train_set, _ = tc.make_datasets(cfg, crops, labels, np.arange(48), np.zeros(0, dtype=int))
+    for rank in range(2):
+        loader = tc.make_train_loader(cfg, train_set, Dist(rank=rank, world_size=2), seed=0)
+        assert len(loader) == 1 and sum(len(batch[0]) for batch in loader) == 24
+    single = tc.make_train_loader(TrainConfig(batch_size=16), train_set, Dist(), seed=0)
+    assert len(single) == 3  # one process, 48 crops: the last batch is dropped only when a smaller one remains
