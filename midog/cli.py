@@ -13,7 +13,7 @@ from typing import Callable, NoReturn
 from midog.config import PipelineConfig, load_config
 from midog.errors import InputError, MidogError, first_line
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, discard_previous_outputs
-from midog.weights import STAGE_SECTIONS, weights_pipeline_values
+from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
 
 log = logging.getLogger("midog")
 
@@ -74,9 +74,11 @@ def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], N
 def load_run_config(path: Path | None) -> PipelineConfig:
     """The config process.py runs with: defaults, what the weights' pipeline.yaml files say about the checkpoints
     this run loads, `--config`, MIDOG_* variables."""
-    names = load_config(path)  # which checkpoints the run loads, and so whose pipeline.yaml applies
-    checkpoints = {section: getattr(names, section).weights for section in STAGE_SECTIONS}
-    return load_config(path, weights_config=weights_pipeline_values(checkpoints))
+    chosen, shipped = load_config(path), load_config(environ={})  # without any pipeline.yaml
+    defaults = {section: getattr(shipped, section).weights for section in STAGE_SECTIONS}
+    checkpoints = claimed_checkpoints({section: getattr(chosen, section).weights for section in STAGE_SECTIONS},
+                                      defaults)
+    return load_config(path, weights_config=weights_pipeline_values(checkpoints, defaults))
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

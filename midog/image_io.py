@@ -242,13 +242,24 @@ class TiffStack(PageStack):
         return page if isinstance(page, tifffile.TiffPage) else page.aspage()
 
     def _ome_channels(self) -> int:
-        """TIFF pages per crop for an OME-TIFF: 3 when its channels are stored one grayscale page each (in any axis
-        order: the page list is regrouped so each crop's three channel pages follow each other), 1 otherwise."""
-        series = self._tif.series[0]
-        axes, shape = series.axes, series.shape
+        """TIFF pages per crop for an OME-TIFF: 3 when its crops' channels are stored one grayscale page each, 1
+        otherwise. Two layouts say so without doubt: a channel axis of 3 beside another plane axis (TCYX, CTYX,
+        ZCYX..., in any order: the page list is regrouped so each crop's three pages follow each other), and one OME
+        image per crop, each CYX with 3 channels. A lone C axis is tifffile's default name for the page axis of a
+        plain grayscale stack, so it stays one crop per page."""
+        series = self._tif.series
+        axes, shape = series[0].axes, series[0].shape
         if "C" not in axes or "S" in axes or shape[axes.index("C")] == 1:
             return 1
         channels = shape[axes.index("C")]
+        plane_axes = [axis for axis in axes if axis not in "YX"]
+        if len(series) > 1:  # one OME image per crop
+            same = all(s.axes == axes and tuple(s.shape) == tuple(shape) for s in series)
+            if same and plane_axes == ["C"] and channels == 3 and len(self._indices) == 3 * len(series):
+                return 3
+            return 1
+        if plane_axes == ["C"]:
+            return 1
         if channels != 3:
             raise InputError(f"{self.path.name} is an OME-TIFF with {channels} channels per crop; "
                              "expected 1 (grayscale) or 3 (RGB)")
@@ -256,7 +267,6 @@ class TiffStack(PageStack):
         if int(np.prod(planes)) != len(self._indices):
             raise InputError(f"{self.path.name}: its OME metadata ({axes} {tuple(shape)}) does not match its "
                              f"{len(self._indices)} pages")
-        plane_axes = [axis for axis in axes if axis not in "YX"]
         order = np.moveaxis(np.asarray(self._indices).reshape(planes), plane_axes.index("C"), -1)
         self._indices = order.reshape(-1).tolist()
         return channels

@@ -35,27 +35,63 @@ STAGE_SECTIONS = ("proposals", "verifier", "atypical")
 """Config sections with a checkpoint of their own (`<section>.weights`)."""
 
 
-def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]]) -> dict[str, Any]:
+def _names(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _pipeline_file(folder: Path) -> dict[str, Any]:
+    path = folder / PIPELINE_CONFIG_NAME
+    return read_config_file(path) if path.is_file() else {}
+
+
+def claimed_checkpoints(chosen: Mapping[str, str | Sequence[str]], defaults: Mapping[str, str | Sequence[str]]
+                        ) -> dict[str, str | Sequence[str]]:
+    """The checkpoints a run loads: `chosen` (the config without any pipeline.yaml), where a stage the user left at
+    its default may be renamed by a weights folder's `pipeline.yaml` whose `<stage>.weights` lie in that folder
+    (the first such folder in `weights_dirs()` order), e.g. a fold ensemble shipped in /opt/ml/model."""
+    result = dict(chosen)
+    claimed: set[str] = set()
+    for folder in weights_dirs():
+        for section, part in _pipeline_file(folder).items():
+            if section not in chosen or section in claimed or _names(chosen[section]) != _names(defaults[section]):
+                continue
+            names = part.get("weights") if isinstance(part, Mapping) else None
+            if names and all((folder / name).is_file() for name in _names(names)):
+                result[section] = names
+                claimed.add(section)
+    return result
+
+
+def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]],
+                            defaults: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, Any]:
     """The parts of the weights folders' `pipeline.yaml` files that belong to the checkpoints actually loaded.
 
-    `checkpoints` maps each stage section to its `weights` value. A stage's section is taken from the
-    `pipeline.yaml` beside that stage's checkpoint (an ensemble's first), and every section without a checkpoint of
-    its own (tiling, merging, ...) from the one beside the detector, whose proposals they shape. So a folder that
-    overrides one checkpoint brings the values tuned for it, the stages it does not override keep theirs, and
-    values tuned for one checkpoint never reach another.
+    `checkpoints` maps each stage section to its `weights` value, `defaults` to the shipped names (default.yaml's).
+    A stage's section is taken from the `pipeline.yaml` beside that stage's checkpoint (an ensemble's first) when it
+    was tuned for that checkpoint: the section names it in `weights`, or names none and the checkpoint is the
+    stage's default name. Every section without a checkpoint of its own (tiling, merging, ...) comes from the one
+    beside the detector, whose proposals they shape. So a folder that overrides one checkpoint brings the values
+    tuned for it, the stages it does not override keep theirs, and values tuned for one checkpoint never reach
+    another.
     """
+    defaults = defaults or checkpoints
     values: dict[str, Any] = {}
     for section, names in checkpoints.items():
-        name = names if isinstance(names, str) else (list(names) or [""])[0]
+        first = (_names(names) or [""])[0]
         try:
-            folder = find_weights(name).parent if name else None
+            folder = find_weights(first).parent if first else None
         except WeightsError:
             continue  # the stage reports its missing checkpoint when it loads
-        if folder is None or not (folder / PIPELINE_CONFIG_NAME).is_file():
+        if folder is None:
             continue
-        for key, part in read_config_file(folder / PIPELINE_CONFIG_NAME).items():
-            if key == section or (section == "proposals" and key not in checkpoints):
-                values[key] = part
+        pipeline = _pipeline_file(folder)
+        part = pipeline.get(section)
+        if part is not None:
+            tuned_for = part.get("weights", defaults.get(section)) if isinstance(part, Mapping) else None
+            if tuned_for is not None and _names(tuned_for) == _names(names):
+                values[section] = part
+        if section == "proposals":
+            values.update({key: value for key, value in pipeline.items() if key not in checkpoints})
     return values
 
 
@@ -63,7 +99,7 @@ def find_weights(name: str | os.PathLike[str]) -> Path:
     """Resolve a checkpoint to a file: a bare file name is looked up in `weights_dirs()` (first match wins); a path
     with a folder in it (absolute, or relative to the working directory) is taken as it is."""
     candidate = Path(name)
-    if candidate.is_absolute() or len(candidate.parts) > 1:
+    if candidate.is_absolute() or os.path.dirname(os.fspath(name)):  # "runs/x.pt", "./x.pt", "/abs/x.pt"
         if candidate.is_file():
             return candidate
         raise WeightsError(f"weights file not found: {candidate}")

@@ -268,14 +268,33 @@ def test_find_single_image(tmp_path: Path):
         find_single_image(tmp_path)
 
 
-@pytest.mark.parametrize("axes", ["TCYX", "CTYX", "CYX"])
+@pytest.mark.parametrize("axes", ["TCYX", "CTYX"])
 def test_ome_tiff_with_one_page_per_channel_is_one_crop_per_channel_triple(tmp_path: Path, axes: str):
     crops = np.random.default_rng(0).integers(0, 256, (4, 3, 16, 12)).astype(np.uint16) * 257  # T, C, Y, X
-    data = {"TCYX": crops, "CTYX": np.moveaxis(crops, 1, 0), "CYX": crops[0]}[axes]
+    data = {"TCYX": crops, "CTYX": np.moveaxis(crops, 1, 0)}[axes]
     tifffile.imwrite(tmp_path / "s.ome.tif", data, photometric="minisblack", metadata={"axes": axes})
     pages = read_all(tmp_path / "s.ome.tif")
-    expected = np.moveaxis(crops if axes != "CYX" else crops[:1], 1, -1) // 257
+    expected = np.moveaxis(crops, 1, -1) // 257
     assert len(pages) == len(expected) and all(np.array_equal(p, e) for p, e in zip(pages, expected))
+
+
+def test_ome_tiff_with_one_image_per_crop_reads_each_as_rgb(tmp_path: Path):
+    crops = np.random.default_rng(1).integers(0, 256, (4, 3, 16, 12)).astype(np.uint8)  # crop, C, Y, X
+    with tifffile.TiffWriter(tmp_path / "multi.ome.tif", ome=True) as writer:
+        for crop in crops:
+            writer.write(crop, photometric="minisblack", metadata={"axes": "CYX"})
+    pages = read_all(tmp_path / "multi.ome.tif")
+    assert len(pages) == 4 and all(np.array_equal(p, np.moveaxis(c, 0, -1)) for p, c in zip(pages, crops))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 16])
+def test_a_plain_grayscale_ome_stack_is_one_crop_per_page(tmp_path: Path, count: int):
+    """tifffile names a plain stack's page axis C (axes CYX): it is not a colour axis, even with 3 pages."""
+    gray = np.random.default_rng(count).integers(0, 256, (count, 20, 20)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "g.ome.tif", gray, ome=True, photometric="minisblack")
+    assert tifffile.TiffFile(tmp_path / "g.ome.tif").series[0].axes == "CYX"
+    pages = read_all(tmp_path / "g.ome.tif")
+    assert len(pages) == count and all(np.array_equal(p[..., 0], g) for p, g in zip(pages, gray))
 
 
 def test_ome_tiff_with_four_channels_is_refused(tmp_path: Path):

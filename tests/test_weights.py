@@ -57,6 +57,31 @@ def test_pipeline_values_follow_the_checkpoints_actually_loaded(folders: tuple[P
                                                             "atypical": {"threshold": 0.6}}
     # a missing checkpoint contributes nothing (its stage reports it when it loads)
     assert weights.weights_pipeline_values({"verifier": "absent.pt"}) == {}
+    # another verifier in the shipped folder: the section tuned for verifier.pt does not reach it
+    (repo / "verifier_b.pt").write_bytes(b"another verifier")
+    other = {**CHECKPOINTS, "verifier": "verifier_b.pt"}
+    assert "verifier" not in weights.weights_pipeline_values(other, CHECKPOINTS)
+
+
+def test_a_model_folder_pipeline_yaml_may_name_its_own_checkpoints(folders: tuple[Path, Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """A fold ensemble in /opt/ml/model: its pipeline.yaml names the members (ship_ensemble's config) and their
+    threshold; the run loads them with it, unless the user chose other weights."""
+    from midog.cli import load_run_config
+
+    _, model, repo = folders
+    (repo / "atypical.pt").write_bytes(b"shipped")
+    for k in range(2):
+        (model / f"atyp_fold{k}.pt").write_bytes(b"member")
+    (model / weights.PIPELINE_CONFIG_NAME).write_text(yaml.safe_dump(
+        {"atypical": {"weights": ["atyp_fold0.pt", "atyp_fold1.pt"], "threshold": 0.42}}))
+    monkeypatch.delenv("MIDOG_WEIGHTS_DIR")
+    config = load_run_config(None)
+    assert config.atypical.weights == ["atyp_fold0.pt", "atyp_fold1.pt"] and config.atypical.threshold == 0.42
+    monkeypatch.setenv("MIDOG_ATYPICAL__WEIGHTS", "mine.pt")  # the user's choice wins, without those values
+    (repo / "mine.pt").write_bytes(b"the user's")
+    config = load_run_config(None)
+    assert config.atypical.weights == "mine.pt" and config.atypical.threshold is None
 
 
 def test_a_bare_checkpoint_name_is_never_taken_from_the_working_directory(folders: tuple[Path, Path, Path],
@@ -71,6 +96,7 @@ def test_a_bare_checkpoint_name_is_never_taken_from_the_working_directory(folder
     monkeypatch.chdir(work)
     assert weights.find_weights("atypical.pt") == repo / "atypical.pt"
     assert weights.find_weights("runs/mine.pt") == Path("runs/mine.pt")
+    assert weights.find_weights("./atypical.pt") == Path("./atypical.pt")  # a path the user spelled out
     with pytest.raises(WeightsError, match="weights file not found"):
         weights.find_weights("runs/absent.pt")
 
