@@ -16,19 +16,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is CUDA when available, else the CPU; a device that is not there is a ConfigError, not a crash later."""
+def resolve_device(name: str = "auto", setting: str = "config runtime.device") -> torch.device:
+    """`auto` is CUDA when available, else the CPU; a device that is not there is a ConfigError naming `setting`
+    (where the value came from), not a crash later."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"config runtime.device is {name!r}; expected auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{setting} is {name!r}; expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"config runtime.device is {name!r}, but this machine has "
+        raise ConfigError(f"{setting} is {name!r}, but this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s); use auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"config runtime.device is {name!r}, but MPS is not available here; use auto or cpu")
+        raise ConfigError(f"{setting} is {name!r}, but MPS is not available here; use auto or cpu")
     return device
 
 

@@ -349,12 +349,43 @@ _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "M
               "MET_DOUBLE": 8}
 
 
+def check_mha_header(path: Path) -> None:
+    """Refuse a non-MetaImage, or an uncompressed one holding fewer bytes than its header promises, before
+    SimpleITK sees it: its MetaIO layer prints several lines of its own to stderr and then reports a
+    misleading reason."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    marker = re.search(rb"^ElementDataFile\s*=\s*(\S+)\s*?\r?\n", head, flags=re.MULTILINE)
+    fields = dict(re.findall(rb"^(\w+)\s*=\s*(.*?)\s*$", head[:marker.start()] if marker else b"",
+                             flags=re.MULTILINE))
+    if marker is None or not {b"NDims", b"DimSize", b"ElementType"} <= fields.keys():
+        raise InputError(f"{path.name} is not a readable MetaImage (.mha) file")
+    if marker.group(1) != b"LOCAL":
+        raise InputError(f"{path.name} keeps its pixels in another file; a self-contained .mha is needed")
+    value_size = _MET_SIZES.get(fields[b"ElementType"].decode(errors="replace"))
+    if fields.get(b"CompressedData", b"False").lower() == b"true":
+        declared = fields.get(b"CompressedDataSize", b"").strip()
+        if declared.isdigit() and path.stat().st_size - marker.end() < int(declared):
+            raise InputError(f"{path.name} is truncated: it holds less compressed pixel data than its "
+                             "header declares")
+        return
+    if value_size is None:
+        return
+    try:
+        values = int(np.prod([int(v) for v in fields[b"DimSize"].split()]))
+        values *= int(fields.get(b"ElementNumberOfChannels", b"1"))
+    except ValueError:
+        raise InputError(f"{path.name} is not a readable MetaImage (.mha) file") from None
+    if path.stat().st_size - marker.end() < values * value_size:
+        raise InputError(f"{path.name} is truncated: it holds less pixel data than its header declares")
+
+
 class MhaStack(PageStack):
     """A MetaImage: a 2-D image is one page, a 3-D image is a stack of pages along z. Pages are streamed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._check_header()
+        check_mha_header(path)
         self._reader = _sitk().ImageFileReader()
         self._reader.SetFileName(str(path))
         self._reader.SetImageIO("MetaImageIO")
@@ -372,36 +403,6 @@ class MhaStack(PageStack):
 
     def page_pixels(self, number: int) -> int:
         return int(self._size[0]) * int(self._size[1])
-
-    def _check_header(self) -> None:
-        """Refuse a non-MetaImage, or an uncompressed one holding fewer bytes than its header promises, before
-        SimpleITK sees it: its MetaIO layer prints several lines of its own to stderr and then reports a
-        misleading reason."""
-        with open(self.path, "rb") as handle:
-            head = handle.read(1 << 16)
-        marker = re.search(rb"^ElementDataFile\s*=\s*(\S+)\s*?\r?\n", head, flags=re.MULTILINE)
-        fields = dict(re.findall(rb"^(\w+)\s*=\s*(.*?)\s*$", head[:marker.start()] if marker else b"",
-                                 flags=re.MULTILINE))
-        if marker is None or not {b"NDims", b"DimSize", b"ElementType"} <= fields.keys():
-            raise InputError(f"{self.path.name} is not a readable MetaImage (.mha) file")
-        if marker.group(1) != b"LOCAL":
-            raise InputError(f"{self.path.name} keeps its pixels in another file; a self-contained .mha is needed")
-        value_size = _MET_SIZES.get(fields[b"ElementType"].decode(errors="replace"))
-        if fields.get(b"CompressedData", b"False").lower() == b"true":
-            declared = fields.get(b"CompressedDataSize", b"").strip()
-            if declared.isdigit() and self.path.stat().st_size - marker.end() < int(declared):
-                raise InputError(f"{self.path.name} is truncated: it holds less compressed pixel data than its "
-                                 "header declares")
-            return
-        if value_size is None:
-            return
-        try:
-            values = int(np.prod([int(v) for v in fields[b"DimSize"].split()]))
-            values *= int(fields.get(b"ElementNumberOfChannels", b"1"))
-        except ValueError:
-            raise InputError(f"{self.path.name} is not a readable MetaImage (.mha) file") from None
-        if self.path.stat().st_size - marker.end() < values * value_size:
-            raise InputError(f"{self.path.name} is truncated: it holds less pixel data than its header declares")
 
     def _raw_pages(self, start: int, stop: int) -> list[np.ndarray]:
         if len(self._size) == 2:
@@ -759,6 +760,7 @@ class MhaRoi(RoiImage):
 
     def __init__(self, path: Path, fallback_spacing_um: float, max_pixels: int) -> None:
         self.path = path
+        check_mha_header(path)
         self._reader = _sitk().ImageFileReader()
         self._reader.SetFileName(str(path))
         self._reader.SetImageIO("MetaImageIO")

@@ -235,3 +235,14 @@ def test_an_aperio_svs_slide_opens_as_a_tiff(tmp_path: Path, pixels: np.ndarray)
     with open_roi(tmp_path / "slide.svs") as svs, open_roi(tmp_path / "slide.tif") as tif:
         assert (svs.width, svs.height) == (tif.width, tif.height)
         assert np.array_equal(svs.read_region(0, 0, 64, 48), tif.read_region(0, 0, 64, 48))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_truncated_mha_roi_is_refused_before_simpleitk_prints(tmp_path: Path, pixels: np.ndarray, compress: bool,
+                                                                 capfd: pytest.CaptureFixture[str]):
+    path = tmp_path / "roi.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path), useCompression=compress)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="roi.mha is truncated"):
+        open_roi(path)
+    assert capfd.readouterr().err == ""

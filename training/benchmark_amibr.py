@@ -135,9 +135,10 @@ def write_report(out_dir: Path, scores: Sequence[SetScores], title: str, extra: 
     return frame
 
 
-def validation_scores(results: Sequence[Any], n_crops: int, n_atypical: int) -> SetScores:
-    """Each fold on its own validation split, from the metrics recorded at training time."""
-    return SetScores("cv-validation", n_crops, n_atypical, [dict(r.metrics) for r in results], None)
+def validation_scores(fold_metrics: Sequence[dict[str, float]], n_crops: int, n_atypical: int) -> SetScores:
+    """Each fold on its own validation split, from the metrics recorded at training time for the checkpoint scored
+    on the test sets (best.pt's best epoch, or final.pt's last epoch with `ship_epoch: last`)."""
+    return SetScores("cv-validation", n_crops, n_atypical, [dict(m) for m in fold_metrics], None)
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -184,9 +185,12 @@ def run_trained(method: str, args: argparse.Namespace, out_dir: Path, test_sets:
     if not ctx.main:
         return [], {}
     index = load_index(linear_probe.repo_path(cfg.data_root), cfg.csv)
-    scores = [validation_scores(results, len(index), int(index["label"].sum()))]
     checkpoints = fold_checkpoints(out_dir, cfg.folds, fold_checkpoint_name(cfg))
-    thresholds = [float(torch.load(c, map_location="cpu", weights_only=True)["threshold"]) for c in checkpoints]
+    states = [torch.load(c, map_location="cpu", weights_only=True) for c in checkpoints]
+    fold_metrics = ([r.metrics for r in results] if cfg.ship_epoch == "best"
+                    else [state["meta"]["val"] for state in states])  # the last epoch's, stored with final.pt
+    scores = [validation_scores(fold_metrics, len(index), int(index["label"].sum()))]
+    thresholds = [float(state["threshold"]) for state in states]
     for name, folder in test_sets.items():
         test = folder_index(folder)
         probs = predict_checkpoints(checkpoints, list(test["path"]), ctx.device, args.tta, cfg.eval_batch_size)
@@ -205,7 +209,7 @@ def run_linear(args: argparse.Namespace, out_dir: Path, test_sets: dict[str, Pat
         torch.set_num_threads(cfg.num_threads)
     clf, results = linear_probe.cross_validate_probe(cfg, out_dir)
     index = load_index(linear_probe.repo_path(cfg.data_root), cfg.csv)
-    scores = [validation_scores(results, len(index), int(index["label"].sum()))]
+    scores = [validation_scores([r.metrics for r in results], len(index), int(index["label"].sum()))]
     heads = [torch.load(c, map_location="cpu", weights_only=True) for c in fold_checkpoints(out_dir, cfg.folds)]
     thresholds = [float(h["threshold"]) for h in heads]
     for name, folder in test_sets.items():

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from midog.classifier import build_classifier, preprocess_card
 from midog.devices import resolve_device
+from midog.errors import MidogError
 from midog.foundation import FoundationClassifier
 from midog.weights import plain, write_model_card
 from training.amibr import load_index, slide_folds
@@ -91,7 +93,7 @@ def build_probe(cfg: ProbeConfig) -> FoundationClassifier:
     clf = build_classifier(cfg.backbone, cfg.input_size or 0, positive="atypical", model_kwargs=options)
     if not isinstance(clf, FoundationClassifier):
         raise TypeError(f"{cfg.backbone} did not build a foundation classifier")
-    return clf.to(resolve_device(cfg.device))
+    return clf.to(resolve_device(cfg.device, setting="the probe's device"))
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -249,7 +251,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except MidogError as err:  # missing backbone weights, a device this machine lacks, ...: one line
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = {key: value for key, value in {
         "backbone": args.backbone, "weights": args.weights, "data_root": args.data_root, "folds": args.folds,
         "C": args.C, "batch_size": args.batch_size, "device": args.device, "cache": args.cache, "out": args.out,

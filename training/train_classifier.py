@@ -169,7 +169,7 @@ def make_train_loader(cfg: TrainConfig, dataset: CropDataset, ctx: Dist, seed: i
     sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
         if ctx.world_size > 1 else None
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=len(dataset) // ctx.world_size > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
+                      drop_last=math.ceil(len(dataset) / ctx.world_size) > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
 

@@ -386,7 +386,7 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed) \
         if ctx.world_size > 1 else None
-    per_rank = len(train_set) // ctx.world_size
+    per_rank = math.ceil(len(train_set) / ctx.world_size)  # DistributedSampler pads every rank to this
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=per_rank > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
                         pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0)

@@ -64,9 +64,21 @@ def plot_froc(evaluation: Track1Evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _no_points_figure(path: Path, title: str) -> Path:
+    """The figure for a set without any predicted point: there is no curve to draw."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.text(0.5, 0.5, "no predicted point in any image", ha="center", va="center")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_precision_recall(evaluation: Track1Evaluation, path: Path) -> Path:
     plt = _pyplot()
     curve, agg = evaluation.curve, evaluation.aggregates
+    if len(curve.thresholds) == 0:
+        return _no_points_figure(path, "precision-recall")
     threshold, f1 = curve.best()
     best = int(np.flatnonzero(curve.thresholds == threshold)[0])
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -93,6 +105,8 @@ def plot_precision_recall(evaluation: Track1Evaluation, path: Path) -> Path:
 def plot_f1_threshold(evaluation: Track1Evaluation, path: Path) -> Path:
     plt = _pyplot()
     curve = evaluation.curve
+    if len(curve.thresholds) == 0:
+        return _no_points_figure(path, "F1 against the detection threshold")
     threshold, f1 = curve.best()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(curve.thresholds, curve.f1, "-", color="tab:green", lw=2, label="F1")
@@ -231,8 +245,10 @@ def _track1_summary(evaluation: Track1Evaluation, tuned: TunedThreshold, figures
             lines.append(f"| ROI {r} | {_fmt(agg[f'roi_type_{r}_f1'])} | {_fmt(agg[f'roi_type_{r}_precision'])} | "
                          f"{_fmt(agg[f'roi_type_{r}_recall'])} | {_fmt(agg[f'roi_type_{r}_AP'])} | "
                          f"{_fmt(agg.get(f'roi_type_{r}_froc_auc', float('nan')))} |")
-    lines += ["", f"Best F1 over all candidates by probability: {tuned.value:.4f} at `{tuned.key}: "
-                  f"{tuned.threshold:.4f}` (the names in the outputs give F1 {agg['f1_score']:.4f}).", "",
+    best = (f"Best F1 over all candidates by probability: {tuned.value:.4f} at `{tuned.key}: "
+            f"{tuned.threshold:.4f}` (the names in the outputs give F1 {agg['f1_score']:.4f})." if tuned else
+            "No predicted point in any image: no threshold to choose.")
+    lines += ["", best, "",
               "AP is -1 for a group without ground truth and F1 is 1 for a group without any point (the official "
               "formulas).", "", "## Figures", ""]
     lines += [f"- ![{p.stem}]({p.name})" for p in figures]
@@ -258,7 +274,7 @@ def write_track1_report(evaluation: Track1Evaluation, out_dir: str | Path, image
             figures.append(plot_overlay(result, found, out / f"overlay_{Path(result.truth.name).stem}.png",
                                         spacing_um))
             written += 1
-    tuned = tune_detection(evaluation)
+    tuned = tune_detection(evaluation) if len(evaluation.curve.thresholds) else None
     metrics = write_json_atomic(out / "metrics.json", evaluation.metrics())
     summary = out / "summary.md"
     summary.write_text(_track1_summary(evaluation, tuned, figures))

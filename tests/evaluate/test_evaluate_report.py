@@ -93,3 +93,11 @@ def test_overlay_uses_the_image_spacing_unless_overridden(tmp_path: Path) -> Non
     assert to_px(np.array([[0.3, 0.015, 0.0]])) == pytest.approx(np.array([[400.0, 20.0]]))
     _, to_px_override = _read_downscaled(path, 1.0)
     assert to_px_override(np.array([[0.3, 0.015, 0.0]])) == pytest.approx(np.array([[100.0, 5.0]]))
+
+
+def test_track1_report_for_a_detector_that_predicted_nothing(tmp_path: Path) -> None:
+    evaluation = track1.evaluate({"a.tiff": payload([])}, {"a.tiff": truth([(0, 0)])})
+    written = write_track1_report(evaluation, tmp_path / "report")
+    assert (tmp_path / "report" / "precision_recall.png").is_file() and (tmp_path / "report" / "f1_threshold.png").is_file()
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["aggregates"]["recall"] == 0.0
+    assert len(written) >= 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -63,6 +64,9 @@ def test_lora_benchmark_evaluates_every_fold_checkpoint(data: dict[str, Path], t
     # the fold models scored are the ones --ship-folds would ship: final.pt with ship_epoch: last
     scored = json.loads((out / "benchmark.json").read_text())["checkpoints"]
     assert [Path(c).name for c in scored] == ["final.pt", "final.pt"]
+    # and the cv-validation row describes those same models (their last epoch on their validation fold)
+    last = [torch.load(c, weights_only=True)["meta"]["val"]["balanced_accuracy"] for c in scored]
+    assert frame.loc["cv-validation", "balanced_accuracy_mean"] == pytest.approx(np.mean(last), abs=1e-4)
 
 
 def test_a_test_folder_without_the_amibr_layout_fails_before_training(tmp_path: Path):

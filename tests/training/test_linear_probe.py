@@ -66,3 +66,20 @@ def test_fit_head_folds_the_standardisation_into_the_weights():
     reference = LogisticRegression(class_weight="balanced", max_iter=5000, random_state=0).fit(scaled, labels)
     np.testing.assert_allclose(head_probabilities(features, weight, bias), reference.predict_proba(scaled)[:, 1],
                                atol=1e-5)
+
+
+def test_a_device_the_machine_lacks_is_one_line_naming_the_probes_option(probe_cfg: ProbeConfig, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]):
+    import dataclasses
+
+    import yaml
+
+    from training import linear_probe
+
+    config = tmp_path / "probe.yaml"
+    config.write_text(yaml.safe_dump(dataclasses.asdict(probe_cfg)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert linear_probe.main(["--config", str(config), "--device", "cuda"]) == 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the probe's device is 'cuda', but this machine has 0 CUDA")
