@@ -122,3 +122,37 @@ def test_missing_class_folder_is_one_clear_error(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "only positive" in err and "\n" not in err
     assert not (tmp_path / "v.pt").exists()
+
+
+def _verifier_rank(rank: int, port: int, argv: list[str], results: "torch.multiprocessing.SimpleQueue") -> None:
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results.put((rank, main(argv)))
+
+
+def test_two_processes_train_without_the_contrastive_term(tmp_path: Path) -> None:
+    """With supcon_weight 0 the projection head gets no gradient: DDP must be told, or its second step fails
+    ("Expected to have finished reduction in the prior iteration")."""
+    import socket
+
+    import torch.multiprocessing as mp
+    import yaml
+
+    data = tmp_path / "crops"
+    _write_crops(data)
+    values = yaml.safe_load(CONFIG.read_text())
+    values["loss"]["supcon_weight"] = 0.0
+    config = tmp_path / "no_supcon.yaml"
+    config.write_text(yaml.safe_dump(values))
+    argv = ["--data", str(data), "--config", str(config), "--out", str(tmp_path / "verifier.pt"),
+            "--run-dir", str(tmp_path / "run"), "--arch", "test_convnext", "--max-steps", "3", "--batch-size", "2"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_verifier_rank, args=(port, argv, results), nprocs=2, start_method="spawn", join=True)
+    assert sorted(results.get() for _ in range(2)) == [(0, 0), (1, 0)]
+    assert load_classifier(tmp_path / "verifier.pt").positive == "mitotic figure"
