@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import center_crop
 
-from midog.config import TTA_VIEW_COUNTS
+from midog.config import TTA_VIEW_COUNTS, is_probability
 from midog.devices import batches_halving_on_oom
 from midog.errors import WeightsError, first_line
 from midog.weights import verify_checksum
@@ -298,8 +298,12 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     )
 
 
-def _is_probability(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+def require_positive(clf: BinaryClassifier, positive: str, name: str, role: str) -> BinaryClassifier:
+    """`clf` when it scores `positive`; WeightsError naming the file and the `role` it cannot fill otherwise (e.g. an
+    atypical classifier where the verifier belongs)."""
+    if clf.positive != positive:
+        raise WeightsError(f"weights '{name}' classify '{clf.positive}', not '{positive}': not {role}")
+    return clf
 
 
 def check_checkpoint_fields(state: dict[str, Any], path: Path) -> None:
@@ -327,9 +331,9 @@ def check_checkpoint_fields(state: dict[str, Any], path: Path) -> None:
             raise bad(key, "three numbers (RGB)")
     if not all(v > 0 for v in state["std"]):
         raise bad("std", "three positive numbers")
-    if not _is_probability(state["threshold"]):
+    if not is_probability(state["threshold"]):
         raise bad("threshold", "a number in [0, 1]")
-    if state.get("tta_threshold") is not None and not _is_probability(state["tta_threshold"]):
+    if state.get("tta_threshold") is not None and not is_probability(state["tta_threshold"]):
         raise bad("tta_threshold", "null or a number in [0, 1]")
 
 

@@ -170,20 +170,28 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """The values a named option accepts (the modules that act on them take their lists from here)."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true/false are ints to Python
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_number(value) and math.isfinite(value)
 
 
 def _positive_number(value: Any) -> bool:
     return _finite_number(value) and value > 0
-
-
-def _non_negative_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _non_negative_number(value: Any) -> bool:
@@ -194,10 +202,14 @@ def _fraction(low_open: bool = False, high_open: bool = False, optional: bool = 
     def check(value: Any) -> bool:
         if value is None:
             return optional
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             return False
         return (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
     return check
+
+
+is_probability = _fraction()
+"""A number in [0, 1] (not a bool, not NaN): what every threshold and probability must be."""
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -241,14 +253,13 @@ field is checked against its type (`validate_types`); the tile size against the 
 
 FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (lambda value: isinstance(value, bool), "true or false"),
-    "int": (lambda value: isinstance(value, int) and not isinstance(value, bool), "an integer"),
-    "float": (lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "a number"),
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
     "str": (lambda value: isinstance(value, str), "a string"),
     "str | None": (lambda value: value is None or isinstance(value, str), "null or a string"),
-    "float | None": (lambda value: value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
-                     "null or a number"),
-    "list[int] | None": (lambda value: value is None or (isinstance(value, list) and bool(value) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)),
+    "float | None": (lambda value: value is None or _is_number(value), "null or a number"),
+    "list[int] | None": (lambda value: value is None or (
+        isinstance(value, list) and bool(value) and all(_non_negative_int(v) for v in value)),
         "null or a list of class numbers (integers >= 0)"),
     "str | list[str]": (lambda value: isinstance(value, str) or (
         isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
@@ -264,7 +275,7 @@ def _as_float(value: Any) -> Any:
             number = float(value)
         except ValueError:
             return value
-        if number == number and abs(number) != float("inf"):
+        if math.isfinite(number):
             return number
     return value
 
@@ -332,8 +343,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             overrides.setdefault(section, {})[key] = _coerce(value)
         except yaml.YAMLError as err:
-            first = first_line(err)
-            raise ConfigError(f"cannot read {name}={value!r}: {first}") from None
+            raise ConfigError(f"cannot read {name}={value!r}: {first_line(err)}") from None
     return overrides
 
 
@@ -378,8 +388,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        first = first_line(err)
-        raise ConfigError(f"cannot read config {path}: {first}") from None
+        raise ConfigError(f"cannot read config {path}: {first_line(err)}") from None
     if not isinstance(values, Mapping):
         raise ConfigError(f"config {path} must hold a mapping of sections, not {type(values).__name__}")
     return values

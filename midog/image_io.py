@@ -72,12 +72,24 @@ def _data_maximum(pixels: np.ndarray) -> float:
     return float(np.nanmax(kept, initial=0)) if kept.size else 0.0
 
 
-def _invert_min_is_white(pixels: np.ndarray, bits: int) -> np.ndarray:
-    """MinIsWhite grayscale (0 = white) as MinIsBlack; 1-bit pages decode as bool. Floats are left as they are."""
-    if pixels.dtype == np.bool_:
-        return ~pixels
-    if np.issubdtype(pixels.dtype, np.integer):
-        return ((1 << bits) - 1) - pixels
+def _page_values(page: tifffile.TiffPage, pixels: np.ndarray) -> np.ndarray:
+    """A decoded TIFF page as (H, W[, C]) values a crop is made of: samples last (planar configuration stores them
+    first), leading size-1 axes dropped (a depth-1 volume page), palette indices looked up, MinIsWhite grayscale
+    (0 = white; 1-bit pages decode as bool) turned MinIsBlack. Floats are left as they are."""
+    if page.axes.startswith("S") and pixels.ndim == 3:
+        pixels = np.moveaxis(pixels, 0, -1)
+    while pixels.ndim > 3 and pixels.shape[0] == 1:
+        pixels = pixels[0]
+    photometric = getattr(page.photometric, "name", "")
+    if photometric == "PALETTE" and page.colormap is not None:
+        colormap = np.asarray(page.colormap)
+        if colormap.dtype == np.uint16:
+            colormap = np.rint(colormap / 257.0).astype(np.uint8)
+        pixels = colormap[:, pixels].transpose(1, 2, 0)
+    elif photometric == "MINISWHITE" and pixels.dtype == np.bool_:
+        pixels = ~pixels
+    elif photometric == "MINISWHITE" and np.issubdtype(pixels.dtype, np.integer):
+        pixels = ((1 << int(page.bitspersample)) - 1) - pixels
     return pixels
 
 
@@ -168,8 +180,7 @@ class PageStack:
         self.close()
 
     def _unreadable(self, what: str, err: BaseException) -> InputError:
-        first = first_line(err)
-        return InputError(f"cannot read {what} of {self.path.name}: {first}")
+        return InputError(f"cannot read {what} of {self.path.name}: {first_line(err)}")
 
 
 def open_stack(path: str | os.PathLike[str]) -> PageStack:
@@ -320,18 +331,7 @@ class TiffStack(PageStack):
             pixels = page.asarray()
         except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
             raise self._unreadable(f"page {number + 1}", err) from None
-        if page.axes.startswith("S") and pixels.ndim == 3:  # planar configuration: samples first
-            pixels = np.moveaxis(pixels, 0, -1)
-        while pixels.ndim > 3 and pixels.shape[0] == 1:  # e.g. a depth-1 volume page
-            pixels = pixels[0]
-        if photometric == "PALETTE" and page.colormap is not None:
-            colormap = np.asarray(page.colormap)
-            if colormap.dtype == np.uint16:
-                colormap = np.rint(colormap / 257.0).astype(np.uint8)
-            pixels = colormap[:, pixels].transpose(1, 2, 0)
-        elif photometric == "MINISWHITE":
-            pixels = _invert_min_is_white(pixels, int(page.bitspersample))
-        return pixels
+        return _page_values(page, pixels)
 
     def close(self) -> None:
         self._tif.close()
@@ -698,19 +698,7 @@ class TiffRoi(RoiImage):
             pixels = self._page.asarray()
         except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error, MemoryError) as err:
             raise InputError(f"cannot read {self.path.name}: {first_line(err)}") from None
-        if self._page.axes.startswith("S") and pixels.ndim == 3:  # planar configuration: samples first
-            pixels = np.moveaxis(pixels, 0, -1)
-        while pixels.ndim > 3 and pixels.shape[0] == 1:
-            pixels = pixels[0]
-        photometric = getattr(self._page.photometric, "name", "")
-        if photometric == "PALETTE" and self._page.colormap is not None:
-            colormap = np.asarray(self._page.colormap)
-            if colormap.dtype == np.uint16:
-                colormap = np.rint(colormap / 257.0).astype(np.uint8)
-            pixels = colormap[:, pixels].transpose(1, 2, 0)
-        elif photometric == "MINISWHITE":
-            pixels = _invert_min_is_white(pixels, int(self._page.bitspersample))
-        return to_rgb_uint8(pixels)
+        return to_rgb_uint8(_page_values(self._page, pixels))
 
     def _read_inside(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._pixels is not None:

@@ -113,11 +113,10 @@ def to_image_coordinates(tiles: Sequence[TileDetections], tile: int, width: int,
         return Candidates.empty()
     merged = Candidates(np.concatenate(boxes).astype(np.float32), np.concatenate(scores).astype(np.float32),
                         np.concatenate(classes).astype(np.int64))
-    cx = (merged.boxes[:, 0] + merged.boxes[:, 2]) / 2
-    cy = (merged.boxes[:, 1] + merged.boxes[:, 3]) / 2
+    cx, cy = merged.centres.T
     inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
     if not inside.all():
-        merged = Candidates(merged.boxes[inside], merged.scores[inside], merged.classes[inside])
+        merged = merged.take(inside)
     np.clip(merged.boxes[:, 0::2], 0, width, out=merged.boxes[:, 0::2])  # padding beyond a small image's border
     np.clip(merged.boxes[:, 1::2], 0, height, out=merged.boxes[:, 1::2])
     return merged

@@ -91,8 +91,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     try:
         model, _ = load_checkpoint(str(path), device="cpu")
     except Exception as err:  # torch/pickle raise many types for truncated or foreign files
-        first = first_line(err)
-        raise WeightsError(f"cannot load detector weights {path}: {first}") from None
+        raise WeightsError(f"cannot load detector weights {path}: {first_line(err)}") from None
     if not hasattr(model, "fuse") or getattr(model, "task", "detect") != "detect":
         raise WeightsError(f"{path} is not an ultralytics detection checkpoint")
     model = model.fuse(verbose=False).eval().to(device)
@@ -172,8 +171,8 @@ def onnx_detector(model: torch.nn.Module, weights: str | os.PathLike[str], tile_
             try:
                 export_onnx(model, path, tile_size)
             except Exception as err:  # an operator without an ONNX mapping: the PyTorch model still works
-                first = first_line(err)
-                log.warning("ONNX export of %s failed (%s): the detector runs in PyTorch", weights.name, first)
+                log.warning("ONNX export of %s failed (%s): the detector runs in PyTorch", weights.name,
+                            first_line(err))
                 return None
     return OnnxDetector(path, tile_size, threads, batch_size)
 
@@ -211,10 +210,10 @@ class YoloProposer:
         if config.backend not in CHOICES["proposals.backend"]:
             raise ValueError(f"unknown proposals.backend '{config.backend}'; expected auto, torch or onnxruntime")
         model = load_detector(path, device)
-        if tile_size % model_stride(model):
+        stride = model_stride(model)
+        if tile_size % stride:
             raise ConfigError(f"config tiling.tile_size is {tile_size}; the detector {Path(path).name} needs a "
-                              f"multiple of its stride {model_stride(model)} (e.g. "
-                              f"{max(1, round(tile_size / model_stride(model))) * model_stride(model)})")
+                              f"multiple of its stride {stride} (e.g. {max(1, round(tile_size / stride)) * stride})")
         onnx = None
         if device.type == "cpu" and config.backend != "torch":
             onnx = onnx_detector(model, path, tile_size, threads, config.onnx_batch_size)

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midog.classifier import BinaryClassifier, load_classifier
+from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
-from midog.errors import WeightsError
 from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 
@@ -71,10 +70,8 @@ class Verifier:
     def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
                      fallback_box_px: int = 50, foundation: FoundationConfig | None = None) -> "Verifier":
         """`foundation`: where a foundation-model verifier's base weights are (see midog.foundation)."""
-        classifier = load_classifier(path, device, foundation=foundation)
-        if classifier.positive != MITOTIC_FIGURE:
-            raise WeightsError(f"weights '{Path(path).name}' classify '{classifier.positive}', not "
-                               f"'{MITOTIC_FIGURE}': not a verifier")
+        classifier = require_positive(load_classifier(path, device, foundation=foundation), MITOTIC_FIGURE,
+                                      Path(path).name, "a verifier")
         return cls(classifier, config, fallback_box_px)
 
     @property

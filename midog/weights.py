@@ -35,7 +35,8 @@ STAGE_SECTIONS = ("proposals", "verifier", "atypical")
 """Config sections with a checkpoint of their own (`<section>.weights`)."""
 
 
-def _names(value: str | Sequence[str]) -> list[str]:
+def checkpoint_names(value: str | Sequence[str]) -> list[str]:
+    """A stage's `weights` (one file name, or a list for an ensemble) as a list."""
     return [value] if isinstance(value, str) else list(value)
 
 
@@ -53,10 +54,11 @@ def claimed_checkpoints(chosen: Mapping[str, str | Sequence[str]], defaults: Map
     claimed: set[str] = set()
     for folder in weights_dirs():
         for section, part in _pipeline_file(folder).items():
-            if section not in chosen or section in claimed or _names(chosen[section]) != _names(defaults[section]):
+            if section not in chosen or section in claimed or \
+                    checkpoint_names(chosen[section]) != checkpoint_names(defaults[section]):
                 continue
             names = part.get("weights") if isinstance(part, Mapping) else None
-            if names and all((folder / name).is_file() for name in _names(names)):
+            if names and all((folder / name).is_file() for name in checkpoint_names(names)):
                 result[section] = names
                 claimed.add(section)
     return result
@@ -77,7 +79,7 @@ def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]],
     defaults = defaults or checkpoints
     values: dict[str, Any] = {}
     for section, names in checkpoints.items():
-        first = (_names(names) or [""])[0]
+        first = (checkpoint_names(names) or [""])[0]
         try:
             folder = find_weights(first).parent if first else None
         except WeightsError:
@@ -88,7 +90,7 @@ def weights_pipeline_values(checkpoints: Mapping[str, str | Sequence[str]],
         part = pipeline.get(section)
         if part is not None:
             tuned_for = part.get("weights", defaults.get(section)) if isinstance(part, Mapping) else None
-            if tuned_for is not None and _names(tuned_for) == _names(names):
+            if tuned_for is not None and checkpoint_names(tuned_for) == checkpoint_names(names):
                 values[section] = part
         if section == "proposals":
             values.update({key: value for key, value in pipeline.items() if key not in checkpoints})

@@ -147,7 +147,11 @@ def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
     return counts
 
 
-def split_slides(slides: pd.DataFrame, ratios: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0) -> pd.Series:
+SPLIT_RATIOS = (0.7, 0.1, 0.2)
+"""Default train/val/test slide split; the YOLO dataset and the verifier crops must use the same (and the same seed)."""
+
+
+def split_slides(slides: pd.DataFrame, ratios: Sequence[float] = SPLIT_RATIOS, seed: int = 0) -> pd.Series:
     """Split name (train/val/test) of every slide, indexed like `slides`: 7:1:2 within each tumour type.
 
     Deterministic: tumour types in sorted order, each one's slides (sorted by id) permuted by one seeded
@@ -267,7 +271,7 @@ def iter_tiles(image: RoiImage, plans: list[TilePlan]) -> Iterator[tuple[TilePla
 @dataclass
 class ConvertConfig:
     tiles: TileConfig = field(default_factory=TileConfig)
-    ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    ratios: tuple[float, float, float] = SPLIT_RATIOS
     seed: int = 0
     image_format: str = "png"
     """png (lossless, large) or jpg (quality 95)."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from midog.config import TilingConfig
 from midog.errors import MidogError
-from training.midogpp import ConvertConfig, TileConfig, annotation_counts, convert, load_midogpp, split_slides
+from training.midogpp import (SPLIT_RATIOS, ConvertConfig, TileConfig, annotation_counts, convert, load_midogpp,
+                              split_slides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, choices=(1, 2), default=2,
                         help="2: mitotic figure + hard negative; 1: mitotic figure only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the slide split and of empty-tile sampling")
-    parser.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--ratios", type=float, nargs=3, default=SPLIT_RATIOS, metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--tile-size", type=int, default=tiling.tile_size)
     parser.add_argument("--overlap", type=float, default=tiling.overlap)
     parser.add_argument("--min-visible", type=float, default=TileConfig.min_visible,

@@ -30,6 +30,7 @@ import yaml
 from midog.classifier import preprocess_card
 from midog.weights import sha256_of, write_model_card
 from training.runtime import git_commit
+from training.train_classifier import SHIP_EPOCH_CHECKPOINTS
 
 
 def member_card(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -54,17 +55,13 @@ def member_card(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return card
 
 
-FOLD_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
-"""`ship_epoch` → the fold checkpoint it ships (as training.train_classifier.SHIP_EPOCH_CHECKPOINTS)."""
-
-
 def fold_checkpoint(run_dir: Path, choice: str = "auto") -> str:
     """`best.pt` or `final.pt`; `auto` follows the `ship_epoch` the run recorded (best.pt when it recorded none)."""
     if choice != "auto":
-        return FOLD_CHECKPOINTS[choice]
+        return SHIP_EPOCH_CHECKPOINTS[choice]
     summary_path = run_dir / "cv_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return FOLD_CHECKPOINTS[summary.get("ship_epoch", "best")]
+    return SHIP_EPOCH_CHECKPOINTS[summary.get("ship_epoch", "best")]
 
 
 def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None = None, half: bool = False,
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", type=Path, default=Path("weights"))
     parser.add_argument("--folds", type=int, help="only the first N folds")
     parser.add_argument("--half", action="store_true", help="store tensors as fp16")
-    parser.add_argument("--checkpoint", choices=("auto", *FOLD_CHECKPOINTS), default="auto",
+    parser.add_argument("--checkpoint", choices=("auto", *SHIP_EPOCH_CHECKPOINTS), default="auto",
                         help="best (best.pt) or last (final.pt) epoch of each fold; auto: the run's ship_epoch")
     args = parser.parse_args(argv)
     config = ship_ensemble(args.run, args.to, args.name, args.folds, args.half, args.checkpoint)

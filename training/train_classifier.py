@@ -117,15 +117,16 @@ SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
 def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     values = yaml.safe_load(Path(path).read_text()) if path else {}
     values = {**(values or {}), **(overrides or {})}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+    _refuse_unknown_keys(values, TrainConfig, "training config keys")
     augment_values = values.pop("augment", None) or {}
-    unknown = set(augment_values) - {f.name for f in dataclasses.fields(AugmentConfig)}
-    if unknown:
-        raise ValueError(f"unknown augment keys: {sorted(unknown)}")
+    _refuse_unknown_keys(augment_values, AugmentConfig, "augment keys")
     return TrainConfig(**values, augment=AugmentConfig(**augment_values))
+
+
+def _refuse_unknown_keys(values: dict[str, Any], cls: type, what: str) -> None:
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -168,8 +169,9 @@ def make_train_loader(cfg: TrainConfig, dataset: CropDataset, ctx: Dist, seed: i
     generator = torch.Generator().manual_seed(seed)
     sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed) \
         if ctx.world_size > 1 else None
+    per_rank = math.ceil(len(dataset) / ctx.world_size)  # DistributedSampler pads every rank to this
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=math.ceil(len(dataset) / ctx.world_size) > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
+                      drop_last=per_rank > cfg.batch_size, num_workers=cfg.num_workers, generator=generator,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
 

@@ -47,10 +47,7 @@ from midog.merging import merge_tiles
 from midog.proposals import YoloProposer
 from midog.tiling import tile_origins
 from midog.verifier import crop_boxes, resize_crop
-from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, MidogppIndex, load_midogpp, split_slides
-
-SPLIT_RATIOS = (0.7, 0.1, 0.2)
-"""prepare_midogpp's default slide split; pass the same --seed and --ratios as the YOLO dataset."""
+from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, SPLIT_RATIOS, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
 
 HARD_NEGATIVE_FOLDER = "hard_negative"
