@@ -38,6 +38,7 @@ import torch.distributed as dist
 import yaml
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
@@ -95,6 +96,16 @@ class TrainConfig:
     epochs (final.pt), and so the folds run the whole schedule too (no early stopping). The best epoch and its
     threshold are both picked on the validation fold, which makes them noisy and flattering; the last epoch is
     picked by nothing."""
+    ema_epochs: list[float] = field(default_factory=list)
+    """Exponential moving averages of the weights (timm's ModelEmaV3) kept beside training, one per horizon in
+    epochs: decay = 1 - 1 / (horizon x steps per epoch), so a CV fold and the full-data model average over the
+    same share of their schedules. They never touch the training path (the raw weights train exactly as without
+    them); each is scored on the validation fold every epoch (`ema{h}_*` columns) and saved at the end of the
+    schedule as `final_ema{h}.pt` in a fold and `ema{h}.pt` in the full-data run."""
+    ship_ema: float | None = None
+    """Ship the moving average with this horizon (one of `ema_epochs`) instead of the last epoch's raw weights:
+    the folds' `final_ema{h}.pt` give the thresholds and are what `--evaluate-tta` and `--ship-folds` use. Needs
+    `ship_epoch: last`."""
     num_threads: int = 1
     """CPU threads for torch (0 = torch default); ignored on GPU."""
     num_workers: int = 0
@@ -108,6 +119,13 @@ class TrainConfig:
             raise ValueError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
         if self.split not in FOLD_SPLITS:
             raise ValueError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
+        if any(not h > 0 for h in self.ema_epochs):
+            raise ValueError(f"ema_epochs must be positive horizons in epochs, got {self.ema_epochs!r}")
+        if self.ship_ema is not None:
+            if self.ship_ema not in self.ema_epochs:
+                raise ValueError(f"ship_ema {self.ship_ema!r} is not one of ema_epochs {self.ema_epochs!r}")
+            if self.ship_epoch != "last":
+                raise ValueError("ship_ema needs ship_epoch: last (a moving average has no early-stopping epoch)")
 
 
 SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
@@ -239,13 +257,23 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> d
     }
 
 
+def make_emas(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> dict[float, ModelEmaV3]:
+    """One moving average of `model` per horizon of `cfg.ema_epochs` (see there)."""
+    return {h: ModelEmaV3(model, decay=1.0 - 1.0 / max(h * steps_per_epoch, 1.0)) for h in cfg.ema_epochs}
+
+
+def ema_name(horizon: float) -> str:
+    return f"ema{horizon:g}"
+
+
 # ---------------------------------------------------------------------------------------------------- loops
 
 def train_epoch(clf: BinaryClassifier, model: torch.nn.Module, loader: DataLoader,
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ctx: Dist,
-                desc: str = "train") -> float:
-    """One pass over `loader`; `model` is `clf.model` or its DDP wrapper. Returns the mean training loss."""
+                desc: str = "train", emas: dict[float, ModelEmaV3] | None = None) -> float:
+    """One pass over `loader`; `model` is `clf.model` or its DDP wrapper; each of `emas` follows `clf.model` after
+    every step. Returns the mean training loss."""
     model.train()
     total, count = 0.0, 0
     use_amp = ctx.device.type == "cuda"
@@ -260,6 +288,8 @@ def train_epoch(clf: BinaryClassifier, model: torch.nn.Module, loader: DataLoade
         loss.backward()
         optimizer.step()
         scheduler.step()
+        for ema in (emas or {}).values():
+            ema.update(clf.model)
         total += float(loss.detach()) * len(labels)
         count += len(labels)
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
@@ -319,6 +349,7 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
     epochs = fixed_epochs if fixed_epochs is not None else cfg.epochs
     optimizer, scheduler = make_optimizer(dataclasses.replace(cfg, epochs=epochs), clf.model, len(loader))
     loss_fn = make_loss(cfg, labels[train_idx], ctx.device)
+    emas = make_emas(cfg, clf.model, len(loader))
 
     last_path, best_path, csv_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.csv"
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_threshold": 0.5, "best_metrics": {},
@@ -332,6 +363,11 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
         np.random.set_state(saved["numpy_rng"])
         random.setstate(saved["python_rng"])
         loader.generator.set_state(saved["loader_rng"])
+        for horizon, ema in emas.items():
+            if horizon not in saved.get("emas", {}):
+                raise ValueError(f"{last_path} has no moving average over {horizon:g} epochs: it was trained with "
+                                 f"ema_epochs {sorted(saved.get('emas', {}))}, not {cfg.ema_epochs}")
+            ema.module.load_state_dict(saved["emas"][horizon], strict=True)
         state = saved["state"]
         if ctx.main:
             print(f"[{name}] resumed after epoch {state['epoch']}", flush=True)
@@ -344,7 +380,8 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        loss = train_epoch(clf, model, loader, optimizer, scheduler, loss_fn, ctx, desc=f"{name} ep{epoch}")
+        loss = train_epoch(clf, model, loader, optimizer, scheduler, loss_fn, ctx, desc=f"{name} ep{epoch}",
+                           emas=emas)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
         improved = val_idx is None
         if val_idx is not None:
@@ -355,6 +392,14 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
             metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(val_set.labels.numpy(), probs, 0.5)
             row.update({"threshold": round(threshold, 4), **{k: round(v, 4) for k, v in metrics.items()}})
             state.update(last_threshold=threshold, last_metrics=metrics)
+            for horizon, ema in emas.items():
+                ema_probs = rank0_array(predict(averaged(clf, ema), val_set, cfg.eval_batch_size), ctx)
+                ema_threshold, _ = best_threshold(val_set.labels.numpy(), ema_probs)
+                ema_metrics = binary_metrics(val_set.labels.numpy(), ema_probs, ema_threshold)
+                state.setdefault("ema_last", {})[horizon] = {"threshold": ema_threshold, "metrics": ema_metrics}
+                row.update({f"{ema_name(horizon)}_threshold": round(ema_threshold, 4),
+                            **{f"{ema_name(horizon)}_{k}": round(v, 4) for k, v in ema_metrics.items()
+                               if k in ("balanced_accuracy", "roc_auc")}})
             improved = score > state["best_score"]
             if improved:
                 state.update(best_score=score, best_epoch=epoch, best_threshold=threshold, best_metrics=metrics,
@@ -372,13 +417,22 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
                 clf.threshold = state["best_threshold"]
                 clf.save(best_path, meta={**(meta or {}), "epoch": epoch, "val": state["best_metrics"]})
             write_csv(csv_path, state["history"])
-            _save_resume(last_path, clf, optimizer, scheduler, loader, state)
+            _save_resume(last_path, clf, optimizer, scheduler, loader, state, emas)
     last_threshold = _last_epoch_threshold(state)
     if val_idx is not None and ctx.main:
         # the end of the schedule with its own validation threshold, for `ship_epoch: last`
         clf.threshold = last_threshold
         clf.save(out_dir / "final.pt", meta={**(meta or {}), "epoch": state["epoch"],
                                               "val": state.get("last_metrics") or state["history"][-1]})
+    if ctx.main:
+        for horizon, ema in emas.items():  # the moving averages at the end of the schedule
+            scored = state.get("ema_last", {}).get(horizon, {"threshold": 0.5, "metrics": {}})
+            ema_clf = averaged(clf, ema)
+            ema_clf.threshold = scored["threshold"]
+            ema_clf.save(out_dir / (f"final_{ema_name(horizon)}.pt" if val_idx is not None
+                                    else f"{ema_name(horizon)}.pt"),
+                         meta={**(meta or {}), "epoch": state["epoch"], "ema_epochs": horizon,
+                               "ema_decay": ema.decay, "val": scored["metrics"]})
     if ctx.world_size > 1:
         dist.barrier()
     return FoldResult(fold=-1, best_epoch=state["best_epoch"], threshold=state["best_threshold"],
@@ -393,9 +447,16 @@ def _last_epoch_threshold(state: dict[str, Any]) -> float:
     return float(rows[-1]["threshold"]) if rows else 0.5
 
 
+def averaged(clf: BinaryClassifier, ema: ModelEmaV3) -> BinaryClassifier:
+    """`clf` (its preprocessing, threshold, metadata) with the moving-average weights of `ema`."""
+    return dataclasses.replace(clf, model=ema.module, meta=dict(clf.meta))
+
+
 def _save_resume(path: Path, clf: BinaryClassifier, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader, state: dict[str, Any]) -> None:
-    save_atomic({"model": clf.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader, state: dict[str, Any],
+                 emas: dict[float, ModelEmaV3]) -> None:
+    save_atomic({"model": clf.model.state_dict(), "emas": {h: ema.module.state_dict() for h, ema in emas.items()},
+                 "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
                  "loader_rng": loader.generator.get_state(), "state": state}, path)
@@ -523,8 +584,21 @@ def ship(cfg: TrainConfig, checkpoint: Path, target: Path, summary: dict[str, An
 
 
 def fold_checkpoint_name(cfg: TrainConfig) -> str:
-    """The fold checkpoint that `ship_epoch` follows: best.pt (early stopping's best epoch) or final.pt (last)."""
+    """The fold checkpoint that `ship_epoch` follows: best.pt (early stopping's best epoch) or final.pt (last), or
+    with `ship_ema` the last epoch's moving average final_ema{h}.pt."""
+    if cfg.ship_ema is not None:
+        return f"final_{ema_name(cfg.ship_ema)}.pt"
     return SHIP_EPOCH_CHECKPOINTS[cfg.ship_epoch]
+
+
+def full_checkpoint_name(cfg: TrainConfig) -> str:
+    """The full-data run's checkpoint that ships: its last epoch (best.pt) or, with `ship_ema`, ema{h}.pt."""
+    return "best.pt" if cfg.ship_ema is None else f"{ema_name(cfg.ship_ema)}.pt"
+
+
+def tta_report_name(cfg: TrainConfig) -> str:
+    """Where `--evaluate-tta` writes its report: one per fold checkpoint it scores."""
+    return "tta_report.json" if cfg.ship_ema is None else f"tta_report_{ema_name(cfg.ship_ema)}.json"
 
 
 def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
@@ -605,6 +679,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evaluate-tta", action="store_true",
                         help="after CV, score the fold models on their validation folds with and without TTA")
     parser.add_argument("--half", action="store_true", help="store shipped tensors as fp16")
+    parser.add_argument("--ship-ema", metavar="H",
+                        help="score/ship the moving average with horizon H epochs (one of ema_epochs), or 'none' for "
+                             "the raw weights (overrides the config's ship_ema)")
     return parser.parse_args(argv)
 
 
@@ -617,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["out"] = args.out
     if args.epochs:
         overrides["epochs"] = args.epochs
+    if args.ship_ema is not None:
+        overrides["ship_ema"] = None if args.ship_ema.lower() == "none" else _horizon(args.ship_ema)
     try:
         cfg = load_train_config(args.config, overrides)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # one line, as the pipeline's config errors
@@ -636,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     if not skip_cv:
         cross_validate(cfg, out_dir, ctx, only_fold=args.fold, resume=args.resume)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    tta_path = out_dir / "tta_report.json"
+    tta_path = out_dir / tta_report_name(cfg)
     tta_report = json.loads(tta_path.read_text()) if tta_path.is_file() and not args.evaluate_tta else None
     if args.evaluate_tta and ctx.main and summary is not None:
         tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
@@ -659,8 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"cross-validation is done, rerun with --full --full-epochs {epochs} --resume to set the folds' "
                   "thresholds without training again", file=sys.stderr, flush=True)
         if ctx.main and summary is not None:
-            # no validation data: the thresholds are the medians of the folds' (best.pt or final.pt)
-            path = Path(result.checkpoint)
+            # no validation data: the thresholds are the medians of the folds' (best.pt, final.pt or final_ema*.pt)
+            path = out_dir / "full" / full_checkpoint_name(cfg)
             state = torch.load(path, map_location="cpu", weights_only=True)
             folds = [torch.load(out_dir / f"fold{k}" / fold_checkpoint_name(cfg), map_location="cpu",
                                 weights_only=True) for k in range(cfg.folds)]
@@ -675,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                                extra, half=args.half):
             print(f"shipped {path}", flush=True)
     elif args.ship and ctx.main:
-        source = (out_dir / "full" / "best.pt" if args.full
+        source = (out_dir / "full" / full_checkpoint_name(cfg) if args.full
                   else out_dir / f"fold{args.fold or 0}" / fold_checkpoint_name(cfg))
         extra = {"validation_tta": tta_report} if tta_report else {}
         if args.full:
@@ -683,13 +762,22 @@ def main(argv: list[str] | None = None) -> int:
             crops = (summary or {}).get("data", {}).get("crops", "the")
             extra["shipped_model"] = (f"one model trained on all {crops} crops for {state['meta'].get('epochs')} "
                                       "epochs (no validation split left); threshold (and tta_threshold, if any) = "
-                                      f"median of the folds' validation thresholds at their {cfg.ship_epoch} epoch (on "
+                                      f"median of the folds' validation thresholds at their {cfg.ship_epoch} epoch"
+                                      + (f", both for the moving average of the weights over {cfg.ship_ema:g} epochs"
+                                         if cfg.ship_ema is not None else "") + " (on "
                                       "TTA-averaged probabilities); the cross-validation numbers estimate its "
                                       "accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
     if ctx.world_size > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _horizon(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"--ship-ema {text!r}: expected a horizon in epochs (one of ema_epochs) or 'none'") from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 import training.train_classifier as tc
 from midog.classifier import load_classifier
@@ -133,7 +134,14 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     assert b["state"]["epoch"] == 2 and len(b["state"]["history"]) == 2
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, msg=key)
+    assert set(a["emas"]) == set(cfg.ema_epochs) != set()           # the moving averages resume too
+    for horizon, averaged in a["emas"].items():
+        for key, value in averaged.items():
+            torch.testing.assert_close(b["emas"][horizon][key], value, msg=f"ema{horizon} {key}")
     assert resumed.threshold == pytest.approx(straight.threshold)
+    with pytest.raises(ValueError, match="no moving average over 7 epochs"):
+        train_fold(_config(root, tmp_path, epochs=3, ema_epochs=[7]), crops, labels, train_idx, val_idx,
+                   tmp_path / "b", Dist(), resume=True)
 
 
 @pytest.mark.parametrize("text, message", [("lr: 0.1\nwings: 2\n", "unknown training config keys: \\['wings'\\]"),
@@ -349,3 +357,84 @@ def test_under_ddp_a_ranks_share_smaller_than_a_batch_still_trains():
         assert len(loader) == 1 and sum(len(batch[0]) for batch in loader) == 24
     single = tc.make_train_loader(TrainConfig(batch_size=16), train_set, Dist(), seed=0)
     assert len(single) == 3  # one process, 48 crops: the last batch is dropped only when a smaller one remains
+
+
+def test_moving_averages_of_the_weights_leave_training_unchanged_and_are_scored_and_saved(tmp_path, monkeypatch):
+    root = _write_amibr(tmp_path / "amibr")
+    torch.set_num_threads(1)
+    index, crops, labels = tc.prepare_data(_config(root, tmp_path))
+    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)           # 32 crops, batch 8: 4 steps per epoch
+    updates = []
+    real_update = tc.ModelEmaV3.update
+
+    def counted_update(self, model):
+        updates.append(self.decay)
+        real_update(self, model)
+
+    monkeypatch.setattr(tc.ModelEmaV3, "update", counted_update)
+    train_fold(_config(root, tmp_path, epochs=2, ema_epochs=[]), crops, labels, train_idx, val_idx,
+               tmp_path / "raw", Dist())
+    assert updates == []
+    train_fold(_config(root, tmp_path, epochs=2, ema_epochs=[1, 3]), crops, labels, train_idx, val_idx,
+               tmp_path / "ema", Dist())
+    # decay = 1 - 1 / (horizon x steps per epoch), every optimiser step
+    assert sorted(set(updates)) == pytest.approx([1 - 1 / 4, 1 - 1 / 12]) and len(updates) == 2 * 2 * 4
+
+    raw = torch.load(tmp_path / "raw" / "final.pt", weights_only=True)["state_dict"]
+    beside = torch.load(tmp_path / "ema" / "final.pt", weights_only=True)["state_dict"]
+    for key, value in raw.items():                                     # the raw weights trained exactly the same
+        torch.testing.assert_close(beside[key], value, rtol=0, atol=0, msg=key)
+
+    history = pd.read_csv(tmp_path / "ema" / "metrics.csv")
+    val_crops = crops[val_idx]
+    for horizon in (1, 3):
+        ema = load_classifier(tmp_path / "ema" / f"final_ema{horizon}.pt")      # strict load
+        assert ema.meta["ema_epochs"] == horizon and ema.meta["epoch"] == 2
+        assert ema.threshold == pytest.approx(history[f"ema{horizon}_threshold"].iloc[-1], abs=1e-4)
+        assert not all(torch.equal(ema.model.state_dict()[k], v) for k, v in raw.items() if v.is_floating_point())
+        # the saved average is the one scored in the last row
+        auc = roc_auc_score(labels[val_idx], ema.predict_proba(val_crops))
+        assert auc == pytest.approx(history[f"ema{horizon}_roc_auc"].iloc[-1], abs=1e-4)
+
+
+@pytest.mark.parametrize("values, message", [({"ema_epochs": [0]}, "positive horizons"),
+                                             ({"ema_epochs": [2], "ship_ema": 3}, "not one of ema_epochs"),
+                                             ({"ema_epochs": [2], "ship_ema": 2, "ship_epoch": "best"},
+                                              "needs ship_epoch: last")])
+def test_moving_average_settings_are_checked(tmp_path, values, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, tmp_path, **values)
+
+
+def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own_checkpoints(tmp_path):
+    root = _write_amibr(tmp_path / "amibr")
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 2\nmin_epochs: 1\n"
+                      f"batch_size: 8\nfolds: 2\nship_epoch: last\nema_epochs: [1]\nout: {run}\n")
+    assert main(["--config", str(config)]) == 0
+    assert main(["--config", str(config), "--evaluate-tta"]) == 0 and (run / "tta_report.json").is_file()
+    assert main(["--config", str(config), "--evaluate-tta", "--ship-ema", "1"]) == 0
+    report = json.loads((run / "tta_report_ema1.json").read_text())
+    assert report["tta"]["checkpoint"] == "final_ema1.pt"
+    folds = [load_classifier(run / f"fold{k}" / "final_ema1.pt") for k in range(2)]
+    assert [f.tta_threshold for f in folds] == pytest.approx(report["tta"]["tta_threshold"]["folds"], abs=1e-4)
+
+    target = tmp_path / "w" / "atypical.pt"
+    assert main(["--config", str(config), "--full", "--ship-ema", "1", "--ship", str(target)]) == 0
+    shipped = load_classifier(target)
+    averaged = torch.load(run / "full" / "ema1.pt", weights_only=True)["state_dict"]
+    last = torch.load(run / "full" / "best.pt", weights_only=True)["state_dict"]
+    for key, value in averaged.items():
+        torch.testing.assert_close(shipped.model.state_dict()[key], value, msg=key)
+    assert any(not torch.equal(averaged[k], v) for k, v in last.items() if v.is_floating_point())
+    assert shipped.threshold == pytest.approx(float(np.median([f.threshold for f in folds])))
+    assert shipped.tta_threshold == pytest.approx(float(np.median([f.tta_threshold for f in folds])))
+    card = read_model_card(target)
+    assert card["training_config"]["ship_ema"] == 1 and card["validation_tta"] == report
+    assert "moving average of the weights over 1 epochs" in card["shipped_model"]
+
+    with pytest.raises(SystemExit, match="^--ship-ema 'soon': expected a horizon"):
+        main(["--config", str(config), "--ship-ema", "soon"])
+    with pytest.raises(SystemExit, match="not one of ema_epochs"):
+        main(["--config", str(config), "--ship-ema", "4"])
