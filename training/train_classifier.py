@@ -526,6 +526,13 @@ def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
         summary["last_epoch"] = {key: mean_std([float(row[key]) for row in last_rows]) for key in
                                  ("epoch", "balanced_accuracy", "roc_auc", "balanced_accuracy_at_0.5")
                                  if all(key in row for row in last_rows)}
+        averages = sorted({key.split("_")[0] for key in last_rows[0] if key.startswith("ema")})
+        if averages:  # the moving averages' last epoch, each at its own validation threshold
+            summary["last_epoch_ema"] = {
+                name: {metric: mean_std([float(row[f"{name}_{metric}"]) for row in last_rows])
+                       for metric in ("balanced_accuracy", "roc_auc")
+                       if all(f"{name}_{metric}" in row for row in last_rows)}
+                for name in averages}
     return summary
 
 
@@ -565,7 +572,10 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
     if summary:
         card["training_data"] = summary.get("data")
         card["cross_validation"] = summary["cv"]  # each fold's best epoch at its own threshold (flattering)
-        if "last_epoch" in summary:  # each fold's last epoch, which `ship_epoch: last` follows
+        if cfg.ship_ema is not None and ema_name(cfg.ship_ema) in summary.get("last_epoch_ema", {}):
+            # the moving average that ships, at each fold's last epoch
+            card["cross_validation_last_epoch"] = summary["last_epoch_ema"][ema_name(cfg.ship_ema)]
+        elif "last_epoch" in summary:  # each fold's last epoch, which `ship_epoch: last` follows
             card["cross_validation_last_epoch"] = summary["last_epoch"]
     card.update(extra)
     return card

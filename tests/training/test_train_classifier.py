@@ -433,6 +433,11 @@ def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own
     card = read_model_card(target)
     assert card["training_config"]["ship_ema"] == 1 and card["validation_tta"] == report
     assert "moving average of the weights over 1 epochs" in card["shipped_model"]
+    summary = json.loads((run / "cv_summary.json").read_text())
+    last_rows = [pd.read_csv(run / f"fold{k}" / "metrics.csv").iloc[-1] for k in range(2)]
+    assert summary["last_epoch_ema"]["ema1"]["roc_auc"]["folds"] == pytest.approx(
+        [row["ema1_roc_auc"] for row in last_rows], abs=1e-4)
+    assert card["cross_validation_last_epoch"] == summary["last_epoch_ema"]["ema1"]   # the average's, not the raw
 
     with pytest.raises(SystemExit, match="^--ship-ema 'soon': expected a horizon"):
         main(["--config", str(config), "--ship-ema", "soon"])
