@@ -611,40 +611,86 @@ def tta_report_name(cfg: TrainConfig) -> str:
     return "tta_report.json" if cfg.ship_ema is None else f"tta_report_{ema_name(cfg.ship_ema)}.json"
 
 
-def out_of_fold(cfg: TrainConfig, out_dir: Path, tta: bool) -> dict[str, Any]:
-    """Each fold's best.pt (final.pt with `ship_epoch: last`) on its own validation fold (with or without 8-fold
-    dihedral TTA), at its stored threshold: per-fold metrics (mean ± std) and pooled out-of-fold ROC AUC.
+def fold_report_path(cfg: TrainConfig, out_dir: Path, k: int) -> Path:
+    """Fold k's own scores (`--evaluate-tta [--fold k]`), small enough to keep when its checkpoints are gone."""
+    return out_dir / f"fold{k}" / tta_report_name(cfg)
 
-    With `tta`, also the threshold that maximises balanced accuracy on the TTA-averaged probabilities of the same
-    validation fold (averaging pulls probabilities inward, so the plain threshold is off for them); it is stored
-    in the fold's checkpoint as `tta_threshold`, which inference with TTA uses and shipping copies.
-    """
+
+def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.ndarray, labels: np.ndarray,
+               val: np.ndarray) -> dict[str, Any]:
+    """Fold k's checkpoint on its own validation fold, with and without 8-fold dihedral TTA: metrics at its stored
+    threshold, the probabilities (by crop file name, so the combination can be redone without the checkpoint), and
+    for TTA the threshold that maximises balanced accuracy on the TTA-averaged probabilities (averaging pulls them
+    inward, so the plain threshold is off for them). That threshold is stored in the checkpoint as `tta_threshold`,
+    which inference with TTA uses and shipping copies; the report goes to `fold_report_path`."""
+    path = out_dir / f"fold{k}" / fold_checkpoint_name(cfg)
+    clf = load_classifier(path)
+    report: dict[str, Any] = {"fold": k, "checkpoint": path.name, "threshold": clf.threshold,
+                              "files": [Path(p).name for p in index["path"].iloc[val]]}
+    for key, tta in (("no_tta", False), ("tta", True)):
+        probs = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
+        report[key] = {**binary_metrics(labels[val], probs, clf.threshold),
+                       "probs": [round(float(p), 6) for p in probs]}
+    tuned, accuracy = best_threshold(labels[val], np.asarray(report["tta"]["probs"]))
+    report["tta"].update(tta_threshold=tuned, balanced_accuracy_at_tta_threshold=accuracy)
+    report["tta_threshold"] = tuned
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["tta_threshold"] = tuned
+    save_atomic(state, path)
+    fold_report_path(cfg, out_dir, k).write_text(json.dumps(report))
+    return report
+
+
+def fold_scores(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.ndarray, labels: np.ndarray,
+                val: np.ndarray) -> dict[str, Any]:
+    """Fold k scored from its checkpoint or, where the checkpoint is gone (a fold trained on another machine or in
+    an earlier session, of which only its small files were kept), from the report an earlier scoring left."""
+    if (out_dir / f"fold{k}" / fold_checkpoint_name(cfg)).is_file():
+        return score_fold(cfg, out_dir, k, index, crops, labels, val)
+    report_path = fold_report_path(cfg, out_dir, k)
+    if not report_path.is_file():
+        raise SystemExit(f"error: fold {k}: neither {fold_checkpoint_name(cfg)} nor {report_path.name} in "
+                         f"{report_path.parent}")
+    report = json.loads(report_path.read_text())
+    if report["files"] != [Path(p).name for p in index["path"].iloc[val]]:
+        raise SystemExit(f"error: {report_path} scored other crops than fold {k} of this config's split")
+    return report
+
+
+def fold_thresholds(cfg: TrainConfig, out_dir: Path, k: int) -> dict[str, float]:
+    """Fold k's `threshold` and, once scored with TTA, `tta_threshold`: from its checkpoint or, where that is gone,
+    from its scoring report (`fold_scores`)."""
+    path = out_dir / f"fold{k}" / fold_checkpoint_name(cfg)
+    report_path = fold_report_path(cfg, out_dir, k)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    elif report_path.is_file():
+        state = json.loads(report_path.read_text())
+    else:
+        raise SystemExit(f"error: fold {k}: neither {path.name} nor {report_path.name} in {path.parent}")
+    return {key: float(state[key]) for key in ("threshold", "tta_threshold") if state.get(key) is not None}
+
+
+def out_of_fold(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Each fold's best.pt (final.pt with `ship_epoch: last`, final_ema{h}.pt with `ship_ema`) on its own
+    validation fold, with (`tta`) and without (`no_tta`) TTA: per-fold metrics (mean ± std), balanced accuracy at
+    the other folds' thresholds (the honest estimate) and pooled out-of-fold ROC AUC."""
     index, crops, labels = prepare_data(cfg)
     fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
-    per_fold, oof, own_thresholds, vals = [], np.zeros(len(labels)), [], []
-    name = fold_checkpoint_name(cfg)
-    for k in range(cfg.folds):
-        path = out_dir / f"fold{k}" / name
-        clf = load_classifier(path)
-        val = np.flatnonzero(fold_of == k)
-        vals.append(val)
-        oof[val] = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
-        per_fold.append(binary_metrics(labels[val], oof[val], clf.threshold))
-        own_thresholds.append(clf.threshold)
-        if tta:
-            tuned, accuracy = best_threshold(labels[val], oof[val])
-            per_fold[-1].update(tta_threshold=tuned, balanced_accuracy_at_tta_threshold=accuracy)
-            own_thresholds[-1] = tuned
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state["tta_threshold"] = tuned
-            save_atomic(state, path)
-    for k, (val, transferred) in enumerate(zip(vals, other_folds_thresholds(own_thresholds))):
-        per_fold[k]["balanced_accuracy_at_other_folds_threshold"] = balanced_accuracy(labels[val], oof[val],
-                                                                                       transferred)
-    report: dict[str, Any] = {"tta": tta, "checkpoint": name}
-    for key in per_fold[0]:
-        report[key] = mean_std([m[key] for m in per_fold])
-    report["pooled_roc_auc"] = round(float(roc_auc_score(labels, oof)), 4)
+    vals = [np.flatnonzero(fold_of == k) for k in range(cfg.folds)]
+    folds = [fold_scores(cfg, out_dir, k, index, crops, labels, val) for k, val in enumerate(vals)]
+    report: dict[str, Any] = {}
+    for key in ("no_tta", "tta"):
+        per_fold = [{name: value for name, value in fold[key].items() if name != "probs"} for fold in folds]
+        own = [fold["tta_threshold"] if key == "tta" else fold["threshold"] for fold in folds]
+        oof = np.zeros(len(labels))
+        for k, (val, transferred) in enumerate(zip(vals, other_folds_thresholds(own))):
+            oof[val] = folds[k][key]["probs"]
+            per_fold[k]["balanced_accuracy_at_other_folds_threshold"] = balanced_accuracy(labels[val], oof[val],
+                                                                                           transferred)
+        report[key] = {"tta": key == "tta", "checkpoint": fold_checkpoint_name(cfg),
+                       **{name: mean_std([m[name] for m in per_fold]) for name in per_fold[0]},
+                       "pooled_roc_auc": round(float(roc_auc_score(labels, oof)), 4)}
     return report
 
 
@@ -716,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(cfg.out) if Path(cfg.out).is_absolute() else REPO_ROOT / cfg.out
+    if args.evaluate_tta and args.fold is not None:
+        return evaluate_one_fold(cfg, out_dir, args.fold, ctx)
     summary_path = out_dir / "cv_summary.json"
     skip_cv = (args.full or args.ship_folds or args.evaluate_tta) and summary_path.is_file()
     if args.full and args.full_epochs:
@@ -728,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     tta_path = out_dir / tta_report_name(cfg)
     tta_report = json.loads(tta_path.read_text()) if tta_path.is_file() and not args.evaluate_tta else None
     if args.evaluate_tta and ctx.main and summary is not None:
-        tta_report = {"no_tta": out_of_fold(cfg, out_dir, tta=False), "tta": out_of_fold(cfg, out_dir, tta=True)}
+        tta_report = out_of_fold(cfg, out_dir)
         tta_path.write_text(json.dumps(tta_report, indent=2))
         print(json.dumps(tta_report, indent=2), flush=True)
     if ctx.world_size > 1:
@@ -751,8 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             # no validation data: the thresholds are the medians of the folds' (best.pt, final.pt or final_ema*.pt)
             path = out_dir / "full" / full_checkpoint_name(cfg)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            folds = [torch.load(out_dir / f"fold{k}" / fold_checkpoint_name(cfg), map_location="cpu",
-                                weights_only=True) for k in range(cfg.folds)]
+            folds = [fold_thresholds(cfg, out_dir, k) for k in range(cfg.folds)]
             state["threshold"] = float(np.median([fold["threshold"] for fold in folds]))
             fold_tta = [fold.get("tta_threshold") for fold in folds]
             if all(value is not None for value in fold_tta):  # set by --evaluate-tta
@@ -778,6 +825,23 @@ def main(argv: list[str] | None = None) -> int:
                                       "TTA-averaged probabilities); the cross-validation numbers estimate its "
                                       "accuracy")
         ship(cfg, source, Path(args.ship), summary, extra, half=args.half)
+    if ctx.world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_one_fold(cfg: TrainConfig, out_dir: Path, k: int, ctx: Dist) -> int:
+    """`--evaluate-tta --fold k`: score one finished fold (e.g. trained on another machine) without waiting for the
+    others; a later `--evaluate-tta` combines the folds from their checkpoints or these reports."""
+    if not (out_dir / f"fold{k}" / fold_checkpoint_name(cfg)).is_file():
+        raise SystemExit(f"error: --evaluate-tta --fold {k}: no {fold_checkpoint_name(cfg)} in {out_dir / f'fold{k}'}")
+    if ctx.main:
+        index, crops, labels = prepare_data(cfg)
+        val = np.flatnonzero(assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed) == k)
+        report = score_fold(cfg, out_dir, k, index, crops, labels, val)
+        print(json.dumps({key: ({name: value for name, value in report[key].items() if name != "probs"}
+                                if isinstance(report[key], dict) else report[key])
+                          for key in report if key != "files"}, indent=2), flush=True)
     if ctx.world_size > 1:
         dist.destroy_process_group()
     return 0

@@ -443,3 +443,43 @@ def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own
         main(["--config", str(config), "--ship-ema", "soon"])
     with pytest.raises(SystemExit, match="not one of ema_epochs"):
         main(["--config", str(config), "--ship-ema", "4"])
+
+
+def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path):
+    """A fold trained and scored elsewhere keeps only its small files (result.json, metrics.csv, its scoring
+    report): `--evaluate-tta` and `--full` then combine it exactly as from its checkpoint."""
+    root = _write_amibr(tmp_path / "amibr")
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 2\nmin_epochs: 1\n"
+                      f"batch_size: 8\nfolds: 2\nship_epoch: last\nout: {run}\n")
+    assert main(["--config", str(config), "--fold", "0"]) == 0
+    with pytest.raises(SystemExit, match="no final.pt in .*fold1"):
+        main(["--config", str(config), "--evaluate-tta", "--fold", "1"])
+    assert main(["--config", str(config), "--evaluate-tta", "--fold", "0"]) == 0
+    assert not (run / "fold1").exists()  # scoring one fold trains nothing
+    fold0 = json.loads((run / "fold0" / "tta_report.json").read_text())
+    index, crops, labels = tc.prepare_data(load_train_config(config))
+    val = slide_folds(index, 2, 0) == 0
+    clf = load_classifier(run / "fold0" / "final.pt")
+    assert clf.tta_threshold == fold0["tta_threshold"]
+    assert fold0["files"] == [Path(p).name for p in index["path"][val]]
+    np.testing.assert_allclose(fold0["tta"]["probs"], clf.predict_proba(crops[val], tta=True), atol=1e-5)
+
+    assert main(["--config", str(config), "--fold", "1"]) == 0
+    assert main(["--config", str(config), "--evaluate-tta"]) == 0
+    with_checkpoints = json.loads((run / "tta_report.json").read_text())
+    for name in ("final.pt", "best.pt", "last.pt"):
+        (run / "fold0" / name).unlink()
+    assert main(["--config", str(config), "--evaluate-tta"]) == 0
+    assert json.loads((run / "tta_report.json").read_text()) == with_checkpoints
+    assert main(["--config", str(config), "--full", "--full-epochs", "1"]) == 0
+    full = load_classifier(run / "full" / "best.pt")
+    fold1 = load_classifier(run / "fold1" / "final.pt")
+    assert full.tta_threshold == pytest.approx(np.median([fold0["tta_threshold"], fold1.tta_threshold]))
+    assert full.threshold == pytest.approx(np.median([fold0["threshold"], fold1.threshold]))
+
+    fold0["files"] = fold0["files"][::-1]  # a report of another split is refused, not combined
+    (run / "fold0" / "tta_report.json").write_text(json.dumps(fold0))
+    with pytest.raises(SystemExit, match="scored other crops than fold 0"):
+        main(["--config", str(config), "--evaluate-tta"])
