@@ -611,9 +611,27 @@ def tta_report_name(cfg: TrainConfig) -> str:
     return "tta_report.json" if cfg.ship_ema is None else f"tta_report_{ema_name(cfg.ship_ema)}.json"
 
 
+def fold_checkpoint_path(cfg: TrainConfig, out_dir: Path, k: int) -> Path:
+    return out_dir / f"fold{k}" / fold_checkpoint_name(cfg)
+
+
 def fold_report_path(cfg: TrainConfig, out_dir: Path, k: int) -> Path:
     """Fold k's own scores (`--evaluate-tta [--fold k]`), small enough to keep when its checkpoints are gone."""
     return out_dir / f"fold{k}" / tta_report_name(cfg)
+
+
+def fold_sources(cfg: TrainConfig, out_dir: Path, k: int) -> tuple[Path | None, Path]:
+    """Fold k's checkpoint (None where it is gone: a fold trained on another machine or in an earlier session, of
+    which only its small files were kept) and its scoring report; one of the two must exist."""
+    path, report_path = fold_checkpoint_path(cfg, out_dir, k), fold_report_path(cfg, out_dir, k)
+    if not path.is_file() and not report_path.is_file():
+        raise SystemExit(f"error: fold {k}: neither {path.name} nor {report_path.name} in {path.parent}")
+    return (path if path.is_file() else None), report_path
+
+
+def crop_names(index: Any, rows: np.ndarray) -> list[str]:
+    """The crops' file names, which identify them in a fold report."""
+    return [Path(p).name for p in index["path"].iloc[rows]]
 
 
 def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.ndarray, labels: np.ndarray,
@@ -623,10 +641,10 @@ def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.nd
     for TTA the threshold that maximises balanced accuracy on the TTA-averaged probabilities (averaging pulls them
     inward, so the plain threshold is off for them). That threshold is stored in the checkpoint as `tta_threshold`,
     which inference with TTA uses and shipping copies; the report goes to `fold_report_path`."""
-    path = out_dir / f"fold{k}" / fold_checkpoint_name(cfg)
+    path = fold_checkpoint_path(cfg, out_dir, k)
     clf = load_classifier(path)
     report: dict[str, Any] = {"fold": k, "checkpoint": path.name, "threshold": clf.threshold,
-                              "files": [Path(p).name for p in index["path"].iloc[val]]}
+                              "files": crop_names(index, val)}
     for key, tta in (("no_tta", False), ("tta", True)):
         probs = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
         report[key] = {**binary_metrics(labels[val], probs, clf.threshold),
@@ -643,16 +661,12 @@ def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.nd
 
 def fold_scores(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.ndarray, labels: np.ndarray,
                 val: np.ndarray) -> dict[str, Any]:
-    """Fold k scored from its checkpoint or, where the checkpoint is gone (a fold trained on another machine or in
-    an earlier session, of which only its small files were kept), from the report an earlier scoring left."""
-    if (out_dir / f"fold{k}" / fold_checkpoint_name(cfg)).is_file():
+    """Fold k scored from its checkpoint or, where that is gone, from the report an earlier scoring left."""
+    path, report_path = fold_sources(cfg, out_dir, k)
+    if path is not None:
         return score_fold(cfg, out_dir, k, index, crops, labels, val)
-    report_path = fold_report_path(cfg, out_dir, k)
-    if not report_path.is_file():
-        raise SystemExit(f"error: fold {k}: neither {fold_checkpoint_name(cfg)} nor {report_path.name} in "
-                         f"{report_path.parent}")
     report = json.loads(report_path.read_text())
-    if report["files"] != [Path(p).name for p in index["path"].iloc[val]]:
+    if report["files"] != crop_names(index, val):
         raise SystemExit(f"error: {report_path} scored other crops than fold {k} of this config's split")
     return report
 
@@ -660,14 +674,9 @@ def fold_scores(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.n
 def fold_thresholds(cfg: TrainConfig, out_dir: Path, k: int) -> dict[str, float]:
     """Fold k's `threshold` and, once scored with TTA, `tta_threshold`: from its checkpoint or, where that is gone,
     from its scoring report (`fold_scores`)."""
-    path = out_dir / f"fold{k}" / fold_checkpoint_name(cfg)
-    report_path = fold_report_path(cfg, out_dir, k)
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    elif report_path.is_file():
-        state = json.loads(report_path.read_text())
-    else:
-        raise SystemExit(f"error: fold {k}: neither {path.name} nor {report_path.name} in {path.parent}")
+    path, report_path = fold_sources(cfg, out_dir, k)
+    state = (torch.load(path, map_location="cpu", weights_only=True) if path is not None
+             else json.loads(report_path.read_text()))
     return {key: float(state[key]) for key in ("threshold", "tta_threshold") if state.get(key) is not None}
 
 
@@ -707,7 +716,7 @@ def ship_folds(cfg: TrainConfig, out_dir: Path, weights_dir: Path, stem: str, su
     names = [f"{stem}_fold{k}.pt" for k in range(cfg.folds)]
     members = []
     for k, name in enumerate(names):
-        members.append(ship(cfg, out_dir / f"fold{k}" / fold_checkpoint_name(cfg), weights_dir / name, summary,
+        members.append(ship(cfg, fold_checkpoint_path(cfg, out_dir, k), weights_dir / name, summary,
                             {"ensemble": {"members": names, "this_fold": k,
                                           "combine": "mean of P(atypical); threshold = mean of member thresholds"},
                              **extra}, half=half))
@@ -812,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shipped {path}", flush=True)
     elif args.ship and ctx.main:
         source = (out_dir / "full" / full_checkpoint_name(cfg) if args.full
-                  else out_dir / f"fold{args.fold or 0}" / fold_checkpoint_name(cfg))
+                  else fold_checkpoint_path(cfg, out_dir, args.fold or 0))
         extra = {"validation_tta": tta_report} if tta_report else {}
         if args.full:
             state = torch.load(source, map_location="cpu", weights_only=True)
@@ -833,8 +842,9 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_one_fold(cfg: TrainConfig, out_dir: Path, k: int, ctx: Dist) -> int:
     """`--evaluate-tta --fold k`: score one finished fold (e.g. trained on another machine) without waiting for the
     others; a later `--evaluate-tta` combines the folds from their checkpoints or these reports."""
-    if not (out_dir / f"fold{k}" / fold_checkpoint_name(cfg)).is_file():
-        raise SystemExit(f"error: --evaluate-tta --fold {k}: no {fold_checkpoint_name(cfg)} in {out_dir / f'fold{k}'}")
+    path = fold_checkpoint_path(cfg, out_dir, k)
+    if not path.is_file():
+        raise SystemExit(f"error: --evaluate-tta --fold {k}: no {path.name} in {path.parent}")
     if ctx.main:
         index, crops, labels = prepare_data(cfg)
         val = np.flatnonzero(assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed) == k)
