@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 7 as one prepared script, for a machine lent by the `device` tool (or any CUDA box).
 #
+#   0. the CUDA-only tests (tests/training: resuming a training run on the GPU);
 #   1. determinism: process.py twice on every container case on the GPU; the reruns must be byte-identical
 #      (runtime.deterministic, the default);
 #   2. CPU agreement: each GPU output against the CPU-made expected output, with midog.compare's documented
@@ -42,6 +43,9 @@ nvidia-smi -L >"$LOGS/gpu.txt" 2>&1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOGS/gpu.txt"
 
 status=0
+# the tests that need a GPU (the CI machine has none): resuming a training run on CUDA
+$PY -m pytest -q -p no:cacheprovider tests/training/test_train_classifier.py -k cuda 2>&1 | tail -n 1 \
+    | sed 's/^/pytest on the GPU: /' | tee -a "$LOGS/summary.txt"
 for case in test/input/*/; do
     name=$(basename "$case")
     for run in 1 2; do

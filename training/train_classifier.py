@@ -355,7 +355,9 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_threshold": 0.5, "best_metrics": {},
              "stale": 0, "history": []}
     if resume and last_path.is_file():
-        saved = torch.load(last_path, map_location=ctx.device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU byte tensors (on CUDA, set_rng_state refuses them), and
+        # load_state_dict moves the weights and optimizer state to the model's device itself
+        saved = torch.load(last_path, map_location="cpu", weights_only=False)
         clf.model.load_state_dict(saved["model"], strict=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -106,15 +106,8 @@ def test_cross_validation_trains_saves_reloads_and_ships(tmp_path, monkeypatch):
     np.testing.assert_allclose(shipped.predict_proba(crops), original.predict_proba(crops), atol=2e-3)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
-    root = _write_amibr(tmp_path / "amibr")
-    torch.set_num_threads(1)
-    index, crops, labels = tc.prepare_data(_config(root, tmp_path))
-    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
-    cfg = _config(root, tmp_path, epochs=2)
-
-    straight = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "a", Dist())
-
+def _interrupt_then_resume(monkeypatch, cfg, crops, labels, train_idx, val_idx, out: Path, ctx: Dist):
+    """Train a fold that is interrupted in its second epoch, then resume it from last.pt."""
     real_epoch, calls = tc.train_epoch, []
 
     def crash_on_second(*args, **kwargs):
@@ -125,9 +118,21 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tc, "train_epoch", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "b", Dist())
+        train_fold(cfg, crops, labels, train_idx, val_idx, out, ctx)
     monkeypatch.setattr(tc, "train_epoch", real_epoch)
-    resumed = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "b", Dist(), resume=True)
+    return train_fold(cfg, crops, labels, train_idx, val_idx, out, ctx, resume=True)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    root = _write_amibr(tmp_path / "amibr")
+    torch.set_num_threads(1)
+    index, crops, labels = tc.prepare_data(_config(root, tmp_path))
+    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
+    cfg = _config(root, tmp_path, epochs=2)
+
+    straight = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "a", Dist())
+
+    resumed = _interrupt_then_resume(monkeypatch, cfg, crops, labels, train_idx, val_idx, tmp_path / "b", Dist())
 
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
@@ -142,6 +147,18 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="no moving average over 7 epochs"):
         train_fold(_config(root, tmp_path, epochs=3, ema_epochs=[7]), crops, labels, train_idx, val_idx,
                    tmp_path / "b", Dist(), resume=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_resume_on_cuda(tmp_path, monkeypatch):
+    """The resume state's RNG tensors must come back as CPU byte tensors (they once came back on the GPU)."""
+    root = _write_amibr(tmp_path / "amibr")
+    index, crops, labels = tc.prepare_data(_config(root, tmp_path))
+    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
+    cfg, ctx = _config(root, tmp_path, epochs=2), Dist(device=torch.device("cuda"))
+    _interrupt_then_resume(monkeypatch, cfg, crops, labels, train_idx, val_idx, tmp_path / "b", ctx)
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 2 and len(saved["state"]["history"]) == 2
 
 
 @pytest.mark.parametrize("text, message", [("lr: 0.1\nwings: 2\n", "unknown training config keys: \\['wings'\\]"),
