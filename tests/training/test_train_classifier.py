@@ -128,7 +128,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     torch.set_num_threads(1)
     index, crops, labels = tc.prepare_data(_config(root, tmp_path))
     train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
-    cfg = _config(root, tmp_path, epochs=2)
+    cfg = _config(root, tmp_path, epochs=2, ema_epochs=[2, 6])
 
     straight = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "a", Dist())
 
