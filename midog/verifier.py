@@ -41,13 +41,47 @@ def crop_boxes(boxes: np.ndarray, width: int, height: int, context_px: int, fall
     return regions
 
 
-def resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 → (size, size, 3) uint8, antialiased bilinear (as `BinaryClassifier.preprocess`)."""
-    if crop.shape[0] == size and crop.shape[1] == size:
-        return crop
-    tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
+RESIZE_CALL_PIXELS = 1 << 22
+"""Source pixels resized in one call at most (4 Mpx: 48 MB of float32), so a crowd of large boxes stays bounded."""
+
+
+def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 crops of one shape → (N, size, size, 3) uint8, antialiased bilinear (as
+    `BinaryClassifier.preprocess`). Each plane is resized on its own, so a crop comes out the same alone or in a
+    batch."""
+    if crops.shape[1] == size and crops.shape[2] == size:
+        return crops
+    tensor = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return resized.permute(0, 2, 3, 1).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (size, size, 3) uint8: `resize_crops` of one."""
+    return resize_crops(crop[None], size)[0]
+
+
+def cut_crops(image: RoiImage, regions: np.ndarray, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 crops of `regions` (from `crop_boxes`), in order.
+
+    Regions of one shape are read and resized together, one resize call per shape (and per `RESIZE_CALL_PIXELS`)
+    instead of one per candidate: the call's fixed cost, not the arithmetic, dominated with thousands of small
+    crops (17,000 candidates: 11 s of crop cutting on the 2-core development CPU, 2.9 s on a 16-core GPU host).
+    """
+    out = np.empty((len(regions), size, size, 3), dtype=np.uint8)
+    if len(regions) == 0:
+        return out
+    shapes = regions[:, 2:] - regions[:, :2]                       # (width, height) per region
+    _, shape_id = np.unique(shapes, axis=0, return_inverse=True)
+    order = np.argsort(shape_id.reshape(-1), kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(shape_id.reshape(-1)[order])) + 1):
+        width, height = (int(v) for v in shapes[group[0]])
+        per_call = max(1, RESIZE_CALL_PIXELS // (width * height))
+        for start in range(0, len(group), per_call):
+            members = group[start:start + per_call]
+            stack = np.stack([image.read_region(int(x0), int(y0), width, height) for x0, y0 in regions[members, :2]])
+            out[members] = resize_crops(stack, size)
+    return out
 
 
 def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -> np.ndarray:
@@ -82,10 +116,7 @@ class Verifier:
         """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes."""
         size = self.config.crop_size
         regions = crop_boxes(boxes, image.width, image.height, self.config.context_px, self.fallback_box_px)
-        out = np.empty((len(regions), size, size, 3), dtype=np.uint8)
-        for i, (x0, y0, x1, y1) in enumerate(regions):
-            out[i] = resize_crop(image.read_region(int(x0), int(y0), int(x1 - x0), int(y1 - y0)), size)
-        return out
+        return cut_crops(image, regions, size)
 
     def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
         """P(mitotic figure) per box, in order."""

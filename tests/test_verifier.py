@@ -8,7 +8,8 @@ from roi_factory import he_roi, tiny_verifier
 
 from midog.config import VerifierConfig
 from midog.image_io import ArrayRoi, PhysicalTransform
-from midog.verifier import Verifier, combine_probability, crop_boxes, resize_crop
+import midog.verifier as verifier_module
+from midog.verifier import Verifier, combine_probability, crop_boxes, cut_crops, resize_crop
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,22 @@ def test_crops_are_resized_boxes(verifier: Verifier):
     probabilities = verifier.probabilities(roi, np.array([[100, 50, 164, 114]], np.float32))
     np.testing.assert_allclose(probabilities, verifier.classifier.predict_proba(crops[:1]), rtol=1e-6)
     assert verifier.probabilities(roi, np.zeros((0, 4), np.float32)).shape == (0,)
+
+
+def test_crops_cut_by_shape_equal_one_at_a_time(monkeypatch: pytest.MonkeyPatch):
+    """Grouping regions by shape (and splitting a group at RESIZE_CALL_PIXELS) changes no pixel and no order."""
+    pixels = he_roi(400, 300, seed=2)
+    roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, [340, 240], size=(200, 2))
+    boxes = np.concatenate([corners, corners + rng.choice([16.0, 24.5, 40.0, 64.0, 80.0], size=(200, 2))], 1)
+    regions = crop_boxes(boxes, 400, 300, context_px=4, fallback_px=20)
+    one_at_a_time = np.stack([resize_crop(pixels[y0:y1, x0:x1], 64) for x0, y0, x1, y1 in regions])
+    assert len(np.unique(regions[:, 2:] - regions[:, :2], axis=0)) > 10       # many shapes, several crops each
+    np.testing.assert_array_equal(cut_crops(roi, regions, 64), one_at_a_time)
+    monkeypatch.setattr(verifier_module, "RESIZE_CALL_PIXELS", 3000)          # a call holds one or two crops
+    np.testing.assert_array_equal(cut_crops(roi, regions, 64), one_at_a_time)
+    assert cut_crops(roi, regions[:0], 64).shape == (0, 64, 64, 3)
 
 
 def test_labels_follow_the_threshold(verifier: Verifier):
