@@ -44,8 +44,9 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 status=0
 # the tests that need a GPU (the CI machine has none): resuming a training run on CUDA
-$PY -m pytest -q -p no:cacheprovider tests/training/test_train_classifier.py -k cuda 2>&1 | tail -n 1 \
-    | sed 's/^/pytest on the GPU: /' | tee -a "$LOGS/summary.txt"
+$PY -m pytest -q -p no:cacheprovider tests/training/test_train_classifier.py -k cuda >"$LOGS/pytest_gpu.log" 2>&1 \
+    || status=1
+echo "pytest on the GPU: $(tail -n 1 "$LOGS/pytest_gpu.log")" | tee -a "$LOGS/summary.txt"
 for case in test/input/*/; do
     name=$(basename "$case")
     for run in 1 2; do

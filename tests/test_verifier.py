@@ -9,7 +9,7 @@ from roi_factory import he_roi, tiny_verifier
 from midog.config import VerifierConfig
 from midog.image_io import ArrayRoi, PhysicalTransform
 import midog.verifier as verifier_module
-from midog.verifier import Verifier, combine_probability, crop_boxes, cut_crops, resize_crop
+from midog.verifier import Verifier, combine_probability, crop_boxes, region_crops, resize_crop
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_crops_cut_by_shape_equal_one_at_a_time(monkeypatch: pytest.MonkeyPatch)
     regions = crop_boxes(boxes, 400, 300, context_px=4, fallback_px=20)
     one_at_a_time = np.stack([resize_crop(pixels[y0:y1, x0:x1], 64) for x0, y0, x1, y1 in regions])
     assert len(np.unique(regions[:, 2:] - regions[:, :2], axis=0)) > 10       # many shapes, several crops each
-    np.testing.assert_array_equal(cut_crops(roi, regions, 64), one_at_a_time)
+    np.testing.assert_array_equal(region_crops(roi, regions, 64), one_at_a_time)
     monkeypatch.setattr(verifier_module, "RESIZE_CALL_PIXELS", 3000)          # a call holds one or two crops
-    np.testing.assert_array_equal(cut_crops(roi, regions, 64), one_at_a_time)
-    assert cut_crops(roi, regions[:0], 64).shape == (0, 64, 64, 3)
+    np.testing.assert_array_equal(region_crops(roi, regions, 64), one_at_a_time)
+    assert region_crops(roi, regions[:0], 64).shape == (0, 64, 64, 3)
 
 
 def test_labels_follow_the_threshold(verifier: Verifier):

@@ -14,7 +14,7 @@ Slides are split with `training.midogpp.split_slides` and the same seed as the Y
 trains on a slide that the detector is validated or tested on.
 
 A crop is the candidate's box grown by `verifier.context_px`, clipped to the image, resized (antialiased bilinear)
-to `verifier.crop_size` — `midog.verifier.crop_boxes` and `cut_crops`, the pipeline's own functions, so training
+to `verifier.crop_size` — `midog.verifier.box_crops`, the pipeline's own function, so training
 and inference crops are the same.
 
 False positives: a detection of the proposal network on a training/validation slide (`--detector`: run here with
@@ -46,7 +46,7 @@ from midog.image_io import RoiImage, open_roi
 from midog.merging import merge_tiles
 from midog.proposals import YoloProposer
 from midog.tiling import tile_origins
-from midog.verifier import crop_boxes, cut_crops as verifier_crops
+from midog.verifier import box_crops
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, SPLIT_RATIOS, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
 
@@ -93,9 +93,7 @@ def false_positives(pred_boxes: np.ndarray, gt_boxes: np.ndarray, radius_px: flo
 
 def cut_crops(image, boxes: np.ndarray, cfg: CropConfig) -> np.ndarray:
     """(N, crop_size, crop_size, 3) uint8 crops of `boxes` from an `RoiImage`, as the pipeline's verifier cuts them."""
-    regions = crop_boxes(np.asarray(boxes).reshape(-1, 4), image.width, image.height, cfg.context_px,
-                         cfg.box_size_px)
-    return verifier_crops(image, regions, cfg.crop_size)
+    return box_crops(image, boxes, cfg.crop_size, cfg.context_px, cfg.box_size_px)
 
 
 def false_positive_crops(image, pred_boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray,
