@@ -43,9 +43,8 @@ import torch  # noqa: E402
 from roi_factory import he_roi, shift_class_bias, write_tiff  # noqa: E402
 
 from midog.classifier import build_classifier  # noqa: E402
-from midog.config import MergingConfig, load_config  # noqa: E402
+from midog.config import MergingConfig, resolve_config  # noqa: E402
 from midog.image_io import ArrayRoi, PhysicalTransform  # noqa: E402
-from midog.merging import merge_tiles  # noqa: E402
 from midog.pipeline import Track1Detector  # noqa: E402
 from midog.proposals import YoloProposer  # noqa: E402
 from midog.tiling import tile_origins  # noqa: E402
@@ -122,10 +121,10 @@ def best_of(rounds: int, methods: dict):
 
 
 def ours(proposer: YoloProposer, pixels: np.ndarray, config) -> np.ndarray:
+    """The pipeline's own proposal chain (`Track1Detector.candidates`), merging as SAHI does."""
     roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
-    origins = tile_origins(WIDTH, HEIGHT, config.tiling.tile_size, config.tiling.overlap)
-    tiles, _ = proposer.propose(roi, origins, config.tiling, progress=False)
-    return merge_tiles(tiles, config.tiling.tile_size, WIDTH, HEIGHT, SAME_MERGE).boxes
+    chain = Track1Detector(replace(config, merging=SAME_MERGE), proposer, None, None)
+    return chain.candidates(roi)[0].boxes
 
 
 def sahi(model, pixels: np.ndarray) -> np.ndarray:
@@ -225,7 +224,7 @@ def main() -> int:
             detector = random_detector(folder / "det.pt", args.class_bias, args.random_detector or "yolo11n.yaml")
         random_name = f"random {args.random_detector or 'yolo11n.yaml'}, class bias {args.class_bias}"
         print(f"detector: {random_name if detector == folder / 'det.pt' else detector}")
-        config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector)})
+        config = resolve_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector)})
 
         # (a) ours: ONNX Runtime on the CPU (the default), and the PyTorch backend for reference
         started = time.perf_counter()
@@ -268,7 +267,7 @@ def main() -> int:
         if not args.skip_pipeline:
             verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure", args.random_classifiers)
             atypical = classifier_weights("atypical.pt", folder, 128, "atypical", args.random_classifiers)
-            config = load_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector),
+            config = resolve_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector),
                                             "verifier.weights": str(verifier), "atypical.weights": str(atypical)})
             pipeline, load = timed("pipeline model load", Track1Detector.from_config, config, device)
             runs = []

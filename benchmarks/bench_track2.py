@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from midog.atypical import load_atypical  # noqa: E402
 from midog.classifier import build_classifier  # noqa: E402
-from midog.config import load_config  # noqa: E402
+from midog.config import resolve_config  # noqa: E402
 from midog.errors import WeightsError  # noqa: E402
 from midog.image_io import open_stack  # noqa: E402
 from midog.outputs import TRACK2_FILENAME  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> int:
                              "machine more threads than free cores make every OpenMP barrier wait")
     args = parser.parse_args()
     factory = stack_factory()
-    config = load_config()
+    config = resolve_config()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         weights, source = resolve_weights(config, scratch)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_track1 import classifier_weights, he_roi, random_detector, write_tiff  # noqa: E402
 
-from midog.config import load_config  # noqa: E402
+from midog.config import resolve_config  # noqa: E402
 from midog.pipeline import Track1Detector  # noqa: E402
 
 MODES = [  # (deterministic, half, proposal batch size); the shipped default first
@@ -65,7 +65,7 @@ def main() -> int:
                    "verifier.weights": str(classifier_weights("verifier.pt", folder, 64, "mitotic figure", True)),
                    "atypical.weights": str(classifier_weights("atypical.pt", folder, 128, "atypical", True))}
         for deterministic, half, batch in MODES:
-            config = load_config(overrides={**weights, "runtime.device": args.device,
+            config = resolve_config(overrides={**weights, "runtime.device": args.device,
                                             "runtime.deterministic": deterministic, "proposals.half": half,
                                             "proposals.batch_size": batch})
             pipeline = Track1Detector.from_config(config, args.device)
@@ -80,7 +80,7 @@ def main() -> int:
                   f"best later {seconds[best]:.2f} s ({stages}); {len(results[-1].detections)} candidates; "
                   f"last two runs: {run_spread(results[-2], results[-1]) if len(results) > 1 else '-'}", flush=True)
             del pipeline
-        config = load_config(overrides={**weights, "runtime.device": args.device})
+        config = resolve_config(overrides={**weights, "runtime.device": args.device})
         pipeline = Track1Detector.from_config(config, args.device)
         pipeline.detect(roi, False)
         activities = [torch.profiler.ProfilerActivity.CPU]

@@ -19,6 +19,7 @@ import torch
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import AtypicalConfig, FoundationConfig
 from midog.errors import WeightsError
+from midog.image_io import RoiImage
 from midog.outputs import ATYPICAL
 from midog.weights import checkpoint_names, find_weights
 
@@ -46,8 +47,21 @@ class AtypicalClassifier:
             probabilities[indices] = np.mean(member_probs, axis=0)
         return probabilities
 
+    @property
+    def pixel_size_um(self) -> float:
+        """µm/px of the crops the members were trained on (one value: `load_atypical` refuses a mixed ensemble)."""
+        return self.models[0].pixel_size_um
+
     def is_atypical(self, probabilities: np.ndarray) -> np.ndarray:
         return np.asarray(probabilities) >= self.threshold
+
+
+def figure_crops(image: RoiImage, centres: np.ndarray, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 crops centred on (n, 2) pixel points (x, y) of `image`, as Track 1 hands figures to
+    the atypical stage (outside the image is white, as `RoiImage.read_region` pads)."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    crops = [image.read_region(int(round(x)) - size // 2, int(round(y)) - size // 2, size, size) for x, y in centres]
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
 
 def _same_size_groups(crops: np.ndarray | Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -95,5 +109,9 @@ def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
         # channels-last convolutions: ~20 % faster on the CPU (oneDNN) and on tensor cores; same results to 1e-7
         model.model.to(memory_format=torch.channels_last)
         models.append(model)
+    sizes = sorted({m.pixel_size_um for m in models})
+    if len(sizes) > 1:
+        raise WeightsError(f"atypical.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} µm/px: "
+                           "an ensemble averages crops of one scale")
     return AtypicalClassifier(models=models, threshold=resolve_threshold(models, config.threshold, config.tta),
                               tta=config.tta, batch_size=config.batch_size, tta_views=config.tta_views)

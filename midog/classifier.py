@@ -38,7 +38,7 @@ from torchvision.transforms.v2.functional import center_crop
 from midog.config import TTA_VIEW_COUNTS, is_probability
 from midog.devices import batches_halving_on_oom
 from midog.errors import WeightsError, first_line
-from midog.weights import verify_checksum
+from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, verify_checksum
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -92,6 +92,8 @@ class BinaryClassifier:
     """How crops are resized to the input size: the backbone's own data config for a pretrained backbone."""
     crop_pct: float = PLAIN_CROP_PCT
     """Below 1: resize to floor(input_size / crop_pct), then centre-crop input_size (timm's eval transform)."""
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM
+    """µm per pixel of the crops it was trained on: the pipeline cuts its crops at this scale."""
     batch_cap: int | None = field(default=None, repr=False)
     """Set after a GPU out-of-memory error: the batch size that `predict_proba` uses at most from then on."""
 
@@ -163,6 +165,7 @@ class BinaryClassifier:
             "threshold": float(self.threshold),
             **({"tta_threshold": float(self.tta_threshold)} if self.tta_threshold is not None else {}),
             "positive": self.positive,
+            "pixel_size_um": float(self.pixel_size_um),
             "model_kwargs": dict(self.model_kwargs),
             "meta": dict(meta if meta is not None else self.meta),
         }
@@ -294,6 +297,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         positive=state.get("positive", "positive"),
         model_kwargs=state.get("model_kwargs", {}),
         meta=state.get("meta", {}),
+        pixel_size_um=pixel_size_from_state(state, path),
         **resize_from_state(state, path),
     )
 
@@ -335,6 +339,18 @@ def check_checkpoint_fields(state: dict[str, Any], path: Path) -> None:
         raise bad("threshold", "a number in [0, 1]")
     if state.get("tta_threshold") is not None and not is_probability(state["tta_threshold"]):
         raise bad("tta_threshold", "null or a number in [0, 1]")
+
+
+def pixel_size_from_state(state: dict[str, Any], path: Path) -> float:
+    """The checkpoint's training pixel size (µm/px), else its model card's, else `DEFAULT_PIXEL_SIZE_UM` (for
+    checkpoints older than the field)."""
+    value = state.get("pixel_size_um")
+    if value is None:
+        value = (read_model_card(path) or {}).get("pixel_size_um", DEFAULT_PIXEL_SIZE_UM)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise WeightsError(f"{path} is not a usable classifier checkpoint: 'pixel_size_um' is {value!r:.60}, "
+                           "expected a positive number")
+    return float(value)
 
 
 def tta_threshold_from_state(state: dict[str, Any]) -> float | None:

@@ -10,15 +10,13 @@ import traceback
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from midog.config import PipelineConfig, load_config
+from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError, first_line
+from midog.interfaces import TRACK1_SLUG, TRACK2_SLUG
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, discard_previous_outputs
-from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
 
 log = logging.getLogger("midog")
 
-TRACK1_SLUG = "histopathology-region-of-interest-cropout"
-TRACK2_SLUG = "stacked-histopathology-roi-cropouts"
 
 
 def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> None:
@@ -72,13 +70,8 @@ def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], N
 
 
 def load_run_config(path: Path | None) -> PipelineConfig:
-    """The config process.py runs with: defaults, what the weights' pipeline.yaml files say about the checkpoints
-    this run loads, `--config`, MIDOG_* variables."""
-    chosen, shipped = load_config(path), load_config(environ={})  # without any pipeline.yaml
-    defaults = {section: getattr(shipped, section).weights for section in STAGE_SECTIONS}
-    checkpoints = claimed_checkpoints({section: getattr(chosen, section).weights for section in STAGE_SECTIONS},
-                                      defaults)
-    return load_config(path, weights_config=weights_pipeline_values(checkpoints, defaults))
+    """The config process.py runs with: `midog.config.resolve_config` of `--config`."""
+    return resolve_config(path)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

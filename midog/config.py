@@ -45,6 +45,9 @@ class ImageConfig:
     """Track 1 ROIs up to this size are decoded once and kept in memory; larger ones are read tile by tile."""
     segment_cache_mb: float = 256.0
     """Decoded TIFF tiles/strips kept for reuse when a large image is read tile by tile."""
+    resample_tolerance: float = 0.02
+    """Each model sees pixels at the size it was trained at (its checkpoint's `pixel_size_um`): an image whose pixel
+    size differs from it by more than this fraction on either axis is resampled, tile by tile, for that model."""
 
 
 @dataclass
@@ -223,6 +226,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image.max_spacing_um": (_positive_number, "a positive number"),
     "image.in_memory_max_megapixels": (_non_negative_number, "a number >= 0"),
     "image.segment_cache_mb": (_non_negative_number, "a number >= 0"),
+    "image.resample_tolerance": (_fraction(high_open=True), "a number in [0, 1)"),
     "tiling.tile_size": (_positive_int, "a positive integer"),
     "tiling.thumbnail_megapixels": (_non_negative_number, "a number >= 0 (0 = off)"),
     "tiling.overlap": (_fraction(high_open=True), "a number in [0, 1)"),
@@ -381,6 +385,25 @@ def load_config(
     if overrides:
         values = _merge(values, _nest(overrides))
     return validate_config(_build(PipelineConfig, values))
+
+
+def resolve_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                   environ: Mapping[str, str] | None = None) -> PipelineConfig:
+    """The configuration a run uses, resolved the same way by every entry point (process.py, the API, training's
+    chain evaluation and data mining, benchmarks): shipped defaults → the `pipeline.yaml` beside the checkpoints
+    this configuration loads (only the sections tuned for them, see `midog.weights.weights_pipeline_values`) →
+    the YAML at `path` → MIDOG_* variables → `overrides` (dotted keys or nested dicts).
+
+    `load_config` alone skips the weights' layer: use it only to read or validate a file, never to run the models.
+    """
+    from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
+
+    chosen = load_config(path, overrides, environ)
+    shipped = load_config(environ={})
+    defaults = {section: getattr(shipped, section).weights for section in STAGE_SECTIONS}
+    checkpoints = claimed_checkpoints({section: getattr(chosen, section).weights for section in STAGE_SECTIONS},
+                                      defaults)
+    return load_config(path, overrides, environ, weights_config=weights_pipeline_values(checkpoints, defaults))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -31,8 +31,8 @@ import timm
 import torch
 from torch import nn
 
-from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize, resize_from_state,
-                              tta_threshold_from_state)
+from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
+                              pixel_size_from_state, resize_from_state, tta_threshold_from_state)
 from midog.errors import WeightsError, first_line
 from midog.weights import plain
 
@@ -608,5 +608,6 @@ def load_foundation_classifier(state: Mapping[str, Any], path: Path, device: str
         std=tuple(state["std"]), threshold=float(state["threshold"]),
         tta_threshold=tta_threshold_from_state(state), positive=state.get("positive", "positive"),
         model_kwargs=model_kwargs, meta=dict(state.get("meta", {})), spec=spec,
-        options=options, base_weights=str(base) if base is not None else None, **resize_from_state(state, path),
+        options=options, base_weights=str(base) if base is not None else None,
+        pixel_size_um=pixel_size_from_state(state, path), **resize_from_state(state, path),
     )

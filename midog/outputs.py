@@ -114,3 +114,18 @@ def multiple_points(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ],
         "version": {"major": 1, "minor": 0},
     }
+
+
+def track1_outputs(detections: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mitotic-figures.json, atypical-mitotic-figures.json) payloads of `midog.pipeline.Detection`s, whose points
+    are already in millimetres. Every candidate goes into the first (the official AP/FROC need the rejected ones
+    too); mitotic figures only into the second, with P(atypical)."""
+    figures = multiple_points([
+        {"name": d.label, "point": [d.x_mm, d.y_mm, 0.0], "probability": d.probability} for d in detections
+    ])
+    atypical = multiple_points([
+        {"name": f"{ATYPICAL if d.atypical else NORMAL} {MITOTIC_FIGURE}", "point": [d.x_mm, d.y_mm, 0.0],
+         "probability": d.atypical_probability}
+        for d in detections if d.label == MITOTIC_FIGURE and d.atypical_probability is not None
+    ])
+    return figures, atypical

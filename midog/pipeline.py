@@ -12,16 +12,16 @@ import time
 import numpy as np
 import torch
 
-from midog.atypical import AtypicalClassifier, load_atypical
-from midog.cli import TRACK2_SLUG
+from midog.atypical import AtypicalClassifier, figure_crops, load_atypical
 from midog.config import PipelineConfig
 from midog.devices import configure_torch, resolve_device
+from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK2_IMAGE_FOLDER
 from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, open_stack
-from midog.merging import build_merger, merge_tiles
-from midog.outputs import (ATYPICAL, MITOTIC_FIGURE, NORMAL, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME,
-                           TRACK2_FILENAME, check_output_folder, multiple_points, track2_classification,
-                           write_json_atomic)
-from midog.proposals import YoloProposer
+from midog.merging import Candidates, build_merger, merge_tiles
+from midog.outputs import (MITOTIC_FIGURE, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME,
+                           check_output_folder, track1_outputs, track2_classification, write_json_atomic)
+from midog.proposals import ProposalStats, YoloProposer
+from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
 from midog.weights import find_weights
@@ -39,7 +39,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     output is written once, atomically, after the last page: a failure anywhere leaves no output file.
     """
     configure_torch(config.runtime)
-    image_path = find_single_image(input_dir / "images" / TRACK2_SLUG)
+    image_path = find_single_image(input_dir / "images" / TRACK2_IMAGE_FOLDER)
     with open_stack(image_path) as stack:
         check_output_folder(output_dir)
         started = time.perf_counter()
@@ -60,9 +60,6 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
 # read (image_io) → tile (tiling) → propose (proposals) → shift + merge (merging) → verify (verifier)
 # → label atypical (atypical) → write (outputs). `Track1Detector` holds the loaded models and runs the chain on one
 # image; training and evaluation code use it directly, `run_track1` wraps it for process.py.
-
-TRACK1_IMAGE_FOLDER = "histopathology-roi-cropout"
-
 
 def crop_chunks(count: int, batch_size: int, chunk: int) -> list[slice]:
     """Consecutive slices covering `count` items, each a multiple of `batch_size` long (but the last).
@@ -119,8 +116,9 @@ class Track1Result:
 class Track1Detector:
     """The Track 1 chain with its models loaded once; `detect(image)` runs it on one image."""
 
-    def __init__(self, config: PipelineConfig, proposer: YoloProposer, verifier: Verifier,
+    def __init__(self, config: PipelineConfig, proposer: YoloProposer, verifier: Verifier | None,
                  atypical: AtypicalClassifier | None) -> None:
+        """`verifier` None: only `candidates` runs (training's data mining); `atypical` None: no atypical labels."""
         self.config = config
         self.proposer = proposer
         self.verifier = verifier
@@ -130,26 +128,53 @@ class Track1Detector:
 
     @classmethod
     def from_config(cls, config: PipelineConfig, device: str | torch.device | None = None,
-                    with_atypical: bool = True) -> "Track1Detector":
-        """Load the detector, verifier and (unless `with_atypical` is False) atypical weights named by `config`."""
+                    with_atypical: bool = True, with_verifier: bool = True) -> "Track1Detector":
+        """Load the detector, verifier and atypical weights named by `config` (`midog.config.resolve_config`);
+        `with_verifier` / `with_atypical` False leave those stages out."""
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
         configure_torch(config.runtime)
         proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
                                              config.tiling.tile_size, config.runtime.num_threads)
         verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
-                                         config.merging.box_size_px, foundation=config.foundation)
+                                         config.merging.box_size_px, foundation=config.foundation,
+                                         resample_tolerance=config.image.resample_tolerance) \
+            if with_verifier else None
         atypical = load_atypical(config.atypical, device=device, foundation=config.foundation) \
             if with_atypical else None
         return cls(config, proposer, verifier, atypical)
 
     def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:
         """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal."""
+        if self.verifier is None:
+            raise ValueError("this Track1Detector was built without a verifier: only candidates() runs")
         if isinstance(image, RoiImage):
             return self._detect(image, progress)
         cfg = self.config.image
         with open_roi(image, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb,
                       cfg.max_spacing_um) as roi:
             return self._detect(roi, progress)
+
+    def candidates(self, image: RoiImage, progress: bool = False) -> tuple[Candidates, ProposalStats]:
+        """The detector's merged candidates of one image, before verification: tile → propose → merge, at the
+        detector's own pixel size (`at_pixel_size`), boxes returned in `image`'s pixels. The one proposal chain of
+        the pipeline, training's data mining and the benchmarks."""
+        cfg = self.config
+        view = at_pixel_size(image, self.proposer.pixel_size_um, cfg.image.resample_tolerance)
+        origins = tile_origins(view.width, view.height, cfg.tiling.tile_size, cfg.tiling.overlap)
+        tiles, stats = self.proposer.propose(view, origins, cfg.tiling, progress=progress)
+        merged = merge_tiles(tiles, cfg.tiling.tile_size, view.width, view.height, cfg.merging)
+        sx, sy = view_scale(image, view)
+        if (sx, sy) != (1.0, 1.0):
+            merged = Candidates(scale_boxes(merged.boxes, (1 / sx, 1 / sy)).astype(np.float32), merged.scores,
+                                merged.classes)
+        return merged, stats
+
+    def verify(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
+        """P(mitotic figure) per box (in `image`'s pixels), the crops cut at the verifier's own pixel size,
+        `runtime.crop_chunk` candidates at a time."""
+        chunks = crop_chunks(len(boxes), self.config.verifier.batch_size, self.config.runtime.crop_chunk)
+        parts = [self.verifier.probabilities(image, boxes[chunk]) for chunk in chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def _detect(self, image: RoiImage, progress: bool) -> Track1Result:
         cfg = self.config
@@ -162,12 +187,9 @@ class Track1Detector:
             timings[stage] = now - clock
             clock = now
 
-        origins = tile_origins(image.width, image.height, cfg.tiling.tile_size, cfg.tiling.overlap)
-        tiles, stats = self.proposer.propose(image, origins, cfg.tiling, progress=progress)
+        candidates, stats = self.candidates(image, progress)
         lap("proposals")
-        candidates = merge_tiles(tiles, cfg.tiling.tile_size, image.width, image.height, cfg.merging)
-        lap("merging")
-        verified = self._verify(image, candidates.boxes)
+        verified = self.verify(image, candidates.boxes)
         probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)
         labels = self.verifier.labels(probability)  # the name follows the written probability in either mode
         lap("verification")
@@ -186,38 +208,19 @@ class Track1Detector:
         return Track1Result(detections, image.width, image.height, image.transform.spacing_um,
                             stats.tiles_total, stats.tiles_run, timings)
 
-    def _verify(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
-        """P(mitotic figure) per box, the crops read `runtime.crop_chunk` candidates at a time."""
-        chunks = crop_chunks(len(boxes), self.config.verifier.batch_size, self.config.runtime.crop_chunk)
-        parts = [self.verifier.probabilities(image, boxes[chunk]) for chunk in chunks]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-
     def _label_atypical(self, image: RoiImage, figures: list[Detection]) -> None:
+        """P(atypical) and the label of each mitotic figure, its crop cut at the atypical model's pixel size."""
         if self.atypical is None or not figures:
             return
-        size = self.config.atypical.crop_size
+        view = at_pixel_size(image, self.atypical.pixel_size_um, self.config.image.resample_tolerance)
+        sx, sy = view_scale(image, view)
         for chunk in crop_chunks(len(figures), self.config.atypical.batch_size, self.config.runtime.crop_chunk):
             part = figures[chunk]
-            crops = np.stack([image.read_region(int(round(d.x)) - size // 2, int(round(d.y)) - size // 2, size,
-                                                size) for d in part])
-            probabilities = self.atypical.predict_proba(crops)
+            centres = np.array([(d.x * sx, d.y * sy) for d in part])
+            probabilities = self.atypical.predict_proba(figure_crops(view, centres, self.config.atypical.crop_size))
             for detection, p, atypical in zip(part, probabilities, self.atypical.is_atypical(probabilities)):
                 detection.atypical_probability = float(p)
                 detection.atypical = bool(atypical)
-
-
-def track1_outputs(result: Track1Result) -> tuple[dict, dict]:
-    """(mitotic-figures.json, atypical-mitotic-figures.json) payloads. Every candidate goes into the first (the
-    official AP/FROC need the rejected ones too); mitotic figures only into the second, with P(atypical)."""
-    figures = multiple_points([
-        {"name": d.label, "point": [d.x_mm, d.y_mm, 0.0], "probability": d.probability} for d in result.detections
-    ])
-    atypical = multiple_points([
-        {"name": f"{ATYPICAL if d.atypical else NORMAL} {MITOTIC_FIGURE}", "point": [d.x_mm, d.y_mm, 0.0],
-         "probability": d.atypical_probability}
-        for d in result.mitotic_figures if d.atypical_probability is not None
-    ])
-    return figures, atypical
 
 
 def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
@@ -236,7 +239,7 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
         detector = Track1Detector.from_config(config)
         loaded = time.perf_counter()
         result = detector.detect(roi, progress=True)
-    figures, atypical = track1_outputs(result)
+    figures, atypical = track1_outputs(result.detections)
     path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)
     try:
         write_json_atomic(output_dir / TRACK1_ATYPICAL_FILENAME, atypical)

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +29,8 @@ from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.devices import batches_halving_on_oom
 from midog.errors import ConfigError, WeightsError, first_line
 from midog.image_io import RoiImage
-from midog.tiling import has_tissue, tissue_fraction
-from midog.weights import sha256_of, verify_checksum
+from midog.tiling import read_tiles
+from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, sha256_of, verify_checksum
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     disable_ultralytics_sync()
 
     try:
-        model, _ = load_checkpoint(str(path), device="cpu")
+        model, checkpoint = load_checkpoint(str(path), device="cpu")
     except Exception as err:  # torch/pickle raise many types for truncated or foreign files
         raise WeightsError(f"cannot load detector weights {path}: {first_line(err)}") from None
     if not hasattr(model, "fuse") or getattr(model, "task", "detect") != "detect":
@@ -97,7 +95,19 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     model = model.fuse(verbose=False).eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    model.pixel_size_um = detector_pixel_size(checkpoint, path)
     return model
+
+
+def detector_pixel_size(checkpoint: Any, path: Path) -> float:
+    """µm/px the detector was trained at: the checkpoint's `pixel_size_um` entry (`training.train_detector` writes
+    it), else its model card's, else `DEFAULT_PIXEL_SIZE_UM`."""
+    value = checkpoint.get("pixel_size_um") if isinstance(checkpoint, dict) else None
+    if value is None:
+        value = (read_model_card(path) or {}).get("pixel_size_um", DEFAULT_PIXEL_SIZE_UM)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise WeightsError(f"{path}: 'pixel_size_um' is {value!r:.60}, expected a positive number")
+    return float(value)
 
 
 class _OutputOnly(torch.nn.Module):
@@ -193,6 +203,8 @@ class YoloProposer:
         self.config = config
         self.batch_size = max(1, int(config.batch_size))
         self.stride = model_stride(model)
+        self.pixel_size_um = float(getattr(model, "pixel_size_um", DEFAULT_PIXEL_SIZE_UM))
+        """µm/px of the tiles the detector was trained on."""
         self.end2end = bool(getattr(model, "end2end", False))
         self.half = bool(config.half) and device.type == "cuda"
         self.channels_last = bool(config.channels_last) and onnx is None
@@ -282,7 +294,7 @@ class YoloProposer:
         stats = ProposalStats(tiles_total=len(origins))
         results: list[TileDetections] = []
         with tqdm(total=len(origins), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
-            for batch_origins, pixels, skipped in _prefetch(image, origins, tiling, self.batch_size):
+            for batch_origins, pixels, skipped in read_tiles(image, origins, tiling, self.batch_size):
                 bar.update(skipped)
                 if not batch_origins:
                     continue
@@ -292,80 +304,3 @@ class YoloProposer:
                 bar.update(len(batch_origins))
         stats.batch_size = self.batch_size
         return results, stats
-
-
-_DONE = object()
-
-
-def _prefetch(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: TilingConfig,
-              batch_size: int) -> Iterator[tuple[list[tuple[int, int]], np.ndarray, int]]:
-    """Batches of (origins, tiles, number of tiles skipped for lack of tissue), read by a background thread.
-
-    Decoding (tifffile/imagecodecs, numpy) releases the GIL, so reading the next batch overlaps with the model.
-    When the image has a cheap thumbnail (a pyramid level of a streamed whole-slide image), tiles whose area in it
-    holds less than half the minimum tissue share are skipped without being decoded; every other tile is checked
-    on its own pixels.
-    """
-    size = tiling.tile_size
-    thumbnail = None
-    if tiling.tissue_min_fraction > 0 and tiling.thumbnail_megapixels > 0:
-        thumbnail = image.thumbnail(int(tiling.thumbnail_megapixels * 1e6))
-
-    def surely_empty(x: int, y: int) -> bool:
-        if thumbnail is None:
-            return False
-        sy, sx = thumbnail.shape[0] / image.height, thumbnail.shape[1] / image.width
-        y0, x0 = int(y * sy), int(x * sx)
-        y1, x1 = max(y0 + 1, int(np.ceil((y + size) * sy))), max(x0 + 1, int(np.ceil((x + size) * sx)))
-        region = thumbnail[y0:y1, x0:x1]
-        share = tissue_fraction(region, tiling.tissue_saturation, subsample=1, gray_max=tiling.tissue_gray_max)
-        return share < tiling.tissue_min_fraction / 2
-    items: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            kept: list[tuple[int, int]] = []
-            tiles: list[np.ndarray] = []
-            skipped = 0
-            for x, y in origins:
-                if stop.is_set():
-                    return
-                if surely_empty(x, y):
-                    skipped += 1
-                    continue
-                tile = image.read_region(x, y, size, size)
-                inside = tile[:image.height - y, :image.width - x]  # an image smaller than a tile: not the padding
-                if not has_tissue(inside, tiling.tissue_saturation, tiling.tissue_min_fraction,
-                                  tiling.tissue_gray_max):
-                    skipped += 1
-                    continue
-                kept.append((x, y))
-                tiles.append(tile)
-                if len(kept) == batch_size:
-                    items.put((kept, np.stack(tiles), skipped))
-                    kept, tiles, skipped = [], [], 0
-            if kept or skipped:
-                items.put((kept, np.stack(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8), skipped))
-            items.put(_DONE)
-        except BaseException as err:  # handed to the consuming thread, which raises it
-            items.put(err)
-
-    worker = threading.Thread(target=produce, name="tile-reader", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = items.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        worker.join()

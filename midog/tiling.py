@@ -1,4 +1,5 @@
-"""Tile origins and tissue detection: pure functions of sizes and pixels (no torch).
+"""Tiling: tile origins and tissue detection (pure functions of sizes and pixels), and `read_tiles`, which reads
+the tissue tiles of an image in batches on a background thread (no torch anywhere).
 
 Tiles are `tile` px squares whose neighbours share `int(overlap * tile)` px, laid out as SAHI's slicer does (origins
 0, step, 2·step, ...), except that the last row and column are shifted inward to end exactly on the border, so
@@ -8,7 +9,15 @@ border). An image smaller than a tile gets the single origin 0; its reader pads 
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import TYPE_CHECKING, Iterator, Sequence
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from midog.config import TilingConfig
+    from midog.image_io import RoiImage
 
 
 def tile_step(tile: int, overlap: float) -> int:
@@ -61,3 +70,80 @@ def tissue_fraction(rgb: np.ndarray, saturation: float, subsample: int = 4, gray
 def has_tissue(rgb: np.ndarray, saturation: float, min_fraction: float, gray_max: float = 0.85) -> bool:
     """Whether a tile holds enough tissue to be worth running the detector on."""
     return min_fraction <= 0.0 or tissue_fraction(rgb, saturation, gray_max=gray_max) >= min_fraction
+
+
+_DONE = object()
+
+
+def read_tiles(image: RoiImage, origins: Sequence[tuple[int, int]], tiling: TilingConfig,
+              batch_size: int) -> Iterator[tuple[list[tuple[int, int]], np.ndarray, int]]:
+    """Batches of (origins, tiles, number of tiles skipped for lack of tissue), read by a background thread.
+
+    Decoding (tifffile/imagecodecs, numpy) releases the GIL, so reading the next batch overlaps with the model.
+    When the image has a cheap thumbnail (a pyramid level of a streamed whole-slide image), tiles whose area in it
+    holds less than half the minimum tissue share are skipped without being decoded; every other tile is checked
+    on its own pixels.
+    """
+    size = tiling.tile_size
+    thumbnail = None
+    if tiling.tissue_min_fraction > 0 and tiling.thumbnail_megapixels > 0:
+        thumbnail = image.thumbnail(int(tiling.thumbnail_megapixels * 1e6))
+
+    def surely_empty(x: int, y: int) -> bool:
+        if thumbnail is None:
+            return False
+        sy, sx = thumbnail.shape[0] / image.height, thumbnail.shape[1] / image.width
+        y0, x0 = int(y * sy), int(x * sx)
+        y1, x1 = max(y0 + 1, int(np.ceil((y + size) * sy))), max(x0 + 1, int(np.ceil((x + size) * sx)))
+        region = thumbnail[y0:y1, x0:x1]
+        share = tissue_fraction(region, tiling.tissue_saturation, subsample=1, gray_max=tiling.tissue_gray_max)
+        return share < tiling.tissue_min_fraction / 2
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            kept: list[tuple[int, int]] = []
+            tiles: list[np.ndarray] = []
+            skipped = 0
+            for x, y in origins:
+                if stop.is_set():
+                    return
+                if surely_empty(x, y):
+                    skipped += 1
+                    continue
+                tile = image.read_region(x, y, size, size)
+                inside = tile[:image.height - y, :image.width - x]  # an image smaller than a tile: not the padding
+                if not has_tissue(inside, tiling.tissue_saturation, tiling.tissue_min_fraction,
+                                  tiling.tissue_gray_max):
+                    skipped += 1
+                    continue
+                kept.append((x, y))
+                tiles.append(tile)
+                if len(kept) == batch_size:
+                    items.put((kept, np.stack(tiles), skipped))
+                    kept, tiles, skipped = [], [], 0
+            if kept or skipped:
+                items.put((kept, np.stack(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8), skipped))
+            items.put(_DONE)
+        except BaseException as err:  # handed to the consuming thread, which raises it
+            items.put(err)
+
+    worker = threading.Thread(target=produce, name="tile-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()

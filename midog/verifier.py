@@ -19,6 +19,7 @@ from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
 from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
+from midog.resampling import at_pixel_size, scale_boxes, view_scale
 
 PROBABILITY_MODES = CHOICES["verifier.probability"]
 
@@ -91,6 +92,15 @@ def box_crops(image: RoiImage, boxes: np.ndarray, size: int, context_px: int, fa
     return region_crops(image, regions, size)
 
 
+def candidate_crops(image: RoiImage, boxes: np.ndarray, pixel_size_um: float, tolerance: float, size: int,
+                    context_px: int, fallback_px: int) -> np.ndarray:
+    """`box_crops` of (n, 4) boxes given in `image`'s pixels, cut from `image` seen at `pixel_size_um`
+    (`midog.resampling.at_pixel_size`): how the pipeline's verifier, and the verifier's training data, cut
+    candidates from an image of any scanner."""
+    view = at_pixel_size(image, pixel_size_um, tolerance)
+    return box_crops(view, scale_boxes(boxes, view_scale(image, view)), size, context_px, fallback_px)
+
+
 def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -> np.ndarray:
     """The output `probability`: the verifier's P(mitotic figure) ("verifier"), or detector confidence times it
     ("product", which ranks candidates the two stages agree on first)."""
@@ -106,22 +116,28 @@ class Verifier:
     classifier: BinaryClassifier
     config: VerifierConfig
     fallback_box_px: int = 50
+    """Side of the square cut for a degenerate box, in the verifier's pixels (`merging.box_size_px`)."""
+    resample_tolerance: float = 0.02
+    """`image.resample_tolerance`: crops are cut at the classifier's `pixel_size_um` beyond it."""
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
-                     fallback_box_px: int = 50, foundation: FoundationConfig | None = None) -> "Verifier":
+                     fallback_box_px: int = 50, foundation: FoundationConfig | None = None,
+                     resample_tolerance: float = 0.02) -> "Verifier":
         """`foundation`: where a foundation-model verifier's base weights are (see midog.foundation)."""
         classifier = require_positive(load_classifier(path, device, foundation=foundation), MITOTIC_FIGURE,
                                       Path(path).name, "a verifier")
-        return cls(classifier, config, fallback_box_px)
+        return cls(classifier, config, fallback_box_px, resample_tolerance)
 
     @property
     def threshold(self) -> float:
         return float(self.config.threshold)
 
     def crops(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
-        """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes."""
-        return box_crops(image, boxes, self.config.crop_size, self.config.context_px, self.fallback_box_px)
+        """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes (`image` pixels), at the classifier's
+        pixel size."""
+        return candidate_crops(image, boxes, self.classifier.pixel_size_um, self.resample_tolerance,
+                               self.config.crop_size, self.config.context_px, self.fallback_box_px)
 
     def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
         """P(mitotic figure) per box, in order."""

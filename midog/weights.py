@@ -14,6 +14,9 @@ from typing import Any, Mapping, Sequence
 from midog.config import read_config_file
 from midog.errors import WeightsError
 
+DEFAULT_PIXEL_SIZE_UM = 0.25
+"""µm per pixel a checkpoint was trained at when it does not say (MIDOG's and AMi-Br's 0.25 µm/px)."""
+
 REPO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 MODEL_DIR = Path("/opt/ml/model")
 

@@ -72,9 +72,9 @@ def make_track2_case(seed: int, margin: float, max_tries: int, config: Path | No
 
 def _threshold(config: Path | None) -> float:
     from midog.atypical import load_atypical
-    from midog.config import load_config
+    from midog.config import resolve_config
 
-    pipeline_config = load_config(config)
+    pipeline_config = resolve_config(config)
     return load_atypical(pipeline_config.atypical, foundation=pipeline_config.foundation).threshold
 
 

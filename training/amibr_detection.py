@@ -454,35 +454,40 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
                          confidence: float | None = None, match_radius: float = 30.0) -> dict[str, int]:
     """Run a trained detector (the pipeline's own proposal stage) on the canvases of `splits` and save every
     candidate farther than `match_radius` px (7.5 µm, the official matching radius) from all labelled figures as a
-    verifier negative in `verifier/<split>/false_positive/`: the crop is the candidate's box, as the pipeline's
-    verifier cuts it. Returns the number of crops per split."""
-    import torch
-
-    from midog.config import load_config
-    from midog.proposals import YoloProposer
-    from midog.verifier import crop_boxes
+    verifier negative in `verifier/<split>/false_positive/`. Candidates come from `Track1Detector.candidates` (the
+    pipeline's tile → propose → merge) and crops from `midog.verifier.box_crops` (cut and resized as the pipeline's
+    verifier cuts them). Returns the number of crops per split."""
+    from midog.config import resolve_config
+    from midog.image_io import ArrayRoi, PhysicalTransform
+    from midog.pipeline import Track1Detector
+    from midog.verifier import box_crops
+    from midog.weights import DEFAULT_PIXEL_SIZE_UM
 
     out = Path(out_dir)
-    config = load_config(overrides={"proposals.confidence": confidence} if confidence is not None else None)
-    proposer = YoloProposer.from_weights(detector, torch.device("cpu"), config.proposals)
+    overrides = {"proposals.weights": str(detector), "runtime.device": "cpu"}
+    if confidence is not None:
+        overrides["proposals.confidence"] = confidence
+    config = resolve_config(overrides=overrides)
+    chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
+    spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
     counts = {}
     for split in splits:
         folder = out / "verifier" / split / FALSE_POSITIVE_DIR
         folder.mkdir(parents=True, exist_ok=True)
         counts[split] = 0
         for path, centres in read_annotations(out / "detection", split).items():
-            image = np.array(Image.open(path).convert("RGB"))
-            boxes, _, _ = proposer.predict(image[None])[0]
-            if not len(boxes):
+            image = ArrayRoi(np.array(Image.open(path).convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)))
+            candidates, _ = chain.candidates(image)
+            if not len(candidates):
                 continue
-            middle = (boxes[:, :2] + boxes[:, 2:]) / 2
-            far = np.ones(len(boxes), dtype=bool) if not len(centres) else \
+            middle = candidates.centres
+            far = np.ones(len(middle), dtype=bool) if not len(centres) else \
                 np.min(np.linalg.norm(middle[:, None] - centres[None], axis=2), axis=1) > match_radius
-            regions = crop_boxes(boxes[far], image.shape[1], image.shape[0], config.verifier.context_px,
-                                 config.merging.box_size_px)
-            for k, (x0, y0, x1, y1) in enumerate(regions):
-                Image.fromarray(image[y0:y1, x0:x1]).save(folder / f"{path.stem}_{k:03d}.png")
-            counts[split] += len(regions)
+            crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
+                              config.merging.box_size_px)
+            for k, crop in enumerate(crops):
+                Image.fromarray(crop).save(folder / f"{path.stem}_{k:03d}.png")
+            counts[split] += len(crops)
     return counts
 
 

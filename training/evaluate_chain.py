@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from midog.config import PipelineConfig, load_config
+from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError
 from midog.evaluate.track1 import Track1Evaluation, evaluate
 from midog.evaluate.tune import TunedThreshold, tune_detection, write_thresholds
@@ -90,7 +90,8 @@ def pipeline_predictor(config: PipelineConfig, work_dir: Path) -> Predictor:
     time; its output payload is exactly what `run_track1` writes. Images the ROI reader does not take (the PNG
     canvases) are first written as TIFF regions of interest with their spacing."""
     from midog.image_io import ROI_SUFFIXES
-    from midog.pipeline import Track1Detector, track1_outputs
+    from midog.outputs import track1_outputs
+    from midog.pipeline import Track1Detector
 
     detector = Track1Detector.from_config(config, with_atypical=False)
 
@@ -100,7 +101,7 @@ def pipeline_predictor(config: PipelineConfig, work_dir: Path) -> Predictor:
             roi = write_roi_tiff(np.asarray(Image.open(image).convert("RGB")), work_dir / f"{image.stem}.tif")
         try:
             result = detector.detect(roi, progress=False)
-            payload = track1_outputs(result)[0]
+            payload = track1_outputs(result.detections)[0]
             for point, detection in zip(payload["points"], result.detections):  # same order, one per candidate
                 point[DETECTOR_KEY] = detection.detector_confidence
             return payload
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights_dir is not None:
         os.environ["MIDOG_WEIGHTS_DIR"] = str(args.weights_dir.resolve())
     try:
-        config = load_config(args.config)
+        config = resolve_config(args.config)
         with tempfile.TemporaryDirectory(prefix="midog-chain-") as work:
             report = evaluate_chain(args.detection, pipeline_predictor(config, Path(work)), args.tuned_config,
                                     args.limit)

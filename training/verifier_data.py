@@ -27,6 +27,7 @@ even when they are duplicates the evaluation would count as false positives: the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,13 +40,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from midog.config import PipelineConfig, VerifierConfig, load_config
-from midog.devices import resolve_device
+from midog.config import PipelineConfig, VerifierConfig, resolve_config
 from midog.errors import InputError, MidogError
-from midog.image_io import RoiImage, open_roi
-from midog.merging import merge_tiles
-from midog.proposals import YoloProposer
-from midog.tiling import tile_origins
+from midog.image_io import open_roi
+from midog.pipeline import Track1Detector
 from midog.verifier import box_crops
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, SPLIT_RATIOS, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
@@ -117,21 +115,13 @@ def load_detections(path: str | os.PathLike[str]) -> pd.DataFrame:
     return table
 
 
-def propose(proposer: YoloProposer, image: RoiImage, config: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The proposal network's merged candidates on one image, exactly as the pipeline finds them before
-    verification: (n, 4) boxes in image pixels and (n,) confidences."""
-    origins = tile_origins(image.width, image.height, config.tiling.tile_size, config.tiling.overlap)
-    tiles, _ = proposer.propose(image, origins, config.tiling, progress=False)
-    candidates = merge_tiles(tiles, config.tiling.tile_size, image.width, image.height, config.merging)
-    return np.asarray(candidates.boxes, dtype=np.float64).reshape(-1, 4), np.asarray(candidates.scores)
-
-
 def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector: str | os.PathLike[str],
                   splits: Sequence[str] = ("train", "val"), seed: int = 0, config: PipelineConfig | None = None,
                   progress: bool = True, ratios: Sequence[float] = SPLIT_RATIOS) -> pd.DataFrame:
     """Run the proposal network over every slide of `splits`: a table slide, x1, y1, x2, y2, score."""
-    config = config or load_config()
-    proposer = YoloProposer.from_weights(detector, resolve_device(config.runtime.device), config.proposals)
+    config = config or resolve_config()
+    config = dataclasses.replace(config, proposals=dataclasses.replace(config.proposals, weights=str(detector)))
+    chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     split = split_slides(index.slides, ratios, seed)
     chosen = index.slides[split.isin(list(splits)).to_numpy()]
     rows = []
@@ -139,8 +129,9 @@ def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector:
         with open_roi(Path(images) / row.file_name, config.image.fallback_spacing_um,
                       config.image.in_memory_max_megapixels, config.image.segment_cache_mb,
                       config.image.max_spacing_um) as image:
-            boxes, scores = propose(proposer, image, config)
-        rows += [(int(row.slide), *map(float, box), float(score)) for box, score in zip(boxes, scores)]
+            candidates, _ = chain.candidates(image)
+        rows += [(int(row.slide), *map(float, box), float(score))
+                 for box, score in zip(candidates.boxes, candidates.scores)]
     return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
 
 
@@ -223,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         detections = load_detections(args.detections) if args.detections else None
         if args.detector:
             detections = detect_slides(index, args.images, args.detector, args.splits, args.seed,
-                                       load_config(args.config), ratios=args.ratios)
+                                       resolve_config(args.config, overrides={"proposals.weights": str(args.detector)}),
+                                       ratios=args.ratios)
             args.out.mkdir(parents=True, exist_ok=True)
             detections.to_csv(args.out / "detections.csv", index=False)
         counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections, ratios=args.ratios)
