@@ -37,7 +37,8 @@ from torchvision.transforms.v2.functional import center_crop
 
 from midog.config import TTA_VIEW_COUNTS, is_probability
 from midog.devices import batches_halving_on_oom
-from midog.errors import WeightsError, first_line
+from midog.errors import ConfigError, WeightsError, first_line
+from midog.pretrained import load_pretrained
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, verify_checksum
 
 CHECKPOINT_FORMAT = "midog-classifier/1"
@@ -226,11 +227,16 @@ def build_classifier(
     positive: str = "positive",
     threshold: float = 0.5,
     model_kwargs: dict[str, Any] | None = None,
+    pretrained: str | None = None,
 ) -> BinaryClassifier:
     """A fresh (random-initialised, never downloaded) timm model with one output logit.
 
-    It is trained from scratch, so its crops get a plain bilinear resize (`PLAIN_INTERPOLATION`, `PLAIN_CROP_PCT`),
-    not the ImageNet eval transform of the architecture's timm pretrained_cfg.
+    Its crops get a plain bilinear resize (`PLAIN_INTERPOLATION`, `PLAIN_CROP_PCT`), not the ImageNet eval transform
+    of the architecture's timm pretrained_cfg; mean and std come from the timm data config of the architecture.
+
+    `pretrained`: start from local pretrained weights (`midog.pretrained.load_pretrained`: a registry name such as
+    "efficientnet_lite0.imagenet", or a state-dict file); their card is kept in `meta["pretrained"]`. Only for
+    training: checkpoints are loaded by `load_classifier`.
 
     Foundation-model backbones (registry names such as "uni2-h", or any timm name whose `model_kwargs` choose a
     `method`) are built by midog.foundation, from their local pretrained weights.
@@ -239,9 +245,13 @@ def build_classifier(
     from midog.foundation import build_foundation_classifier, is_foundation  # imports this module
 
     if is_foundation(arch, model_kwargs):
+        if pretrained:
+            raise ConfigError(f"pretrained '{pretrained}' is for timm classifiers; a foundation-model backbone "
+                              "reads its own base weights (model_kwargs 'weights')")
         return build_foundation_classifier(arch, input_size, positive=positive, threshold=threshold,
                                            model_kwargs=model_kwargs)
     model = timm.create_model(arch, pretrained=False, num_classes=1, **model_kwargs)
+    card = load_pretrained(model, pretrained) if pretrained else None
     data_config = timm.data.resolve_model_data_config(model)
     return BinaryClassifier(
         model=model,
@@ -252,6 +262,7 @@ def build_classifier(
         threshold=threshold,
         positive=positive,
         model_kwargs=model_kwargs,
+        meta={"pretrained": card} if card else {},
     )
 
 

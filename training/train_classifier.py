@@ -64,6 +64,10 @@ class TrainConfig:
     """1: the crop is resized to input_size whole. Below 1: resized to input_size / crop_pct, then centre-cropped to
     input_size (a narrower field of view at a finer scale); stored with the weights, so inference does the same."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    """Start from pretrained weights instead of a random init: a `midog.pretrained` registry name (for example
+    "efficientnet_lite0.imagenet", with arch tf_efficientnet_lite0) or a local state-dict file with timm key names;
+    read from disk, never downloaded (docs/pretrained.md). Recorded in the checkpoints' meta and the model card."""
     positive: str = "atypical"
     folds: int = 5
     fold_seed: int = 0
@@ -150,7 +154,8 @@ def _refuse_unknown_keys(values: dict[str, Any], cls: type, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------- setup
 
 def build_model(cfg: TrainConfig) -> BinaryClassifier:
-    clf = build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs)
+    clf = build_classifier(cfg.arch, cfg.input_size, positive=cfg.positive, model_kwargs=cfg.model_kwargs,
+                           pretrained=cfg.pretrained)
     if cfg.crop_pct != PLAIN_CROP_PCT:
         check_resize(clf.interpolation, cfg.crop_pct)
         clf.crop_pct = float(cfg.crop_pct)
@@ -339,6 +344,7 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     clf = build_model(cfg).to(ctx.device)
+    meta = {**(meta or {}), **({"pretrained": clf.meta["pretrained"]} if "pretrained" in clf.meta else {})}
     train_set, val_set = make_datasets(cfg, crops, labels, train_idx,
                                        val_idx if val_idx is not None else np.zeros(0, dtype=int), train_targets)
     loader = make_train_loader(cfg, train_set, ctx, cfg.seed)
@@ -565,7 +571,8 @@ def model_card(cfg: TrainConfig, clf_path: Path, summary: dict[str, Any] | None,
         **({"tta_threshold": state["tta_threshold"]} if "tta_threshold" in state else {}),
         "preprocess": preprocess_card(state),
         "positive": state["positive"],
-        "pretrained": ("none (trained from scratch)" if state.get("kind", "timm") == "timm" else
+        "pretrained": ((state.get("meta", {}).get("pretrained") or "none (trained from scratch)")
+                       if state.get("kind", "timm") == "timm" else
                        f"{state['arch']}: a foundation-model backbone, base weights read locally "
                        "(docs/foundation-models.md)"),
         "training_config": plain(dataclasses.asdict(cfg)),

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from midog.classifier import BinaryClassifier, build_classifier
 from midog.errors import InputError, MidogError
-from midog.weights import write_model_card
+from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
                               save_atomic, seed_everything, write_csv)
@@ -85,6 +85,13 @@ class VerifierTrainConfig:
     """Any timm model name (created with pretrained=False)."""
     input_size: int = 64
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    """Start from pretrained weights instead of a random init: a `midog.pretrained` registry name (for example
+    "efficientnet_lite0.imagenet", with arch tf_efficientnet_lite0) or a local state-dict file with timm key names;
+    read from disk, never downloaded (docs/pretrained.md). None: trained from scratch."""
+    pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM
+    """µm/px of the training crops (`training.prepare_fields --pixel-size`; AMi-Br and MIDOG++: 0.25). Stored in
+    the checkpoint: the pipeline cuts candidates at this scale (`midog.resampling`)."""
     projection_dim: int = 128
     """Output size of the training-only projection head that feeds the contrastive loss."""
     loss: HybridLossConfig = field(default_factory=HybridLossConfig)
@@ -372,7 +379,9 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
     run_dir = Path(cfg.run_dir) if Path(cfg.run_dir).is_absolute() else REPO_ROOT / cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    clf = build_classifier(cfg.arch, cfg.input_size, positive="mitotic figure", model_kwargs=cfg.model_kwargs)
+    clf = build_classifier(cfg.arch, cfg.input_size, positive="mitotic figure", model_kwargs=cfg.model_kwargs,
+                           pretrained=cfg.pretrained)
+    clf.pixel_size_um = float(cfg.pixel_size_um)
     net = VerifierNet(clf.model, cfg.projection_dim).to(ctx.device)
     model: torch.nn.Module = net
     if ctx.world_size > 1:
@@ -469,7 +478,8 @@ def model_card(cfg: VerifierTrainConfig, clf: BinaryClassifier, state: dict[str,
         "task": "Track 1 verifier: candidate crop -> P(mitotic figure)",
         "architecture": clf.arch, "model_kwargs": clf.model_kwargs, "input_size": clf.input_size,
         "threshold": float(state["best_threshold"]), "positive": clf.positive,
-        "pretrained": "none (trained from scratch)",
+        "pixel_size_um": float(clf.pixel_size_um),
+        "pretrained": clf.meta.get("pretrained") or "none (trained from scratch)",
         "loss": f"focal(alpha_pos={cfg.loss.alpha_pos}, alpha_neg={cfg.loss.alpha_neg}, gamma={cfg.loss.gamma})"
                 f" + {cfg.loss.supcon_weight} * supcon(temperature={cfg.loss.temperature})",
         "training_data": data,
