@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,14 +108,31 @@ def _describe(checkpoint: Path) -> tuple[str, int]:
     return Path(model.yaml.get("yaml_file", "unknown")).stem, sum(p.numel() for p in model.parameters())
 
 
+def dataset_pixel_size(data: str | None) -> float:
+    """The `pixel_size_um` a dataset YAML declares (`training.prepare_fields` writes it), else 0.25 µm/px (MIDOG++,
+    AMi-Br canvases)."""
+    from midog.weights import DEFAULT_PIXEL_SIZE_UM
+
+    if data and Path(data).is_file():
+        value = (yaml.safe_load(Path(data).read_text()) or {}).get("pixel_size_um")
+        if value is not None:
+            return float(value)
+    return DEFAULT_PIXEL_SIZE_UM
+
+
 def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], classes: dict[int, str]) -> Path:
     """Copy best.pt to `out` and write its model card beside it; returns the card's path."""
     import ultralytics
 
     from midog.weights import write_model_card
 
+    import torch
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, out)
+    pixel_size_um = dataset_pixel_size(train.get("data"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)  # ultralytics' own pickle, our own run
+    checkpoint["pixel_size_um"] = pixel_size_um  # read back by midog.proposals.detector_pixel_size
+    torch.save(checkpoint, out)
     architecture, parameters = _describe(out)
     card = {
         "task": "track1-proposals",
@@ -124,6 +140,7 @@ def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], 
         "framework": f"ultralytics {ultralytics.__version__}",
         "parameters": parameters,
         "input_size": train.get("imgsz"),
+        "pixel_size_um": pixel_size_um,
         "classes": {int(k): str(v) for k, v in classes.items()},
         "training": {k: v for k, v in train.items() if k not in {"project", "name", "exist_ok"}},
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},

@@ -1,0 +1,171 @@
+"""training.prepare_fields and training.evaluate_fields on generated fields in the MITOS-ATYPIA-14 layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from midog.errors import InputError
+from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
+from training.evaluate_fields import cross_fold_scores, per_fold_paths
+from training.evaluate_fields import main as evaluate_main
+from training.fields import load_field_index, slide_folds
+from training.prepare_fields import (FieldDataConfig, far_from, frame_splits, positive_boxes, prepare, tile_labels)
+from training.train_verifier import NegativeDraw
+
+SPACING = (0.2273, 0.2275)
+WIDTH, HEIGHT = 700, 600
+FIELDS = {  # frame → mitoses (pixels): three slides, fields of unequal counts
+    "S1_a.jpg": [(100, 120), (400, 300)],
+    "S1_b.jpg": [(650, 550)],
+    "S2_a.jpg": [(300, 200)],
+    "S2_b.jpg": [(50, 60), (500, 500)],
+    "S3_a.jpg": [(350, 300)],
+}
+
+
+@pytest.fixture
+def fields_root(tmp_path: Path) -> Path:
+    root = tmp_path / "fields"
+    (root / "frames").mkdir(parents=True)
+    rows = []
+    for seed, (name, figures) in enumerate(FIELDS.items()):
+        Image.fromarray(he_roi(WIDTH, HEIGHT, seed=seed, figures=figures)).save(root / "frames" / name, quality=95)
+        rows += [(name, name.split("_")[0], float(x), float(y)) for x, y in figures]
+    pd.DataFrame(rows, columns=["frame", "slide", "x", "y"]).to_csv(root / "mitoses.csv", index=False)
+    return root
+
+
+def test_tile_labels_keep_figures_whose_centre_is_in_the_tile():
+    cfg = FieldDataConfig()
+    lines = tile_labels(np.array([[10.0, 300.0], [600.0, 300.0], [520.0, 20.0]]), (0, 0), cfg)
+    assert lines == ["0 0.034180 0.585938 0.068359 0.097656"]  # clipped at x = 0: centre 17.5 px, 35 px wide
+    assert tile_labels(np.array([[512.0, 10.0]]), (0, 0), cfg) == []  # centre on the next tile's first column
+
+
+def test_far_from_uses_micrometres_on_each_axis():
+    mitoses = np.array([[100.0, 100.0]])
+    points = np.array([[100.0 + 7.4 / 0.25, 100.0], [100.0, 100.0 + 7.6 / 0.5]])
+    assert far_from(points, mitoses, (0.25, 0.5), 7.5).tolist() == [False, True]
+    assert far_from(points, np.zeros((0, 2)), (0.25, 0.5), 7.5).tolist() == [True, True]
+
+
+def test_positive_boxes_are_model_sized_and_jittered():
+    cfg = FieldDataConfig(jitter_copies=200, jitter_px=3.0)
+    boxes = positive_boxes(np.array([[100.0, 100.0]]), (0.9092, 0.91), cfg, np.random.default_rng(0))
+    widths = boxes[:, 2] - boxes[:, 0]
+    assert widths == pytest.approx(np.full(200, 50 / 0.9092))  # 50 model px in the field's pixels
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2 * [0.9092, 0.91]  # back in model pixels
+    assert np.std(centres - [90.92, 91.0], axis=0) == pytest.approx([3.0, 3.0], rel=0.2)
+
+
+def test_splits_keep_test_slides_out_of_training(fields_root: Path):
+    index = load_field_index(fields_root, SPACING)
+    folds = slide_folds(index, 3)
+    sets = frame_splits(index, folds, FieldDataConfig(folds=3, val_fraction=0.5))
+    for name, splits in sets.items():
+        test_slides = {f.split("_")[0] for f in splits["test"]}
+        seen = {f.split("_")[0] for f in splits["train"] + splits["val"]}
+        assert not test_slides & seen, name
+        assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(FIELDS)
+    assert sets["all"]["test"] == []
+    assert len(sets["all"]["val"]) == 2  # half of each two-field slide; a one-field slide stays in train
+
+
+def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)  # proposes boxes everywhere
+    out = tmp_path / "out"
+    cfg = FieldDataConfig(folds=3, jitter_copies=2, tissue_per_field=3)
+    summary = prepare(fields_root, out, str(detector), cfg, progress=False)
+
+    # detection: 700 x 600 px at 0.2273 µm/px is 636 x 546 px at 0.25: 2 x 2 tiles per field
+    images = sorted((out / "detection" / "images").glob("*.jpg"))
+    assert len(images) == 4 * len(FIELDS)
+    assert Image.open(images[0]).size == (512, 512)
+    labels = sum(len((out / "detection" / "labels" / f"{p.stem}.txt").read_text().splitlines()) for p in images)
+    assert labels >= sum(len(v) for v in FIELDS.values())  # every figure at least once (overlaps twice)
+    data = yaml.safe_load((out / "detection" / "fold0.yaml").read_text())
+    assert data["pixel_size_um"] == 0.25 and data["names"] == {0: "mitotic figure"}
+    test_tiles = (out / "detection" / data["test"]).read_text().split()
+    train_tiles = (out / "detection" / data["train"]).read_text().split()
+    test_slide = [s for s, k in summary["folds"].items() if k == 0]
+    assert all(Path(p).name.split("_")[0] in test_slide for p in test_tiles)
+    assert not any(Path(p).name.split("_")[0] in test_slide for p in train_tiles)
+
+    # verifier: crops at the pipeline's size, every class, symlinked per set, test slides left out
+    crops = out / "verifier" / "crops"
+    positives = sorted(crops.glob("*/mitotic_figure/*.png"))
+    assert len(positives) == 2 * sum(len(v) for v in FIELDS.values())
+    assert Image.open(positives[0]).size == (64, 64)
+    assert list(crops.glob("*/false_positive/*.png")) and list(crops.glob("*/tissue/*.png"))
+    fold0 = out / "verifier" / "fold0"
+    linked = [p for p in fold0.glob("*/*/*.png")]
+    assert linked and all(p.is_symlink() and p.resolve().is_file() for p in linked)
+    assert not any(p.name.split("_")[0] in test_slide for p in linked)
+
+    candidates = pd.read_csv(out / "candidates.csv")
+    assert set(candidates["frame"]) == set(FIELDS) and (candidates["x2"] <= WIDTH + 1e-3).all()
+    assert json.loads((out / "folds.json").read_text())["folds"] == summary["folds"]
+    with pytest.raises(InputError, match="already holds a prepared dataset"):
+        prepare(fields_root, out, str(detector), cfg, progress=False)
+
+
+def test_cross_fold_scores_use_the_other_folds_threshold(fields_root: Path):
+    index = load_field_index(fields_root, SPACING)
+    folds = {"S1": 0, "S2": 1, "S3": 2}
+    truth = index.truth_mm()
+    # each frame: its true points at probability 0.9 and one false point at probability p
+    false_p = {"S1": 0.3, "S2": 0.95, "S3": 0.5}
+    predictions = {}
+    for frame, points in truth.items():
+        fp = points[:1] + 0.05  # 50 µm away
+        p = false_p[frame.split("_")[0]]
+        predictions[frame] = (np.vstack([points, fp]), np.r_[np.full(len(points), 0.9), p])
+    report = cross_fold_scores(predictions, index, folds)
+    own = {k: v["own_optimal_threshold"] for k, v in report["folds"].items()}
+    assert own["0"] == pytest.approx(0.9) and own["2"] == pytest.approx(0.9)
+    # fold 1's false points outrank its figures: its own optimum differs, and it is scored at fold 0/2's 0.9
+    assert report["folds"]["1"]["threshold"] == pytest.approx(np.median([own["0"], own["2"]]))
+    assert report["folds"]["1"]["fp"] == 2 and report["folds"]["1"]["tp"] == 3
+    assert report["folds"]["0"]["f1"] == pytest.approx(1.0, abs=1e-6)
+    assert report["summary"]["mean_f1"] == pytest.approx(np.mean(report["summary"]["fold_f1"]))
+
+
+def test_per_fold_paths():
+    assert per_fold_paths(["a.pt"], 2, "verifier") == {0: "a.pt", 1: "a.pt"}
+    assert per_fold_paths(["fold1=b.pt", "fold0=a.pt"], 2, "verifier") == {0: "a.pt", 1: "b.pt"}
+    assert per_fold_paths(None, 2, "verifier") == {0: None, 1: None}
+    with pytest.raises(InputError, match="fold"):
+        per_fold_paths(["fold0=a.pt"], 2, "verifier")
+
+
+def test_evaluate_runs_the_chain_per_fold(fields_root: Path, tmp_path: Path):
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    verifier = tiny_verifier(tmp_path / "w" / "verifier.pt")
+    report_path = tmp_path / "report.json"
+    code = evaluate_main(["--root", str(fields_root), "--out", str(report_path), "--detector", str(detector),
+                          "--verifier", str(verifier), "--name", "tiny"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert set(report["folds"]) == {"0", "1", "2"} and set(report["slides"]) == {"S1", "S2", "S3"}
+    assert report["slides"]["S2"]["mitoses"] == 3
+
+
+def test_negative_draw_sees_every_positive_and_fresh_negatives():
+    labels = np.array([1] * 5 + [0] * 100)
+    draw = NegativeDraw(labels, negatives=20, seed=0)
+    draw.set_epoch(1)
+    first = list(draw)
+    draw.set_epoch(2)
+    second = list(draw)
+    assert len(first) == len(draw) == 25
+    assert set(range(5)) <= set(first) and set(range(5)) <= set(second)
+    assert set(first) - set(range(5)) != set(second) - set(range(5))
+    ranks = [list(NegativeDraw(labels, 20, 0, world_size=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 13 and set(ranks[0]) | set(ranks[1]) >= set(range(5))

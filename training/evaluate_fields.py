@@ -1,0 +1,154 @@
+"""The Track 1 chain on real full fields, per held-out slide, under the protocol of docs/track1-fields.md.
+
+    python -m training.evaluate_fields --root ../shared/data/mitos-atypia-14 --out REPORT.json
+        [--verifier PATH | --verifier fold0=PATH fold1=PATH fold2=PATH] [--detector PATH | fold0=PATH ...]
+        [--config PIPELINE.yaml] [--floor] [--folds 3]
+
+For each fold k the chain (`Track1Detector.detect`: tile → propose → merge → verify, at the models' pixel size)
+runs on fold k's fields with fold k's models (one path: the same models for every fold, e.g. the shipped ones),
+and is scored with the official Track 1 metrics per slide at the median of the *other* folds' F1-optimal
+thresholds. `--floor` scores the darkest-blob heuristic the same way instead of a chain. The report holds the
+primary figure (mean F1 over folds), the worst slide with >= 20 mitoses, per-fold and per-slide numbers, and the
+threshold to ship (median of the folds' optimal thresholds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from midog.config import resolve_config
+from midog.errors import InputError, MidogError
+from midog.outputs import write_json_atomic
+from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
+                             open_field, score_fields, slide_folds)
+
+MIN_MITOSES_FOR_WORST = 20
+"""Slides with fewer mitoses are too small for a per-slide F1 to mean much (H12 has 2)."""
+
+
+def fold_frames(index: FieldIndex, folds: Mapping[str, int]) -> dict[int, list[str]]:
+    frames: dict[int, list[str]] = {}
+    for frame, slide in zip(index.frames["frame"], index.frames["slide"]):
+        frames.setdefault(folds[slide], []).append(frame)
+    return dict(sorted(frames.items()))
+
+
+def cross_fold_scores(predictions: Mapping[str, Prediction], index: FieldIndex,
+                      folds: Mapping[str, int]) -> dict[str, Any]:
+    """Each fold scored at the median of the other folds' F1-optimal thresholds; per fold, per slide, summary."""
+    by_fold = fold_frames(index, folds)
+    slide_of = dict(zip(index.frames["frame"], index.frames["slide"]))
+    optimal = {k: best_threshold(predictions, index, frames)[0] for k, frames in by_fold.items()}
+    report: dict[str, Any] = {"folds": {}, "slides": {}}
+    for k, frames in by_fold.items():
+        others = [t for j, t in optimal.items() if j != k and np.isfinite(t)]
+        threshold = float(np.median(others)) if others else float("nan")
+        slides = {s: [f for f in frames if slide_of[f] == s] for s in sorted({slide_of[f] for f in frames})}
+        scored = score_fields(predictions, index, slides, threshold=threshold)
+        report["folds"][str(k)] = {"threshold": threshold, "own_optimal_threshold": optimal[k],
+                                   "slides": sorted(slides), **scored["overall"]}
+        report["slides"].update(scored["groups"])
+    f1s = [fold["f1"] for fold in report["folds"].values()]
+    large = {s: v["f1"] for s, v in report["slides"].items() if v["mitoses"] >= MIN_MITOSES_FOR_WORST}
+    worst = min(large, key=large.get) if large else None
+    finite = [t for t in optimal.values() if np.isfinite(t)]
+    report["summary"] = {
+        "mean_f1": float(np.mean(f1s)), "fold_f1": f1s,
+        "worst_slide": worst, "worst_slide_f1": large.get(worst) if worst else None,
+        "mean_AP": float(np.mean([fold["AP"] for fold in report["folds"].values()])),
+        "ship_threshold": float(np.median(finite)) if finite else None,
+    }
+    return report
+
+
+def per_fold_paths(values: Sequence[str] | None, n_folds: int, what: str) -> dict[int, str | None]:
+    """`PATH` (every fold) or `fold0=PATH fold1=PATH ...` (one per fold) → fold → path; None: the shipped one."""
+    if not values:
+        return {k: None for k in range(n_folds)}
+    if len(values) == 1 and "=" not in values[0]:
+        return {k: values[0] for k in range(n_folds)}
+    paths = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        if not name.startswith("fold") or not name[4:].isdigit() or not path:
+            raise InputError(f"--{what} takes PATH or fold<k>=PATH, not {value!r}")
+        paths[int(name[4:])] = path
+    missing = sorted(set(range(n_folds)) - set(paths))
+    if missing:
+        raise InputError(f"--{what} names no checkpoint for fold(s) {missing}")
+    return paths
+
+
+def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Mapping[int, str | None],
+                      detectors: Mapping[int, str | None], config: Path | None = None,
+                      progress: bool = True) -> dict[str, Prediction]:
+    """Every field run through its fold's chain: frame → (points in mm, output probabilities)."""
+    from midog.pipeline import Track1Detector
+
+    predictions: dict[str, Prediction] = {}
+    paths = dict(zip(index.frames["frame"], index.frames["path"]))
+    for k, frames in fold_frames(index, folds).items():
+        overrides = {"runtime.device": "cpu"}
+        if verifiers.get(k):
+            overrides["verifier.weights"] = str(verifiers[k])
+        if detectors.get(k):
+            overrides["proposals.weights"] = str(detectors[k])
+        chain = Track1Detector.from_config(resolve_config(config, overrides=overrides), with_atypical=False)
+        for frame in tqdm(frames, desc=f"fold {k}", disable=not progress):
+            result = chain.detect(open_field(paths[frame], index.spacing_um), progress=False)
+            predictions[frame] = (np.array([[d.x_mm, d.y_mm] for d in result.detections]).reshape(-1, 2),
+                                  np.array([d.probability for d in result.detections]))
+    return predictions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="report JSON")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--verifier", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
+    parser.add_argument("--detector", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
+    parser.add_argument("--config", type=Path, default=None, help="partial pipeline YAML, as for process.py")
+    parser.add_argument("--floor", action="store_true", help="score the darkest-blob heuristic instead")
+    parser.add_argument("--name", default=None, help="what the report calls this chain")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        index = load_field_index(args.root)
+        folds = slide_folds(index, args.folds)
+        if args.floor:
+            predictions = blob_predictions(index)
+        else:
+            predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
+                                            per_fold_paths(args.detector, args.folds, "detector"), args.config)
+        report = cross_fold_scores(predictions, index, folds)
+    except MidogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    report = _finite({"name": args.name or ("darkest-blob floor" if args.floor else "chain"),
+                      "verifier": args.verifier, "detector": args.detector, "fold_of_slide": folds,
+                      "seconds": round(time.perf_counter() - started, 1), **report})
+    write_json_atomic(args.out, report)
+    summary = report["summary"]
+    print(f"{report['name']}: mean F1 over folds {summary['mean_f1']:.4f} {summary['fold_f1']}, worst slide "
+          f"{summary['worst_slide']} {summary['worst_slide_f1']}, ship threshold {summary['ship_threshold']}")
+    for slide, v in report["slides"].items():
+        print(f"  {slide}: F1 {v['f1']:.3f} P {v['precision']:.3f} R {v['recall']:.3f} AP {v['AP']:.3f} "
+              f"({v['mitoses']} mitoses)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
