@@ -31,6 +31,7 @@ test: $(STAMP)
 	YOLO_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-cache-dir -r benchmarks/requirements.txt
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean-venv:

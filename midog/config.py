@@ -127,8 +127,9 @@ class AtypicalConfig:
     """Track 2 reads at most this many pixels of pages per batch (and at least one page): a stack of large pages
     stays in bounded memory. 64 crops of 128 px are 1 MP."""
     confidence: str = "p_atypical"
-    """Track 2 "confidence": p_atypical (every page, as the reference container) | stated_class (as the official
-    evaluator reads it for ROC AUC: 1 - P(atypical) on "normal" pages)."""
+    """Track 2 "confidence": p_atypical (P(atypical) on every page, as the reference container writes it and the
+    official evaluation container reads it since 2025-07-27) | stated_class (deprecated, logs a warning: 1 -
+    P(atypical) on "normal" pages, the evaluator's reading before 2025-07-27, which the final one scrambles)."""
 
     @property
     def max_batch_pixels(self) -> int:

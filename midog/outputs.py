@@ -82,15 +82,24 @@ def discard_previous_outputs(folder: str | os.PathLike[str], names: Sequence[str
             raise OutputError(f"cannot remove {path} left by an earlier run: {err.strerror}") from None
 
 
+STATED_CLASS_DEPRECATED = (
+    "atypical.confidence: stated_class is deprecated: it writes 1 - P(atypical) on 'normal' pages, which the "
+    "official Track 2 evaluation reads as P(atypical) since 2025-07-27 (scrambling ROC AUC); use p_atypical")
+
+
 def track2_classification(probabilities: Sequence[float], threshold: float,
                           confidence: str = "p_atypical") -> list[dict[str, Any]]:
     """One {"class", "confidence"} per page, the confidence a JSON float.
 
-    `confidence="p_atypical"` writes P(atypical) for every page, as the MIDOG 2025 reference container does;
-    `"stated_class"` writes the confidence in the stated class (1 - P(atypical) for "normal" pages), which is how
-    the official evaluation container reads it for its ROC AUC (docs/evaluation.md).
+    `confidence="p_atypical"` writes P(atypical) for every page, as the MIDOG 2025 reference container does and as
+    the official evaluation container reads it since 2025-07-27 (commit 2d1b108). `"stated_class"` (deprecated,
+    one warning line per call) writes the confidence in the stated class (1 - P(atypical) for "normal" pages), the
+    reading of the evaluation container's versions before that: the final one scores such output with a
+    scrambled ROC AUC (docs/evaluation.md).
     """
     check_confidence_semantics(confidence)
+    if confidence == "stated_class":
+        _log.warning(STATED_CLASS_DEPRECATED)
     entries = []
     for p in probabilities:
         atypical = p >= threshold

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from midog.errors import MidogError
-from midog.evaluate.io import GroundTruthError, load_jobs, read_json
+from midog.evaluate.io import GroundTruthError, iter_jobs, read_json
 from midog.outputs import write_json_atomic
 
 
@@ -16,7 +16,7 @@ def _track1(args: argparse.Namespace) -> Any:
     from midog.evaluate import track1
 
     gt = read_json(args.ground_truth, GroundTruthError, "ground truth")
-    jobs = load_jobs(args.predictions, 1, set(gt) if isinstance(gt, dict) else set())
+    jobs = iter_jobs(args.predictions, 1, set(gt) if isinstance(gt, dict) else set())  # read as they are scored
     return track1.evaluate_jobs(jobs, gt, with_froc=not args.no_froc, ap_backend=args.ap_backend,
                                 check_coordinates=not args.no_coordinate_check)
 
@@ -26,12 +26,12 @@ def _track2(args: argparse.Namespace) -> Any:
 
     gt = read_json(args.ground_truth, GroundTruthError, "ground truth")
     known = {e.get("image") for e in gt if isinstance(e, dict)} if isinstance(gt, list) else set()
-    evaluation = track2.evaluate_jobs(load_jobs(args.predictions, 2, known), gt, args.confidence)
-    if args.confidence == "stated_class" and evaluation.looks_like_p_atypical():
+    evaluation = track2.evaluate_jobs(iter_jobs(args.predictions, 2, known), gt, args.confidence)
+    if args.confidence == track2.PRE_2025_07_27 and evaluation.looks_like_p_atypical():
         print("warning: these confidences look like P(atypical) on every page (every 'normal' one below every "
-              "'atypical' one), as process.py writes by default, but they are read as the confidence in the stated "
-              "class, as the official container does: ROC AUC (and a tuned threshold) are scrambled; use "
-              "--confidence p_atypical to score the model", file=sys.stderr)
+              "'atypical' one), as process.py writes them and the final container reads them, but "
+              "--confidence pre-2025-07-27 reads them as the confidence in the stated class: ROC AUC (and a tuned "
+              "threshold) are scrambled; drop that option to score them as the challenge did", file=sys.stderr)
     return evaluation
 
 
@@ -54,9 +54,13 @@ def run_track1(args: argparse.Namespace) -> None:
 
 
 def _add_confidence_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--confidence", choices=("stated_class", "p_atypical"), default="stated_class",
-                        help="how Track 2 confidences are read for ROC AUC: stated_class (the official container) or "
-                             "p_atypical (process.py's default output, atypical.confidence: p_atypical)")
+    from midog.evaluate.track2 import CONFIDENCE_READINGS, P_ATYPICAL
+
+    parser.add_argument("--confidence", choices=CONFIDENCE_READINGS, default=P_ATYPICAL,
+                        help="how Track 2 confidences are read for ROC AUC: p_atypical (default: P(atypical) on every "
+                             "page, as the final official container, 2025-07-27 on, and process.py's output) or "
+                             "pre-2025-07-27 (the confidence in the stated class, 1 - P(atypical) on 'normal' pages, "
+                             "as the container's versions before 2025-07-27)")
 
 
 def run_track2(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from midog.errors import InputError
 
@@ -69,11 +69,10 @@ def _interface_value(values: Any, slug: str, pk: str, field: str) -> dict[str, A
     raise PredictionError(f"job {pk}: no '{slug}' interface in field '{field}'")
 
 
-def _container_jobs(folder: Path, input_slug: str, output_slug: str) -> list[Job]:
+def _container_jobs(folder: Path, input_slug: str, output_slug: str) -> Iterator[Job]:
     jobs_json = read_json(folder / "predictions.json", PredictionError, "predictions.json")
     if not isinstance(jobs_json, list):
         raise PredictionError(f"{folder / 'predictions.json'} must hold a list of jobs")
-    jobs = []
     for index, job in enumerate(jobs_json):
         if not isinstance(job, dict) or not isinstance(job.get("pk"), str):
             raise PredictionError(f"predictions.json entry {index}: field 'pk' is missing")
@@ -86,8 +85,7 @@ def _container_jobs(folder: Path, input_slug: str, output_slug: str) -> list[Job
         if not isinstance(relative, str):
             raise PredictionError(f"job {pk}: field 'outputs[{output_slug}].interface.relative_path' is missing")
         payload = read_json(folder / pk / "output" / relative, PredictionError, f"job {pk}")
-        jobs.append(Job(pk=pk, image=image["name"], payload=payload))
-    return jobs
+        yield Job(pk=pk, image=image["name"], payload=payload)
 
 
 def image_key(name: str, known: set[str] | dict[str, Any]) -> str | None:
@@ -106,26 +104,27 @@ def image_key(name: str, known: set[str] | dict[str, Any]) -> str | None:
     return None
 
 
-def _plain_jobs(folder: Path, known_images: set[str]) -> list[Job]:
+def _plain_jobs(folder: Path, known_images: set[str]) -> Iterator[Job]:
     files = sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
     if not files:
         raise PredictionError(f"{folder}: no predictions.json and no <image>.json files")
-    jobs = []
     for path in files:
         image = image_key(path.name, known_images)
         if image is None and path.name == "metrics.json":
             continue  # the evaluation's own output, written into the folder by an earlier run
         if image is None:
             raise PredictionError(f"job {path.name}: no ground truth for an image named like '{path.stem}'")
-        jobs.append(Job(pk=path.name, image=image, payload=read_json(path, PredictionError, f"job {path.name}")))
-    return jobs
+        yield Job(pk=path.name, image=image, payload=read_json(path, PredictionError, f"job {path.name}"))
 
 
-def load_jobs(folder: str | Path, track: int, known_images: set[str]) -> list[Job]:
-    """Jobs from `folder`, in predictions.json order (or file-name order for a plain folder).
+def iter_jobs(folder: str | Path, track: int, known_images: set[str]) -> Iterator[Job]:
+    """Jobs from `folder` one at a time, in predictions.json order (or file-name order for a plain folder), each
+    read only when the previous one has been taken.
 
-    The order matters only for AP ties between images (pycocotools breaks score ties by image order); the official
-    container uses the order in which its workers finish, we use the order of predictions.json.
+    The final official containers (Track 1 since 8577851, 2025-08-12) score the jobs one after another in
+    predictions.json order, so `track1.evaluate_jobs(iter_jobs(...))` fails on the first bad job in that order,
+    whether its output file is missing or malformed, as they do. The order also decides AP ties between images
+    (pycocotools breaks equal scores by image order).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -135,3 +134,9 @@ def load_jobs(folder: str | Path, track: int, known_images: set[str]) -> list[Jo
             return _container_jobs(folder, TRACK1_INPUT_SLUG, TRACK1_OUTPUT_SLUG)
         return _container_jobs(folder, TRACK2_INPUT_SLUG, TRACK2_OUTPUT_SLUG)
     return _plain_jobs(folder, known_images)
+
+
+def load_jobs(folder: str | Path, track: int, known_images: set[str]) -> list[Job]:
+    """Every job from `folder`, in predictions.json order (or file-name order for a plain folder); see `iter_jobs`,
+    which the command line uses so that a bad job is found in the containers' order."""
+    return list(iter_jobs(folder, track, known_images))

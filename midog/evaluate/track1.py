@@ -5,10 +5,12 @@ Official definitions (DeepMicroscopy/MIDOG25_T1_evaluation_docker, evaluate.py):
   (their z set to 0) against the ground-truth points. For each ground-truth point in file order, the nearest
   prediction within the radius that is still free becomes its true positive; no optimal assignment.
 - Precision tp/(tp+fp+eps), recall tp/(tp+fn+eps), F1 (2tp+eps)/(2tp+fp+fn+eps), eps = 1e-6, from counts summed
-  over the images of a group (overall, per tumour domain, per ROI type).
+  over the images of a group (overall, per tumour domain, per ROI type). The per tumour × ROI type table
+  (`tumor_roitype`, added for the final test set) computes its F1 as 2tp/(2tp+fp+fn+eps) instead: 0 when tp = 0.
 - AP: torchmetrics `MeanAveragePrecision` (xyxy, bbox, max detections [1, 10, 1e6], recall thresholds
   0, 0.01, ..., 1.00), `map_50`, on boxes x±0.01125 mm, y±0.01125 mm around *every* point (both names) scored by
-  its `probability`, all with one label. Float32 tensors, images added in job order.
+  its `probability`, all with one label. Float32 tensors, images added in job order: the final container
+  (8577851, 2025-08-12) scores the jobs one after another in predictions.json order.
 - FROC AUC: `calc_froc_score` of the container's final version (the published test `metrics.json` predates it);
   see `froc_curve`.
 """
@@ -175,6 +177,17 @@ def _greedy(hits: Iterable[Sequence[int]], n_predictions: int) -> tuple[np.ndarr
     return taken, np.asarray(truth_hit, dtype=bool)
 
 
+def _ties_between_distinct_points(hits: Sequence[np.ndarray], distances: Sequence[np.ndarray],
+                                  points: np.ndarray) -> bool:
+    """Whether some target has two points at different places at exactly the same distance (sorted hit lists).
+    Points at the same place may tie freely: swapping them changes no count."""
+    for idx, dist in zip(hits, distances):
+        same = np.flatnonzero(dist[1:] == dist[:-1])
+        if len(same) and np.any(points[idx[same]] != points[idx[same + 1]]):
+            return True
+    return False
+
+
 def score_detection(truth: np.ndarray, predictions: np.ndarray, radius: float = MATCH_RADIUS_MM) -> DetectionScore:
     """TP/FN/FP exactly as evalutils.scorers.score_detection (BallTree, sorted radius query, greedy per target)."""
     truth = np.asarray(truth, dtype=np.float64).reshape(-1, 3)
@@ -192,9 +205,13 @@ class ThresholdSweep:
     """Counts at any probability threshold for one image, from a single radius query over all its points.
 
     Keeping the points with probability >= t keeps each target's hit list in distance order, so the greedy
-    assignment on the kept points is the one `score_detection` would make on them (up to exact distance ties).
-    Only the points within reach of a target can change the true positives, so the assignment is computed once
-    per distinct probability among them; every other threshold is a lookup.
+    assignment on the kept points is the one `score_detection` would make on them, unless two different points
+    lie at exactly the same distance from a target: BallTree orders such ties by its own tree, which changes with
+    the points kept. Without such ties, only the points within reach of a target can change the true positives, so
+    the assignment is computed once per distinct probability among them and every other threshold is a lookup.
+    With them (points on a common grid, e.g. integer pixels), every distinct probability is scored with
+    `score_detection` on the kept points, as the container does (tests/evaluate compares both with
+    grand-challenge-metrics).
     """
 
     def __init__(self, truth: np.ndarray, prediction: ImagePrediction, radius: float = MATCH_RADIUS_MM):
@@ -202,22 +219,28 @@ class ThresholdSweep:
         self.probabilities = np.sort(prediction.probability)
         """Every point's probability, ascending."""
         self._levels = np.zeros(0)
-        """Ascending distinct probabilities of the points within reach of a target."""
+        """Ascending probabilities at which the true positives are computed (any kept above count)."""
         self._tp_by_kept_levels = np.zeros(1, dtype=np.int64)
         """TP when the k highest levels are kept, k = 0..len(levels)."""
         if self.n_truth == 0 or len(prediction.probability) == 0:
             return
-        tree = BallTree(_flatten_z(prediction.points))
-        hits = list(tree.query_radius(truth, r=radius, return_distance=True, sort_results=True)[0])
+        points = _flatten_z(prediction.points)
+        hits, distances = BallTree(points).query_radius(truth, r=radius, return_distance=True, sort_results=True)
+        hits = list(hits)
         reachable = np.unique(np.concatenate(hits)).astype(np.int64)
         if len(reachable) == 0:
             return
         probability = prediction.probability
-        self._levels = np.unique(probability[reachable])
         tps = [0]
-        for level in self._levels[::-1]:
-            keep = probability >= level
-            tps.append(int(_greedy(([i for i in h if keep[i]] for h in hits), len(keep))[1].sum()))
+        if _ties_between_distinct_points(hits, distances, points):
+            self._levels = np.unique(probability)
+            for level in self._levels[::-1]:
+                tps.append(score_detection(truth, points[probability >= level], radius).true_positives)
+        else:
+            self._levels = np.unique(probability[reachable])
+            for level in self._levels[::-1]:
+                keep = probability >= level
+                tps.append(int(_greedy(([i for i in h if keep[i]] for h in hits), len(keep))[1].sum()))
         self._tp_by_kept_levels = np.asarray(tps, dtype=np.int64)
 
     def counts_many(self, thresholds: np.ndarray) -> np.ndarray:
@@ -238,6 +261,12 @@ class ThresholdSweep:
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     """The official formulas, eps = 1e-6 (an empty group gets F1 = 1)."""
     return tp / (tp + fp + EPS), tp / (tp + fn + EPS), (2 * tp + EPS) / ((2 * tp) + fp + fn + EPS)
+
+
+def tumor_roitype_f1(tp: int, fp: int, fn: int) -> float:
+    """The F1 of the container's `tumor_roitype` table: 2tp/(2tp+fp+fn+eps), eps only in the denominator, so 0
+    when tp = 0 (the overall, per-domain and per-ROI-type F1 of `precision_recall_f1` give eps/(fp+fn+eps) then)."""
+    return 2 * tp / ((2 * tp) + fp + fn + EPS)
 
 
 def average_precision(images: Sequence[tuple[ImageTruth, ImagePrediction]], backend: str = "numpy") -> float:
@@ -464,7 +493,7 @@ def _group_metrics(images: Sequence[ImageResult], with_froc: bool, ap_backend: s
     precision, recall, f1 = precision_recall_f1(tp, fp, fn)
     values = {"precision": precision, "recall": recall, "f1": f1,
               "AP": average_precision([(r.truth, r.prediction) for r in images], ap_backend),
-              "positives": tp + fn}
+              "positives": tp + fn, "tumor_roitype_f1": tumor_roitype_f1(tp, fp, fn)}
     if with_froc:
         values["froc_auc"] = froc_curve([r.sweep for r in images]).auc
     return values
@@ -490,6 +519,7 @@ def aggregate(images: Sequence[ImageResult], with_froc: bool = True, ap_backend:
             if not subset:
                 continue
             group = _group_metrics(subset, with_froc, ap_backend)
+            group["f1"] = group["tumor_roitype_f1"]  # this table's own F1 formula
             for name in ("f1", "precision", "recall", "positives", "AP") + (("froc_auc",) if with_froc else ()):
                 table[f"{_domain_key(domain)}_{roi_type}_{name}"] = group[name]
     out["tumor_roitype"] = table
@@ -500,9 +530,11 @@ def aggregate(images: Sequence[ImageResult], with_froc: bool = True, ap_backend:
     return out
 
 
-def evaluate_jobs(jobs: Sequence[Job], ground_truth: Mapping[str, Any], with_froc: bool = True,
+def evaluate_jobs(jobs: Iterable[Job], ground_truth: Mapping[str, Any], with_froc: bool = True,
                   ap_backend: str = "numpy", check_coordinates: bool = True) -> Track1Evaluation:
-    """Score jobs (in their order) against the ground truth, like the container; see `score` for the API."""
+    """Score jobs one after another in their order against the ground truth, like the container's final version:
+    the first bad job (in predictions.json order with `midog.evaluate.io.iter_jobs`) is the one an error names,
+    and the order decides AP ties between images. See `score` for the API."""
     truths = parse_ground_truth(ground_truth)
     images = []
     seen: dict[str, str] = {}

@@ -3,10 +3,11 @@
 Official definitions (DeepMicroscopy/MIDOG25_T2_evaluation_docker, evaluate.py):
 - Each job's output is a list with one {"class": "normal"|"atypical", "confidence": float} per stack page, as many
   entries as the ground truth has labels; the confidence must be a JSON float (an int is rejected).
-- The predicted class is the `class` field. The score for ROC AUC is P(atypical) read as
-  `confidence if class == "atypical" else 1 - confidence`: the container takes `confidence` to be the confidence
-  in the *stated class*. An output that writes P(atypical) for "normal" pages gets its ROC AUC scrambled
-  (balanced accuracy, the ranking metric, only uses the class). `confidence="p_atypical"` reads such outputs.
+- The predicted class is the `class` field. The score for ROC AUC is `confidence`, read as P(atypical) on every
+  page: the container's final version (commit 2d1b108, 2025-07-27, "confidence is now only the confidence for
+  atypical"), which scored the challenge. Its versions before that read `confidence` as the confidence in the
+  *stated* class (P(atypical) = `1 - confidence` on "normal" pages); `confidence="pre-2025-07-27"` reproduces them.
+  Balanced accuracy, the ranking metric, only uses the class and is the same either way.
 - Overall: sensitivity TP/(TP+FN), specificity TN/(TN+FP), balanced accuracy their mean, accuracy, and ROC AUC
   (sklearn) over all pages. Per tumour domain ("domain_<d>"): the same with sklearn's recall_score (0 when a class
   is absent), accuracy_score and roc_auc_score (NaN when one class only).
@@ -16,14 +17,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from midog.evaluate.io import GroundTruthError, Job, PredictionError
-from midog.outputs import ATYPICAL, NORMAL, check_confidence_semantics
+from midog.outputs import ATYPICAL, NORMAL
 
 CLASS_IDS = {NORMAL: 0, ATYPICAL: 1}
+P_ATYPICAL = "p_atypical"
+"""`confidence` is P(atypical) on every page: the final container (2025-07-27 on), the default."""
+PRE_2025_07_27 = "pre-2025-07-27"
+"""`confidence` is the confidence in the stated class: the container before commit 2d1b108 (2025-07-27)."""
+CONFIDENCE_READINGS = (P_ATYPICAL, PRE_2025_07_27)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class StackResult:
     """(n,) 1 = atypical, from the `class` field."""
     confidence: np.ndarray
     score: np.ndarray
-    """(n,) P(atypical) as the container derives it."""
+    """(n,) P(atypical) as the container (in the chosen version) derives it."""
 
 
 def parse_ground_truth(ground_truth: Any) -> dict[str, StackTruth]:
@@ -66,12 +72,18 @@ def parse_ground_truth(ground_truth: Any) -> dict[str, StackTruth]:
     return truths
 
 
-def parse_stack(payload: Any, truth: StackTruth, pk: str, confidence: str = "stated_class") -> StackResult:
+def check_reading(confidence: str) -> None:
+    if confidence not in CONFIDENCE_READINGS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_READINGS}, got {confidence!r}")
+
+
+def parse_stack(payload: Any, truth: StackTruth, pk: str, confidence: str = P_ATYPICAL) -> StackResult:
     """One job's classification list, validated like the official container (job and field named).
 
-    `confidence="stated_class"` reads it as the official container does; `"p_atypical"` reads every page's
-    confidence as P(atypical) (outputs written with `atypical.confidence: p_atypical`, process.py's default).
+    `confidence="p_atypical"` reads every page's confidence as P(atypical), as the final container does (and as
+    process.py writes it); `"pre-2025-07-27"` as the confidence in the stated class, as the container did before.
     """
+    check_reading(confidence)
     if not isinstance(payload, list):
         raise PredictionError(f"job {pk}: output must be a list of {{'class', 'confidence'}} dictionaries")
     if len(payload) != len(truth.labels):
@@ -94,8 +106,7 @@ def parse_stack(payload: Any, truth: StackTruth, pk: str, confidence: str = "sta
         confidences.append(value)
     predicted_arr = np.array(predicted, dtype=np.int64)
     confidence_arr = np.array(confidences, dtype=np.float64)
-    check_confidence_semantics(confidence)
-    stated = confidence == "stated_class"
+    stated = confidence == PRE_2025_07_27
     score = np.where((predicted_arr == 1) | (not stated), confidence_arr, 1 - confidence_arr)
     return StackResult(pk, truth, predicted_arr, confidence_arr, score)
 
@@ -127,9 +138,10 @@ class Track2Evaluation:
         return np.concatenate([s.confidence for s in self.stacks])
 
     def looks_like_p_atypical(self) -> bool:
-        """Whether the confidences look written as P(atypical) on every page (process.py's default) rather than as
-        the confidence in the stated class: every "normal" confidence below every "atypical" one, and most "normal"
-        ones under 0.5 (a stated-class "normal" confidence is 1 - P(atypical) > 1 - threshold)."""
+        """Whether the confidences look written as P(atypical) on every page (the final container's reading and
+        process.py's output) rather than as the confidence in the stated class: every "normal" confidence below
+        every "atypical" one, and most "normal" ones under 0.5 (a stated-class "normal" confidence is
+        1 - P(atypical) > 1 - threshold). Read with "pre-2025-07-27", such outputs get a scrambled ROC AUC."""
         normal = self.confidences[self.y_pred == 0]
         atypical = self.confidences[self.y_pred == 1]
         return bool(len(normal) and len(atypical) and normal.max() < atypical.min() and np.median(normal) < 0.5)
@@ -177,7 +189,10 @@ def aggregate(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray, domai
     return out
 
 
-def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any, confidence: str = "stated_class") -> Track2Evaluation:
+def evaluate_jobs(jobs: Iterable[Job], ground_truth: Any, confidence: str = P_ATYPICAL) -> Track2Evaluation:
+    """Score jobs one after another in their order, like the container's final version: the first bad job (in
+    predictions.json order when `jobs` is `midog.evaluate.io.iter_jobs`) is the one an error names."""
+    check_reading(confidence)
     truths = parse_ground_truth(ground_truth)
     stacks = []
     seen: dict[str, str] = {}
@@ -195,13 +210,14 @@ def evaluate_jobs(jobs: Sequence[Job], ground_truth: Any, confidence: str = "sta
     return evaluation
 
 
-def evaluate(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = "stated_class") -> Track2Evaluation:
+def evaluate(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = P_ATYPICAL) -> Track2Evaluation:
     jobs = [Job(pk=str(k), image=str(k), payload=v) for k, v in predictions.items()]
     return evaluate_jobs(jobs, ground_truth, confidence)
 
 
-def score(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = "stated_class") -> dict[str, Any]:
-    """Official Track 2 aggregates for `predictions` (stack image name → list of {"class", "confidence"})."""
+def score(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = P_ATYPICAL) -> dict[str, Any]:
+    """Official Track 2 aggregates for `predictions` (stack image name → list of {"class", "confidence"}), with
+    `confidence` read as P(atypical) (the final container) or, with "pre-2025-07-27", as the earlier one did."""
     return evaluate(predictions, ground_truth, confidence).aggregates
 
 

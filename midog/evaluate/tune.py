@@ -4,7 +4,8 @@
   candidate the pipeline wrote counts, whatever its name, so the sweep sees the ones below the current threshold
   too. F1 is the official one (7.5 µm matching, eps = 1e-6), summed over all validation images.
 - Track 2: `atypical.threshold`, the P(atypical) above which a page is called atypical, chosen for the highest
-  balanced accuracy. P(atypical) is read from each output the way the official evaluator reads it.
+  balanced accuracy. P(atypical) is read from each output the way the official evaluator reads it (`confidence`
+  on every page since 2025-07-27; `--confidence pre-2025-07-27` for the earlier reading).
 
 Ties go to the highest threshold (fewer positives). The chosen value is the probability at which the best
 operating point starts; a candidate with exactly that probability is kept (`>=`), as in the pipeline.

@@ -10,7 +10,8 @@ import pytest
 from evaluate_factory import container_folder, payload, point, truth
 from midog.evaluate import PredictionError
 from midog.evaluate.__main__ import main
-from midog.evaluate.io import image_key, load_jobs
+from midog.evaluate.io import image_key, iter_jobs, load_jobs
+from midog.evaluate.track1 import evaluate_jobs as evaluate_track1
 
 GT1 = {"007.tiff": truth([(0, 0), (100, 0)], domain=0), "140.tiff": truth([(0, 0)], domain=1, roi="random")}
 
@@ -26,6 +27,47 @@ def test_container_layout_keeps_predictions_json_order(tmp_path: Path) -> None:
     jobs = load_jobs(folder, 1, set(GT1))
     assert [(j.pk, j.image) for j in jobs] == [("job-0", "140.tiff"), ("job-1", "007.tiff")]
     assert jobs[1].payload["points"][0]["name"] == "mitotic figure"
+
+
+@pytest.mark.parametrize("ap_backend", ["numpy", "torchmetrics"])
+def test_jobs_are_scored_in_predictions_json_order(tmp_path: Path, ap_backend: str) -> None:
+    # Equal probabilities in two images, a TP in one and an FP in the other: pycocotools ranks the image added
+    # first first, so AP depends on the job order; the final container follows predictions.json.
+    gt = {"tp.tiff": truth([(0, 0)]), "fp.tiff": truth([])}
+    outputs = {"tp.tiff": payload([point(0, 0, 0.5)]), "fp.tiff": payload([point(0, 0, 0.5)])}
+    ap = {}
+    for order in (["tp.tiff", "fp.tiff"], ["fp.tiff", "tp.tiff"]):
+        folder = container_folder(tmp_path / order[0], {image: outputs[image] for image in order})
+        ev = evaluate_track1(iter_jobs(folder, 1, set(gt)), gt, with_froc=False, ap_backend=ap_backend)
+        assert [r.truth.name for r in ev.images] == order
+        ap[order[0]] = ev.aggregates["AP"]
+    assert ap == {"tp.tiff": 1.0, "fp.tiff": 0.5}
+
+
+def test_the_first_bad_job_in_predictions_json_order_is_the_one_named(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Jobs are read and checked one after another, as the final container does: job-0's bad name is found before
+    # job-1's missing output file (and before job-2's image without ground truth).
+    bad = payload([{"name": "mitosis", "point": [0, 0, 0], "probability": 0.9}])
+    folder = container_folder(tmp_path / "pred", {"007.tiff": bad, "140.tiff": payload([]),
+                                                  "999.tiff": payload([])})
+    (folder / "job-1" / "output" / "mitotic-figures.json").unlink()
+    args = ["track1", "--ground-truth", str(_write_gt(tmp_path, GT1)), "--predictions", str(folder)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: job job-0: points[0]: field 'name' is 'mitosis'") and err.count("\n") == 1
+    (folder / "job-0" / "output" / "mitotic-figures.json").write_text(json.dumps(payload([])))
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("error: job job-1: missing file")
+
+
+def test_track2_names_the_first_bad_job_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gt = [{"image": f"stack_{i}.tiff", "labels": ["normal", "atypical"], "tumordomains": [1, 1]} for i in (1, 2)]
+    folder = container_folder(tmp_path / "pred", {"stack_1.tiff": [{"class": "normal", "confidence": 0.9}],
+                                                  "stack_2.tiff": []}, track=2)
+    (folder / "job-1" / "output" / "multiple-mitotic-figure-classification.json").unlink()
+    assert main(["track2", "--ground-truth", str(_write_gt(tmp_path, gt)), "--predictions", str(folder)]) == 2
+    assert capsys.readouterr().err.startswith("error: job job-0: results length does not match GT length")
 
 
 def test_plain_folder_maps_file_names_to_images(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from conftest import shared_path
 from midog.evaluate.__main__ import main
 from midog.evaluate.io import load_jobs
 from midog.evaluate.track1 import evaluate_jobs as evaluate_track1
+from midog.evaluate.track2 import PRE_2025_07_27
 from midog.evaluate.track2 import evaluate_jobs as evaluate_track2
 
 
@@ -54,11 +55,12 @@ def test_track1_cli_writes_the_official_metrics(tmp_path: Path, capsys: pytest.C
 def test_track2_official_vectors_by_hand_count() -> None:
     root = shared_path("grand-challenge", "track2-evaluation")
     gt = json.loads((root / "ground_truth" / "ground_truth.json").read_text())
-    ev = evaluate_track2(load_jobs(root / "test" / "input", 2, {g["image"] for g in gt}), gt)
+    jobs = load_jobs(root / "test" / "input", 2, {g["image"] for g in gt})
+    ev = evaluate_track2(jobs, gt)
     # Independent count from the raw files.
     labels = {g["image"]: g["labels"] for g in gt}
     domains = {g["image"]: g["tumordomains"] for g in gt}
-    y, p, s, d = [], [], [], []
+    y, p, s, s_old, d = [], [], [], [], []
     for job in json.loads((root / "test" / "input" / "predictions.json").read_text()):
         image = job["inputs"][0]["image"]["name"]
         out = json.loads((root / "test" / "input" / job["pk"] / "output" /
@@ -66,7 +68,8 @@ def test_track2_official_vectors_by_hand_count() -> None:
         for truth, domain, e in zip(labels[image], domains[image], out):
             y.append(truth == "atypical")
             p.append(e["class"] == "atypical")
-            s.append(e["confidence"] if e["class"] == "atypical" else 1 - e["confidence"])
+            s.append(e["confidence"])  # the final container (2025-07-27 on): P(atypical) on every page
+            s_old.append(e["confidence"] if e["class"] == "atypical" else 1 - e["confidence"])
             d.append(domain)
     tp = sum(a and b for a, b in zip(y, p))
     tn = sum(not a and not b for a, b in zip(y, p))
@@ -74,6 +77,9 @@ def test_track2_official_vectors_by_hand_count() -> None:
     agg = ev.aggregates
     assert agg["overall_sensitivity"] == 5 / 6 and agg["overall_specificity"] == 17 / 27
     assert agg["overall_balanced_accuracy"] == (5 / 6 + 17 / 27) / 2 and agg["overall_accuracy"] == 22 / 33
-    assert agg["overall_roc_auc"] == pytest.approx(roc_auc_score(y, s))
+    assert agg["overall_roc_auc"] == roc_auc_score(y, s) == pytest.approx(0.660494, abs=1e-6)
+    old = evaluate_track2(jobs, gt, PRE_2025_07_27).aggregates
+    assert old["overall_roc_auc"] == pytest.approx(roc_auc_score(y, s_old)) == pytest.approx(0.728395, abs=1e-6)
+    assert old["overall_balanced_accuracy"] == agg["overall_balanced_accuracy"]
     assert set(agg) - {k for k in agg if not k.startswith("domain_")} == {"domain_1", "domain_6"}
     assert math.isnan(agg["domain_6"]["roc_auc"]) and agg["domain_6"]["accuracy"] == 1.0

@@ -53,6 +53,24 @@ def test_group_without_truth_gets_ap_minus_one_and_absent_roi_types_are_reported
     assert "3_hotspot_f1" not in agg["tumor_roitype"]
 
 
+def test_tumor_roitype_f1_has_eps_only_in_the_denominator() -> None:
+    # The final container's tumour x ROI type table: F1 = 2tp / (2tp + fp + fn + eps), so 0 when tp = 0, while
+    # the overall, per-domain and per-ROI-type F1 stay (2tp + eps) / (2tp + fp + fn + eps).
+    gt = {"a.tiff": truth([(i * 100, 0) for i in range(8)], domain=2, roi="challenging"),
+          "b.tiff": truth([(0, 0)], domain=2, roi="random")}
+    predictions = {"a.tiff": payload([point(0, 0)] + [point(i * 100, 500) for i in range(7)]),  # TP 1, FP 7, FN 7
+                   "b.tiff": payload([point(300, 300)])}  # TP 0, FP 1, FN 1
+    agg = score(predictions, gt)
+    table = agg["tumor_roitype"]
+    assert table["2_challenging_f1"] == 0.12499999218750048 == 2 / 16.000001
+    assert agg["roi_type_challenging_f1"] == (2 + EPS) / (16 + EPS)
+    assert table["2_random_f1"] == 0.0
+    assert agg["roi_type_random_f1"] == EPS / (2 + EPS)
+    for roi in ("challenging", "random"):  # precision and recall keep the overall formulas there
+        assert table[f"2_{roi}_precision"] == agg[f"roi_type_{roi}_precision"]
+        assert table[f"2_{roi}_recall"] == agg[f"roi_type_{roi}_recall"]
+
+
 def test_counts_are_summed_over_images_of_a_group() -> None:
     gt = {"a.tiff": truth([(0, 0), (100, 0)], domain=0), "b.tiff": truth([(0, 0)], domain=0),
           "c.tiff": truth([(0, 0)], domain=1, roi="challenging")}

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from midog.evaluate import GroundTruthError, PredictionError
-from midog.evaluate.track2 import evaluate, score
+from midog.evaluate.track2 import PRE_2025_07_27, evaluate, score
 
 
 def entry(cls: str, confidence: float) -> dict:
@@ -31,28 +31,44 @@ def test_hand_computed_aggregates() -> None:
     assert agg["overall_specificity"] == 2 / 3
     assert agg["overall_balanced_accuracy"] == pytest.approx(2 / 3)
     assert agg["overall_accuracy"] == 4 / 6
-    # P(atypical) as the container reads it: confidence for "atypical", 1 - confidence for "normal":
-    # A 0.9, N 0.6, A 0.3, N 0.2, N 0.45, A 0.51. Positive > negative pairs: 0.9 beats 3, 0.3 beats 1 (0.2),
-    # 0.51 beats 2 (0.2, 0.45) -> 6 of 9.
-    assert agg["overall_roc_auc"] == pytest.approx(6 / 9)
+    # P(atypical) as the final container reads it: the confidence, whatever the class:
+    # A 0.9, N 0.6, A 0.7, N 0.8, N 0.55, A 0.51. Positive > negative pairs: 0.9 beats 3, 0.7 beats 2 (0.6, 0.55),
+    # 0.51 none -> 5 of 9.
+    assert agg["overall_roc_auc"] == 5 / 9
     d0, d1 = agg["domain_0"], agg["domain_1"]
     assert d0 == {"sensitivity": 1.0, "specificity": 0.0, "balanced_accuracy": 0.5, "accuracy": 0.5,
                   "roc_auc": 1.0}
-    # Domain 1: A->n (FN), N->n, N->n, A->a (TP); scores A 0.3, N 0.2, N 0.45, A 0.51 -> 3 of 4 pairs.
+    # Domain 1: A->n (FN), N->n, N->n, A->a (TP); scores A 0.7, N 0.8, N 0.55, A 0.51 -> 1 of 4 pairs.
     assert d1["sensitivity"] == 0.5 and d1["specificity"] == 1.0 and d1["balanced_accuracy"] == 0.75
-    assert d1["accuracy"] == 0.75 and d1["roc_auc"] == pytest.approx(3 / 4)
+    assert d1["accuracy"] == 0.75 and d1["roc_auc"] == 1 / 4
     assert list(agg) == ["overall_sensitivity", "overall_specificity", "overall_balanced_accuracy",
                          "overall_roc_auc", "overall_accuracy", "domain_0", "domain_1"]
+    # The container before 2025-07-27: confidence for "atypical", 1 - confidence for "normal":
+    # A 0.9, N 0.6, A 0.3, N 0.2, N 0.45, A 0.51 -> 0.9 beats 3, 0.3 beats 1 (0.2), 0.51 beats 2 -> 6 of 9.
+    old = score(predictions, GT, confidence=PRE_2025_07_27)
+    assert old["overall_roc_auc"] == pytest.approx(6 / 9) and old["domain_1"]["roc_auc"] == pytest.approx(3 / 4)
+    assert {k: v for k, v in old.items() if k != "overall_roc_auc" and not k.startswith("domain_")} == {
+        k: v for k, v in agg.items() if k != "overall_roc_auc" and not k.startswith("domain_")}
 
 
-def test_confidence_is_read_as_confidence_in_the_stated_class() -> None:
-    # Writing P(atypical) for "normal" pages (0.1 = very normal) makes the container read P(atypical) = 0.9.
+def test_confidence_is_read_as_p_atypical_on_every_page_by_default() -> None:
+    # The final container (2025-07-27 on) reads `confidence` as P(atypical) on every page: 0.1 on a "normal" page
+    # is very normal. Its earlier versions read it as the confidence in the stated class (P(atypical) = 0.9).
     gt = [{"image": "s.tiff", "labels": ["atypical", "normal"], "tumordomains": [0, 0]}]
-    as_class_confidence = score({"s.tiff": [entry("atypical", 0.8), entry("normal", 0.9)]}, gt)
-    as_p_atypical = score({"s.tiff": [entry("atypical", 0.8), entry("normal", 0.1)]}, gt)
-    assert as_class_confidence["overall_roc_auc"] == 1.0
-    assert as_p_atypical["overall_roc_auc"] == 0.0
-    assert as_p_atypical["overall_balanced_accuracy"] == 1.0  # the classes themselves are right
+    as_p_atypical = {"s.tiff": [entry("atypical", 0.8), entry("normal", 0.1)]}
+    as_class_confidence = {"s.tiff": [entry("atypical", 0.8), entry("normal", 0.9)]}
+    assert score(as_p_atypical, gt)["overall_roc_auc"] == 1.0
+    assert score(as_class_confidence, gt)["overall_roc_auc"] == 0.0
+    assert score(as_p_atypical, gt, confidence="p_atypical") == score(as_p_atypical, gt)
+    assert score(as_p_atypical, gt, confidence=PRE_2025_07_27)["overall_roc_auc"] == 0.0
+    assert score(as_class_confidence, gt, confidence=PRE_2025_07_27)["overall_roc_auc"] == 1.0
+    assert score(as_class_confidence, gt)["overall_balanced_accuracy"] == 1.0  # the classes themselves are right
+
+
+def test_the_old_reading_has_no_ambiguous_name() -> None:
+    gt = [{"image": "s.tiff", "labels": ["atypical", "normal"], "tumordomains": [0, 0]}]
+    with pytest.raises(ValueError, match="pre-2025-07-27"):
+        score({"s.tiff": [entry("atypical", 0.8), entry("normal", 0.1)]}, gt, confidence="stated_class")
 
 
 def test_domain_with_one_class_has_undefined_roc_auc() -> None:
@@ -93,4 +109,6 @@ def test_unknown_image_and_bad_ground_truth() -> None:
 def test_evaluation_exposes_pages_in_job_order() -> None:
     ev = evaluate({"s2.tiff": [entry("normal", 0.55), entry("atypical", 0.51)]}, GT)
     assert ev.y_true.tolist() == [0, 1] and ev.y_pred.tolist() == [0, 1]
-    assert ev.y_score.tolist() == pytest.approx([0.45, 0.51])
+    assert ev.y_score.tolist() == [0.55, 0.51]
+    old = evaluate({"s2.tiff": [entry("normal", 0.55), entry("atypical", 0.51)]}, GT, PRE_2025_07_27)
+    assert old.y_score.tolist() == pytest.approx([0.45, 0.51])

@@ -20,10 +20,14 @@ PRED1 = {"a.tiff": payload([point(0, 0, 0.9), point(400, 0, 0.7, name="non-mitot
                             point(100, 0, 0.6, name="non-mitotic figure"), point(800, 0, 0.3)])}
 GT2 = [{"image": "s.tiff", "labels": ["atypical", "atypical", "normal", "normal", "normal"],
         "tumordomains": [0] * 5}]
-# P(atypical): A 0.8, A 0.4, N 0.35, N 0.1, N 0.6 -> best balanced accuracy 5/6 at t = 0.4.
-PRED2 = {"s.tiff": [{"class": "atypical", "confidence": 0.8}, {"class": "normal", "confidence": 0.6},
-                    {"class": "normal", "confidence": 0.65}, {"class": "normal", "confidence": 0.9},
-                    {"class": "atypical", "confidence": 0.6}]}
+# P(atypical): A 0.8, A 0.4, N 0.35, N 0.1, N 0.6 -> best balanced accuracy 5/6 at t = 0.4. PRED2 writes it as
+# process.py does and the final container reads it (P(atypical) on every page, classes at 0.5); PRED2_STATED as
+# the container read it before 2025-07-27 (1 - P(atypical) on "normal" pages).
+PRED2 = {"s.tiff": [{"class": "atypical" if p >= 0.5 else "normal", "confidence": p}
+                    for p in (0.8, 0.4, 0.35, 0.1, 0.6)]}
+PRED2_STATED = {"s.tiff": [{"class": "atypical", "confidence": 0.8}, {"class": "normal", "confidence": 0.6},
+                           {"class": "normal", "confidence": 0.65}, {"class": "normal", "confidence": 0.9},
+                           {"class": "atypical", "confidence": 0.6}]}
 
 
 def test_detection_threshold_maximises_f1_over_all_candidates() -> None:
@@ -42,7 +46,9 @@ def test_no_candidate_anywhere_is_a_clear_error() -> None:
 def test_track2_threshold_maximises_balanced_accuracy() -> None:
     tuned = tune_classification(track2.evaluate(PRED2, GT2))
     assert tuned.key == "atypical.threshold"
-    assert tuned.threshold == pytest.approx(0.4) and tuned.value == pytest.approx((1 + 2 / 3) / 2)
+    assert tuned.threshold == 0.4 and tuned.value == pytest.approx((1 + 2 / 3) / 2)
+    old = tune_classification(track2.evaluate(PRED2_STATED, GT2, track2.PRE_2025_07_27))
+    assert old.threshold == pytest.approx(0.4) and old.value == tuned.value
 
 
 def test_thresholds_are_written_into_the_config(tmp_path: Path) -> None:
@@ -87,19 +93,18 @@ def test_tuned_f1_is_the_official_f1_once_the_points_are_renamed_at_the_threshol
     assert track1.score(renamed, gt, with_froc=False)["f1_score"] == pytest.approx(tuned.value, abs=1e-12)
 
 
-def test_p_atypical_outputs_read_as_stated_class_are_flagged(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    # the same pages as PRED2 written as process.py does by default: P(atypical) on every page (threshold 0.5)
-    as_p_atypical = {"s.tiff": [{"class": "atypical" if p >= 0.5 else "normal", "confidence": p}
-                                for p in (0.8, 0.4, 0.35, 0.1, 0.6)]}
-    assert track2.evaluate(as_p_atypical, GT2).looks_like_p_atypical()
-    assert not track2.evaluate(PRED2, GT2).looks_like_p_atypical()        # stated-class confidences
+def test_p_atypical_outputs_read_the_pre_2025_07_27_way_are_flagged(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert track2.evaluate(PRED2, GT2).looks_like_p_atypical()
+    assert not track2.evaluate(PRED2_STATED, GT2).looks_like_p_atypical()        # stated-class confidences
     (tmp_path / "gt2.json").write_text(json.dumps(GT2))
-    folder = container_folder(tmp_path / "p2", as_p_atypical, track=2)
+    folder = container_folder(tmp_path / "p2", PRED2, track=2)
     args = ["tune", "--track2-ground-truth", str(tmp_path / "gt2.json"), "--track2-predictions", str(folder),
             "--config", str(tmp_path / "c.yaml"), "--dry-run"]
-    assert main(args) == 0
-    assert "--confidence p_atypical" in capsys.readouterr().err
-    assert main(args + ["--confidence", "p_atypical"]) == 0
+    assert main(args + ["--confidence", "pre-2025-07-27"]) == 0
+    assert "drop that option" in capsys.readouterr().err
+    assert main(args) == 0  # the default reading is the final container's: P(atypical), no warning
     captured = capsys.readouterr()
     assert captured.err == "" and "atypical.threshold = 0.400000" in captured.out
+    assert main(args + ["--confidence", "p_atypical"]) == 0
+    assert capsys.readouterr().out == captured.out
