@@ -5,39 +5,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import sys
 import traceback
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from midog.config import PipelineConfig, resolve_config
+from midog.config import PipelineConfig, config_to_dict, resolve_config
 from midog.errors import InputError, MidogError, first_line
 from midog.interfaces import TRACK1_SLUG, TRACK2_SLUG
-from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, discard_previous_outputs
+from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
+                           discard_previous_outputs, write_json_atomic)
+from midog.weights import plain
+
+if TYPE_CHECKING:
+    from midog.pipeline import TrackRun
 
 log = logging.getLogger("midog")
 
 
-
-def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> None:
+def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     from midog.pipeline import run_track1
 
-    run_track1(input_dir, output_dir, config)
+    return run_track1(input_dir, output_dir, config)
 
 
-def _run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> None:
+def _run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     from midog.pipeline import run_track2
 
-    run_track2(input_dir, output_dir, config)
+    return run_track2(input_dir, output_dir, config)
 
 
 RESULT_FILES = (TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME, TRACK2_FILENAME)
 """Every file a run may write: an earlier run's are removed first, so a failed run leaves none behind."""
 
-HANDLERS: dict[str, Callable[[Path, Path, PipelineConfig], None]] = {
+HANDLERS: dict[str, Callable[[Path, Path, PipelineConfig], TrackRun | None]] = {
     TRACK1_SLUG: _run_track1,
     TRACK2_SLUG: _run_track2,
 }
+
+TRACKS = {TRACK1_SLUG: 1, TRACK2_SLUG: 2}
+
+RECORD_VERSION = 1
+"""The layout of a `--record` file; raised when a field changes meaning or goes away."""
+
+RECORDED_PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "numpy", "SimpleITK", "tifffile", "onnxruntime")
+"""The installed packages whose versions a run record keeps, beside Python's and midog's."""
 
 
 def read_interface_slugs(input_dir: Path) -> list[str]:
@@ -62,11 +77,57 @@ def read_interface_slugs(input_dir: Path) -> list[str]:
     return slugs
 
 
-def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], None]:
+def select_slug(slugs: list[str]) -> str:
+    """The first slug of a track this container runs."""
     known = [s for s in slugs if s in HANDLERS]
     if not known:
         raise InputError(f"unknown interface slug(s) {slugs}; expected one of {sorted(HANDLERS)}")
-    return HANDLERS[known[0]]
+    return known[0]
+
+
+def select_handler(slugs: list[str]) -> Callable[[Path, Path, PipelineConfig], TrackRun | None]:
+    return HANDLERS[select_slug(slugs)]
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python's, midog's and `RECORDED_PACKAGES`' versions (None: not installed). A module the run imported gives
+    its own `__version__`, which may carry the build (torch's `2.14.1+cu130`); the others, their installed one."""
+    from midog import __version__
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "midog": __version__}
+    for name in RECORDED_PACKAGES:
+        loaded = getattr(sys.modules.get(name), "__version__", None)
+        try:
+            versions[name] = str(loaded) if loaded is not None else metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_record(slug: str, config: PipelineConfig, run: TrackRun | None) -> dict[str, Any]:
+    """What `--record` writes: enough to trace a result to its weights, settings and software."""
+    return {
+        "record_version": RECORD_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "track": TRACKS[slug],
+        "interface": slug,
+        "input_image": run.image.name if run is not None else None,
+        "outputs": [path.name for path in run.outputs] if run is not None else [],
+        "checkpoints": [checkpoint.as_dict() for checkpoint in run.checkpoints] if run is not None else [],
+        "thresholds": dict(run.thresholds) if run is not None else {},
+        "config": plain(config_to_dict(config)),
+        "versions": package_versions(),
+    }
+
+
+def write_run_record(path: Path, record: dict[str, Any], run: TrackRun | None) -> None:
+    """Write the record atomically; when it cannot be written the run failed as a whole, and its outputs go too."""
+    try:
+        write_json_atomic(path, record)
+    except BaseException:
+        for output in run.outputs if run is not None else []:
+            output.unlink(missing_ok=True)
+        raise
 
 
 def load_run_config(path: Path | None) -> PipelineConfig:
@@ -86,8 +147,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
     parser.add_argument("--config", type=Path, default=None, help="partial YAML overriding the shipped config")
+    parser.add_argument("--record", type=Path, default=None, metavar="FILE",
+                        help="write a JSON run record here when the run succeeds: the checkpoints loaded (path, "
+                             "sha256), the thresholds in force, the resolved config, package versions, track, image")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.record is not None and args.record.resolve() in {(args.output / name).resolve() for name in RESULT_FILES}:
+        parser.error(f"--record {args.record} would overwrite a result file")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +163,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         discard_previous_outputs(args.output, RESULT_FILES)
+        if args.record is not None:  # a stale record would read as this run's; an unwritable one fails now
+            discard_previous_outputs(args.record.parent, [args.record.name])
         config = load_run_config(args.config)
-        handler = select_handler(read_interface_slugs(args.input))
-        handler(args.input, args.output, config)
+        slug = select_slug(read_interface_slugs(args.input))
+        if args.record is not None:
+            check_output_folder(args.record.parent)
+        run = HANDLERS[slug](args.input, args.output, config)
+        if args.record is not None:
+            write_run_record(args.record, run_record(slug, config, run), run)
+            log.info("run record written to %s", args.record)
     except MidogError as err:
         if args.debug:
             traceback.print_exc()  # the traceback, and still the documented exit code

@@ -24,14 +24,26 @@ from midog.proposals import ProposalStats, YoloProposer
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
-from midog.weights import find_weights
+from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, checkpoint_names, find_weights, log_loaded,
+                           require_in_given_dir)
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrackRun:
+    """What a track's run read, wrote and loaded: process.py's `--record` is made of it."""
+
+    image: Path
+    outputs: list[Path]
+    checkpoints: list[LoadedCheckpoint]
+    thresholds: dict[str, float]
+    """The decision thresholds in force, by stage (`verifier`, `atypical`)."""
+
+
 # ---- Track 2: atypical vs normal on a stack of crops -------------------------------------------------------------
 
-def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
+def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
     The stack is opened (and checked) and the output folder checked before the weights are loaded, pages are
@@ -42,17 +54,22 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
     image_path = find_single_image(input_dir / "images" / TRACK2_IMAGE_FOLDER)
     with open_stack(image_path) as stack:
         check_output_folder(output_dir)
+        require_in_given_dir({"atypical": config.atypical.weights})
         started = time.perf_counter()
         classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
                                    foundation=config.foundation)
         loaded = time.perf_counter()
+        checkpoints = [LoadedCheckpoint.of("atypical", find_weights(name))
+                       for name in checkpoint_names(config.atypical.weights)]
+        log_loaded(checkpoints, {"atypical": classifier.threshold})
         probabilities: list[float] = []
         for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
             probabilities.extend(classifier.predict_proba(batch).tolist())
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
     pages = track2_classification(probabilities, classifier.threshold, config.atypical.confidence)
-    return write_json_atomic(output_dir / TRACK2_FILENAME, pages)
+    output = write_json_atomic(output_dir / TRACK2_FILENAME, pages)
+    return TrackRun(image_path, [output], checkpoints, {"atypical": classifier.threshold})
 
 
 # ---- Track 1: detection on a region of interest ------------------------------------------------------------------
@@ -117,12 +134,14 @@ class Track1Detector:
     """The Track 1 chain with its models loaded once; `detect(image)` runs it on one image."""
 
     def __init__(self, config: PipelineConfig, proposer: YoloProposer, verifier: Verifier | None,
-                 atypical: AtypicalClassifier | None) -> None:
-        """`verifier` None: only `candidates` runs (training's data mining); `atypical` None: no atypical labels."""
+                 atypical: AtypicalClassifier | None, checkpoints: list[LoadedCheckpoint] | None = None) -> None:
+        """`verifier` None: only `candidates` runs (training's data mining); `atypical` None: no atypical labels.
+        `checkpoints`: the files the models were loaded from (`from_config` fills it in)."""
         self.config = config
         self.proposer = proposer
         self.verifier = verifier
         self.atypical = atypical
+        self.checkpoints = list(checkpoints or [])
         combine_probability(np.zeros(0), np.zeros(0), config.verifier.probability)  # reject a bad mode now
         build_merger(config.merging)
 
@@ -133,15 +152,28 @@ class Track1Detector:
         `with_verifier` / `with_atypical` False leave those stages out."""
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
         configure_torch(config.runtime)
-        proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
+        paths = {"proposals": [find_weights(config.proposals.weights)]}
+        proposer = YoloProposer.from_weights(paths["proposals"][0], device, config.proposals,
                                              config.tiling.tile_size, config.runtime.num_threads)
-        verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
-                                         config.merging.box_size_px, foundation=config.foundation,
-                                         resample_tolerance=config.image.resample_tolerance) \
-            if with_verifier else None
-        atypical = load_atypical(config.atypical, device=device, foundation=config.foundation) \
-            if with_atypical else None
-        return cls(config, proposer, verifier, atypical)
+        verifier = atypical = None
+        if with_verifier:
+            paths["verifier"] = [find_weights(config.verifier.weights)]
+            verifier = Verifier.from_weights(paths["verifier"][0], config.verifier, device,
+                                             config.merging.box_size_px, foundation=config.foundation,
+                                             resample_tolerance=config.image.resample_tolerance)
+        if with_atypical:
+            atypical = load_atypical(config.atypical, device=device, foundation=config.foundation)
+            paths["atypical"] = [find_weights(name) for name in checkpoint_names(config.atypical.weights)]
+        checkpoints = [LoadedCheckpoint.of(stage, path) for stage, files in paths.items() for path in files]
+        return cls(config, proposer, verifier, atypical, checkpoints)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The decision thresholds in force, by stage: the verifier's, and the atypical stage's (configured, or the
+        one its checkpoints carry)."""
+        found = {"verifier": self.verifier.threshold if self.verifier is not None else None,
+                 "atypical": self.atypical.threshold if self.atypical is not None else None}
+        return {stage: float(value) for stage, value in found.items() if value is not None}
 
     def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:
         """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal."""
@@ -223,7 +255,7 @@ class Track1Detector:
                 detection.atypical = bool(atypical)
 
 
-def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Path:
+def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     """The one ROI in images/histopathology-roi-cropout/ → mitotic-figures.json and atypical-mitotic-figures.json.
 
     The image is opened (and checked) and the output folder checked before the weights are loaded; both files are
@@ -236,8 +268,10 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
                   cfg.max_spacing_um) as roi:
         check_output_folder(output_dir)
         opened = time.perf_counter()
+        require_in_given_dir({stage: getattr(config, stage).weights for stage in STAGE_SECTIONS})
         detector = Track1Detector.from_config(config)
         loaded = time.perf_counter()
+        log_loaded(detector.checkpoints, detector.thresholds)
         result = detector.detect(roi, progress=True)
     figures, atypical = track1_outputs(result.detections)
     path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)
@@ -256,4 +290,5 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Pat
              len(result.mitotic_figures), sum(bool(d.atypical) for d in result.mitotic_figures))
     log.info("track 1 timings: open %.2f s, model load %.2f s, %s, total %.2f s", opened - started,
              loaded - opened, stages, time.perf_counter() - started)
-    return path
+    return TrackRun(image_path, [path, output_dir / TRACK1_ATYPICAL_FILENAME], detector.checkpoints,
+                    detector.thresholds)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,13 +23,44 @@ REPO_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 MODEL_DIR = Path("/opt/ml/model")
 
 
+WEIGHTS_DIR_VARIABLE = "MIDOG_WEIGHTS_DIR"
+
+log = logging.getLogger(__name__)
+
+
+def given_weights_dir() -> Path | None:
+    """The folder the user named in $MIDOG_WEIGHTS_DIR (None when unset or empty); WeightsError when it is not a
+    folder: a misspelt path must stop the run, not quietly give the next folder's weights."""
+    value = os.environ.get(WEIGHTS_DIR_VARIABLE)
+    if not value:
+        return None
+    folder = Path(value)
+    if not folder.is_dir():
+        raise WeightsError(f"{WEIGHTS_DIR_VARIABLE}={value}: {'not a folder' if folder.exists() else 'no such folder'}"
+                           f" (unset it to use {MODEL_DIR} and the shipped weights)")
+    return folder
+
+
 def weights_dirs() -> list[Path]:
     """Folders searched for checkpoints, first match wins: $MIDOG_WEIGHTS_DIR, /opt/ml/model, the repo's weights/."""
-    dirs = []
-    if os.environ.get("MIDOG_WEIGHTS_DIR"):
-        dirs.append(Path(os.environ["MIDOG_WEIGHTS_DIR"]))
-    dirs += [MODEL_DIR, REPO_WEIGHTS_DIR]
-    return dirs
+    given = given_weights_dir()
+    return ([given] if given is not None else []) + [MODEL_DIR, REPO_WEIGHTS_DIR]
+
+
+def require_in_given_dir(checkpoints: Mapping[str, str | Sequence[str]]) -> None:
+    """A run of process.py takes every checkpoint it names by bare file name from $MIDOG_WEIGHTS_DIR when that is
+    set: WeightsError naming the first one the folder lacks, where `find_weights` would fall back to /opt/ml/model or
+    weights/ (which libraries and training tools may want; a submission must not). `checkpoints` maps each stage
+    section the run loads to its `weights` value; a checkpoint given as a path is taken as it is."""
+    folder = given_weights_dir()
+    if folder is None:
+        return
+    for section, names in checkpoints.items():
+        for name in checkpoint_names(names):
+            if not _is_path(name) and not (folder / name).is_file():
+                raise WeightsError(f"weights '{name}' not found in {WEIGHTS_DIR_VARIABLE}={folder} ({section}.weights):"
+                                   f" copy it there, or unset {WEIGHTS_DIR_VARIABLE} to use {MODEL_DIR} and the "
+                                   f"shipped weights")
 
 
 PIPELINE_CONFIG_NAME = "pipeline.yaml"
@@ -104,7 +137,7 @@ def find_weights(name: str | os.PathLike[str]) -> Path:
     """Resolve a checkpoint to a file: a bare file name is looked up in `weights_dirs()` (first match wins); a path
     with a folder in it (absolute, or relative to the working directory) is taken as it is."""
     candidate = Path(name)
-    if candidate.is_absolute() or os.path.dirname(os.fspath(name)):  # "runs/x.pt", "./x.pt", "/abs/x.pt"
+    if _is_path(name):
         if candidate.is_file():
             return candidate
         raise WeightsError(f"weights file not found: {candidate}")
@@ -113,6 +146,11 @@ def find_weights(name: str | os.PathLike[str]) -> Path:
             return folder / candidate
     searched = ", ".join(str(d) for d in weights_dirs())
     raise WeightsError(f"weights '{name}' not found in {searched}")
+
+
+def _is_path(name: str | os.PathLike[str]) -> bool:
+    """A checkpoint named with a folder in it ("runs/x.pt", "./x.pt", "/abs/x.pt"), not a bare file name."""
+    return Path(name).is_absolute() or bool(os.path.dirname(os.fspath(name)))
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -166,3 +204,46 @@ def plain(value: Any) -> Any:
     """`value` as JSON gives it back (tuples → lists, paths and other objects → strings): the form model cards and
     checkpoint metadata store, so a card or a `weights_only` checkpoint never holds a Python-only type."""
     return json.loads(json.dumps(value, default=str))
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """One checkpoint a run loaded, as its log and run record name it."""
+
+    stage: str
+    """The config section that loaded it: proposals, verifier or atypical."""
+    path: Path
+    sha256: str
+    card_checked: bool
+    """The model card beside it named this sha256, and the load checked the file against it; False: no card, or a
+    card without a sha256, and `sha256` was computed from the file for the record."""
+    architecture: str | None = None
+    """The model card's `architecture`, when it has one."""
+
+    @classmethod
+    def of(cls, stage: str, path: str | os.PathLike[str]) -> "LoadedCheckpoint":
+        """Describe a checkpoint after its stage has loaded it (so a card's sha256 has been checked already)."""
+        path = Path(path)
+        card = read_model_card(path) or {}
+        checked = isinstance(card.get("sha256"), str)
+        architecture = card.get("architecture")
+        return cls(stage, path.resolve(), card["sha256"] if checked else sha256_of(path), checked,
+                   str(architecture) if architecture is not None else None)
+
+    def describe(self) -> str:
+        """One log line's worth: stage, path, sha256 prefix and where the hash comes from, architecture."""
+        source = "checked against its model card" if self.card_checked else "no sha256 on a model card"
+        arch = f", {self.architecture}" if self.architecture else ""
+        return f"{self.stage}: {self.path} (sha256 {self.sha256[:12]}, {source}{arch})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "path": str(self.path), "sha256": self.sha256, "card_checked": self.card_checked,
+                "architecture": self.architecture}
+
+
+def log_loaded(checkpoints: Sequence[LoadedCheckpoint], thresholds: Mapping[str, float]) -> None:
+    """Log (INFO) the checkpoints a run loaded and the decision thresholds in force, so a run's log names its
+    weights."""
+    for checkpoint in checkpoints:
+        log.info("loaded %s", checkpoint.describe())
+    log.info("thresholds in force: %s", ", ".join(f"{stage} {value:.4g}" for stage, value in thresholds.items()))

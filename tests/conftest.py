@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import midog  # noqa: F401  before any test module imports ultralytics: this session's own YOLO_CONFIG_DIR, offline
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MIDOG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -13,11 +13,13 @@ DATA.yaml is an ultralytics detection dataset (path, train, val, names), as writ
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -100,6 +102,48 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
     return train
 
 
+RUN_LOCKS = ".run-locks"
+"""The folder, inside a project, of the lock files that claim run names (`claimed_run_name`)."""
+
+
+@contextlib.contextmanager
+def claimed_run_name(train: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`train` with a run folder no other training holds: `name`, else `name-2`, `name-3`, ... (ultralytics' own
+    numbering), created now and passed on with `exist_ok: true`; held until the block ends.
+
+    ultralytics picks the folder by looking for one that does not exist yet and creates it later, so two trainings
+    started at once with the same project and name (the config's `runs/detector/train`) both chose `train` and wrote
+    their weights, last.pt and results into it. Here a name is taken by an exclusive lock on
+    `<project>/.run-locks/<name>.lock`, held by this process for the whole run (the system drops it when the
+    process ends, however it ends), and only when no folder of that name exists; the lock also keeps the name while
+    ultralytics' multi-GPU launcher deletes and recreates the folder. A resumed run keeps its own folder, and
+    `exist_ok: true` (asked for) reuses the named one, as in ultralytics.
+    """
+    if train.get("resume") or train.get("exist_ok") or not train.get("project"):
+        yield train
+        return
+    import fcntl
+
+    project = Path(train["project"])
+    name = str(train.get("name") or "train")
+    locks = project / RUN_LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    for number in itertools.count(1):
+        candidate = name if number == 1 else f"{name}-{number}"
+        handle = open(locks / f"{candidate}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (project / candidate).mkdir()
+        except (BlockingIOError, FileExistsError):  # another training holds it, or an earlier run's folder
+            handle.close()
+            continue
+        break
+    try:
+        yield {**train, "name": candidate, "exist_ok": True}
+    finally:
+        handle.close()
+
+
 def _describe(checkpoint: Path) -> tuple[str, int]:
     """The architecture name (the model YAML's stem, scale included) and parameter count of a checkpoint."""
     from ultralytics.nn.tasks import load_checkpoint
@@ -161,7 +205,8 @@ def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None
     register_custom_modules()
     model_name = resolve_model(cfg.model)
     model = YOLO(train["resume"] if train.get("resume") else model_name, task="detect")
-    model.train(trainer=MidogDetectionTrainer, **train)
+    with claimed_run_name(train) as claimed:
+        model.train(trainer=MidogDetectionTrainer, **claimed)
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
     if not best.is_file():

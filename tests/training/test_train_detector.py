@@ -1,8 +1,10 @@
-"""Detector training: settings, model names, random erasing, DDP worker rebuild, and a tiny real training run."""
+"""Detector training: settings, model names, random erasing, DDP worker rebuild, a tiny real training run, and
+what concurrent runs share (a run folder, ultralytics' settings)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -22,7 +24,9 @@ from midog.weights import sha256_of
 from midog.yolo_modules import C3k2_LSConv, model_yaml
 from training.detector_trainer import DetectionErasing, MidogDetectionTrainer
 from training.train_detector import (
+    RUN_LOCKS,
     DetectorTrainingError,
+    claimed_run_name,
     load_detector_config,
     main,
     resolve_model,
@@ -173,7 +177,13 @@ def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path,
     assert lookups == []  # ultralytics' font download (for plots) never tried
     weights = tmp_path / "runs" / "tiny" / "weights"
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["sha256"] == sha256_of(out) == sha256_of(weights / "best.pt")
+    assert card["sha256"] == sha256_of(out)
+    shipped = torch.load(out, map_location="cpu", weights_only=False)
+    best = torch.load(weights / "best.pt", map_location="cpu", weights_only=False)
+    assert shipped.pop("pixel_size_um") == card["pixel_size_um"] == 0.25  # best.pt plus its training pixel size
+    assert shipped.keys() == best.keys()
+    best_state = best["model"].state_dict()
+    assert all(torch.equal(value, best_state[key]) for key, value in shipped["model"].state_dict().items())
     assert card["architecture"] == "yolo11n-lsconv-ema" and card["parameters"] == N_PARAMS
     assert card["training"]["optimizer"] == "AdamW" and card["training"]["epochs"] == 1
     assert card["classes"] == {"0": "mitotic figure"} and card["input_size"] == 64
@@ -223,3 +233,88 @@ def test_an_interrupted_run_resumes_with_its_own_settings(tmp_path: Path, datase
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["architecture"] == "yolo11n-lsconv-ema" and card["input_size"] == 64
     assert card["training"]["epochs"] == 2 and card["training"]["imgsz"] == 64
+
+
+# ---- concurrent runs share nothing --------------------------------------------------------------------------------
+
+def test_trainings_at_once_never_share_a_run_folder(tmp_path: Path):
+    """ultralytics picks `name`, `name-2`, ... by looking for a folder that does not exist yet and creates it later:
+    two trainings started at once with the config's project and name both chose `train`."""
+    project = tmp_path / "runs"
+    train = {"project": str(project), "name": "tiny", "epochs": 1}
+    (project / "tiny").mkdir(parents=True)  # an earlier run's folder is never reused
+    with claimed_run_name(train) as first, claimed_run_name(train) as second:
+        assert (first["name"], second["name"]) == ("tiny-2", "tiny-3")
+        assert first["exist_ok"] is second["exist_ok"] is True and first["epochs"] == 1
+        assert (project / "tiny-2").is_dir() and (project / "tiny-3").is_dir()
+        # ultralytics' multi-GPU launcher deletes the folder and its workers make it again: the name stays taken
+        (project / "tiny-2").rmdir()
+        with claimed_run_name(train) as third:
+            assert third["name"] == "tiny-4"
+    assert sorted(p.name for p in project.iterdir()) == [RUN_LOCKS, "tiny", "tiny-3", "tiny-4"]
+    with claimed_run_name(train) as again:  # a finished claim frees its name (here its folder is gone)
+        assert again["name"] == "tiny-2"
+    with claimed_run_name({**train, "exist_ok": True}) as reuse, claimed_run_name({**train, "resume": "x"}) as resume:
+        assert reuse["name"] == resume["name"] == "tiny"  # asked for, or a resumed run's own folder: unchanged
+
+
+def test_a_run_name_is_held_by_its_process_until_it_ends(tmp_path: Path):
+    """The lock belongs to the training process: another process skips the name while it runs, then may take it."""
+    project = tmp_path / "runs"
+    script = textwrap.dedent(f"""
+        import sys
+        from training.train_detector import claimed_run_name
+        with claimed_run_name({{"project": {str(project)!r}, "name": "train"}}) as train:
+            print(train["name"], flush=True)
+            sys.stdin.read()  # hold the name until the test closes stdin
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().split() == ["train"]
+        (project / "train").rmdir()  # as the multi-GPU launcher does
+        with claimed_run_name({"project": str(project), "name": "train"}) as other:
+            assert other["name"] == "train-2"
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    with claimed_run_name({"project": str(project), "name": "train"}) as later:
+        assert later["name"] == "train"
+
+
+SETTINGS_PROBE = textwrap.dedent("""
+    import json, os, sys
+    import midog
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+    print(json.dumps({"config_dir": os.environ["YOLO_CONFIG_DIR"], "user_config_dir": str(USER_CONFIG_DIR),
+                      "runs_dir": SETTINGS["runs_dir"], "sync": SETTINGS["sync"]}))
+""")
+
+
+def test_each_process_has_its_own_ultralytics_settings(tmp_path: Path):
+    """The settings folder was one per user (`<temp>/midog-yolo-<uid>`): every run read and rewrote one settings.json
+    (non-atomically), and took its runs/weights/datasets folders from whichever checkout wrote it first."""
+    temp = tmp_path / "tmp"
+    uid = os.getuid()
+    stale = temp / f"midog-yolo-{uid}" / "Ultralytics" / "settings.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"settings_version": "0.0.8", "runs_dir": "/another/checkout/runs", "sync": True}))
+    orphan = temp / f"midog-yolo-{uid}-{2 ** 22 + 7}-abc"  # a killed process's folder (no such process id)
+    (orphan / "Ultralytics").mkdir(parents=True)
+    env = {key: value for key, value in os.environ.items() if key != "YOLO_CONFIG_DIR"}
+    env.update(TMPDIR=str(temp), PYTHONPATH=str(REPO_ROOT))
+    probes = [subprocess.Popen([sys.executable, "-c", SETTINGS_PROBE], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]  # two at once
+    results = []
+    for probe in probes:
+        out, err = probe.communicate(timeout=300)
+        assert probe.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    folders = [Path(r["config_dir"]) for r in results]
+    assert folders[0] != folders[1] and all(f.parent == temp and f.name.startswith(f"midog-yolo-{uid}-")
+                                            for f in folders)
+    assert [Path(r["user_config_dir"]) for r in results] == [f / "Ultralytics" for f in folders]
+    assert all(r["runs_dir"] != "/another/checkout/runs" for r in results)  # ultralytics' defaults, not the stale file
+    assert not any(f.exists() for f in folders)  # removed when its process exits
+    assert not orphan.exists() and stale.is_file()  # a dead process's folder is cleared; the old shared one untouched
