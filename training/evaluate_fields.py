@@ -15,6 +15,7 @@ threshold to ship (median of the folds' optimal thresholds).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from midog.config import resolve_config
+from midog.config import resolve_config, write_config_values
 from midog.errors import InputError, MidogError
 from midog.outputs import write_json_atomic
 from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
@@ -108,6 +109,21 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
     return predictions
 
 
+def record_in_card(card_path: Path, report: dict[str, Any], argv: list[str] | None) -> None:
+    """The report's summary, folds and slides under `real_fields_evaluation` of a model card, with the command."""
+    if not card_path.is_file():
+        raise InputError(f"model card not found: {card_path}")
+    card = json.loads(card_path.read_text())
+    card["real_fields_evaluation"] = {
+        "what": "the Track 1 chain on MITOS-ATYPIA-14 fields (7 breast-cancer slides, Hamamatsu, 0.2273 µm/px, JPEG), "
+                "3 slide folds, each fold's models trained without its slides and scored at the median of the other "
+                "folds' optimal thresholds with the official Track 1 metrics (docs/track1-fields.md)",
+        "command": "python -m training.evaluate_fields " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "summary": report["summary"], "folds": report["folds"], "slides": report["slides"],
+    }
+    write_json_atomic(card_path, card)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="partial pipeline YAML, as for process.py")
     parser.add_argument("--floor", action="store_true", help="score the darkest-blob heuristic instead")
     parser.add_argument("--name", default=None, help="what the report calls this chain")
+    parser.add_argument("--card", type=Path, default=None, help="a model card (.json) to record the summary and "
+                        "per-slide numbers in, under 'real_fields_evaluation' (the shipped model's)")
+    parser.add_argument("--write-threshold", type=Path, default=None, metavar="PIPELINE_YAML",
+                        help="write the ship threshold (median of the folds' optimal thresholds) as "
+                        "verifier.threshold into this pipeline.yaml")
     return parser.parse_args(argv)
 
 
@@ -141,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                       "verifier": args.verifier, "detector": args.detector, "fold_of_slide": folds,
                       "seconds": round(time.perf_counter() - started, 1), **report})
     write_json_atomic(args.out, report)
+    if args.card is not None:
+        record_in_card(args.card, report, argv)
+    if args.write_threshold is not None and report["summary"]["ship_threshold"] is not None:
+        write_config_values(args.write_threshold, {"verifier.threshold": report["summary"]["ship_threshold"]})
     summary = report["summary"]
     print(f"{report['name']}: mean F1 over folds {summary['mean_f1']:.4f} {summary['fold_f1']}, worst slide "
           f"{summary['worst_slide']} {summary['worst_slide_f1']}, ship threshold {summary['ship_threshold']}")

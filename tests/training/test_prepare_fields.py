@@ -148,13 +148,21 @@ def test_per_fold_paths():
 def test_evaluate_runs_the_chain_per_fold(fields_root: Path, tmp_path: Path):
     detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
     verifier = tiny_verifier(tmp_path / "w" / "verifier.pt")
-    report_path = tmp_path / "report.json"
+    report_path, card, pipeline = tmp_path / "report.json", tmp_path / "w" / "verifier.json", tmp_path / "p.yaml"
+    card.write_text(json.dumps({"architecture": "test_resnet"}))
     code = evaluate_main(["--root", str(fields_root), "--out", str(report_path), "--detector", str(detector),
-                          "--verifier", str(verifier), "--name", "tiny"])
+                          "--verifier", str(verifier), "--name", "tiny", "--card", str(card),
+                          "--write-threshold", str(pipeline)])
     assert code == 0
     report = json.loads(report_path.read_text())
     assert set(report["folds"]) == {"0", "1", "2"} and set(report["slides"]) == {"S1", "S2", "S3"}
     assert report["slides"]["S2"]["mitoses"] == 3
+    recorded = json.loads(card.read_text())
+    assert recorded["architecture"] == "test_resnet"
+    assert recorded["real_fields_evaluation"]["summary"] == report["summary"]
+    assert "--verifier" in recorded["real_fields_evaluation"]["command"]
+    if report["summary"]["ship_threshold"] is not None:
+        assert yaml.safe_load(pipeline.read_text()) == {"verifier": {"threshold": report["summary"]["ship_threshold"]}}
 
 
 def test_negative_draw_sees_every_positive_and_fresh_negatives():
