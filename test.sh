@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 IMAGE_TAG="${IMAGE_TAG:-midog}"
-MEM_LIMIT="${MEM_LIMIT:-16g}"
+MEM_LIMIT="${MEM_LIMIT:-15g}"   # a 16 GB instance, less the 1 GB the platform keeps
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     ./build.sh
