@@ -47,6 +47,7 @@ from tqdm import tqdm
 from midog.classifier import BinaryClassifier, build_classifier
 from midog.errors import InputError, MidogError
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
+from training.augment import HEDJitter
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
                               save_atomic, seed_everything, write_csv)
@@ -69,6 +70,9 @@ class VerifierAugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.1
     hue: float = 0.0
+    hed_sigma: float = 0.0
+    """Stain augmentation in haematoxylin-eosin optical-density space (`training.augment.HEDJitter`, Tellez et al.
+    2018): each stain's density scaled by 1 ± sigma and shifted by ± sigma; 0 turns it off."""
     randaugment_ops: int = 3
     """RandAugment: operations per image (0 turns it off)."""
     randaugment_magnitude: int = 5
@@ -206,6 +210,8 @@ def train_transform(cfg: VerifierAugmentConfig) -> v2.Compose:
         steps.append(v2.RandomVerticalFlip(cfg.vflip))
     if cfg.rotation > 0:
         steps.append(v2.RandomRotation(cfg.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=TISSUE_GREY))
+    if cfg.hed_sigma > 0:
+        steps.append(HEDJitter(cfg.hed_sigma))
     if max(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) > 0:
         steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     if cfg.randaugment_ops > 0:
