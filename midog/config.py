@@ -26,7 +26,9 @@ class RuntimeConfig:
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     num_threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default."""
+    """CPU threads for torch and ONNX Runtime; 0: the CPUs this process may use (its affinity mask capped by the
+    cgroup's quota, `midog.devices.usable_cpus`), not the host's core count. On a machine shared with other jobs,
+    1 is often fastest."""
     seed: int = 0
     crop_chunk: int = 2048
     """Track 1 candidates whose crops are read and classified at a time: bounds memory on whole slides."""
@@ -221,7 +223,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.device": (lambda value: isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) is not None,
                        "auto, cpu, cuda or cuda:N"),
-    "runtime.num_threads": (_non_negative_int, "0 (torch's default) or a positive integer"),
+    "runtime.num_threads": (_non_negative_int, "0 (the CPUs this process may use) or a positive integer"),
     "runtime.crop_chunk": (_positive_int, "a positive integer"),
     "image.fallback_spacing_um": (_positive_number, "a positive number"),
     "image.max_spacing_um": (_positive_number, "a positive number"),

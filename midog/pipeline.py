@@ -50,11 +50,11 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Tra
     classified in batches of `atypical.batch_size` pages and `atypical.max_batch_megapixels` pixels at most, and the
     output is written once, atomically, after the last page: a failure anywhere leaves no output file.
     """
-    configure_torch(config.runtime)
     image_path = find_single_image(input_dir / "images" / TRACK2_IMAGE_FOLDER)
     with open_stack(image_path) as stack:
         check_output_folder(output_dir)
         require_in_given_dir({"atypical": config.atypical.weights})
+        configure_torch(config.runtime)  # after the input checks: a bad input prints its one line only
         started = time.perf_counter()
         classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
                                    foundation=config.foundation)
@@ -151,10 +151,10 @@ class Track1Detector:
         """Load the detector, verifier and atypical weights named by `config` (`midog.config.resolve_config`);
         `with_verifier` / `with_atypical` False leave those stages out."""
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
-        configure_torch(config.runtime)
+        threads = configure_torch(config.runtime)
         paths = {"proposals": [find_weights(config.proposals.weights)]}
         proposer = YoloProposer.from_weights(paths["proposals"][0], device, config.proposals,
-                                             config.tiling.tile_size, config.runtime.num_threads)
+                                             config.tiling.tile_size, threads)
         verifier = atypical = None
         if with_verifier:
             paths["verifier"] = [find_weights(config.verifier.weights)]

@@ -54,7 +54,7 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     ("image.in_memory_max_megapixels", -1, "a number >= 0"),
     ("image.fallback_spacing_um", float("inf"), "a positive number"),
     ("atypical.max_batch_megapixels", float("inf"), "a positive number"),
-    ("runtime.num_threads", 1.5, "0 (torch's default) or a positive integer"),
+    ("runtime.num_threads", 1.5, "0 (the CPUs this process may use) or a positive integer"),
     ("runtime.device", "gpu", "auto, cpu, cuda or cuda:N"),
     ("proposals.half", "maybe", "true or false"),
     ("merging.class_agnostic", "nope", "true or false"),

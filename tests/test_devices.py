@@ -55,3 +55,41 @@ def test_an_explicit_cuda_device_is_taken_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_cgroup_quota_v2_v1_and_unlimited(tmp_path):
+    from midog.devices import cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 3.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    assert cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_default_threads_follow_the_quota_and_the_affinity(tmp_path, monkeypatch, torch_state, caplog):
+    import logging
+
+    import midog.devices as devices
+
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker --cpus 2.5 on an 8-CPU affinity mask
+    monkeypatch.setattr(devices, "CGROUP_ROOT", tmp_path)
+    assert devices.usable_cpus() == 2
+    with caplog.at_level(logging.INFO, logger="midog.devices"):
+        assert devices.configure_torch(load_config().runtime) == 2
+    assert torch.get_num_threads() == 2
+    assert any("CPU threads: 2" in r.getMessage() for r in caplog.records)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
+    assert devices.usable_cpus() == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert devices.usable_cpus() == 8
+    assert devices.configure_torch(load_config(overrides={"runtime.num_threads": 3}).runtime) == 3
+
