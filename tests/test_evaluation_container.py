@@ -24,6 +24,8 @@ import pytest
 from conftest import REPO_ROOT, shared_path
 from test_container_files import NOBODY, _read_only, _snapshot, _unprivileged_prefix
 
+from tests.official_reference import official_froc
+
 from midog.evaluate.container import PLATFORM_GROUND_TRUTH, PLATFORM_INPUT, PLATFORM_OUTPUT, build_parser
 
 EVALUATION = REPO_ROOT / "evaluation"
@@ -80,30 +82,11 @@ def _jobs(input_dir: Path, input_slug: str, output_slug: str) -> list[tuple[str,
 
 
 def _froc(truths: list, detections: list) -> float:
-    """The final Track 1 container's calc_froc_score, line by line, with evalutils' score_detection."""
+    """The final Track 1 container's calc_froc_score with evalutils' score_detection."""
     from grand_challenge_metrics.scorers import score_detection
 
-    if not [x for x in detections if len(x) > 0]:
-        return float("nan")
-    scores = np.array([sc for x, y, z, cls, sc in np.vstack([x for x in detections if len(x) > 0])])
-    thresholds = ([np.min(scores)] if np.min(scores) == np.max(scores)
-                  else np.linspace(np.min(scores), np.max(scores), 40).tolist())
-    recalls, fppi = {}, {}
-    for threshold in thresholds:
-        tps, fns, fps = 0, 0, []
-        for truth, detected in zip(truths, detections):
-            kept = [[x, y, 0] for x, y, z, cls, sc in detected if sc >= threshold]
-            counts = score_detection(ground_truth=truth, predictions=kept, radius=7.5e-3)
-            fps.append(counts.false_positives)
-            tps += counts.true_positives
-            fns += counts.false_negatives
-        recalls[threshold] = tps / (tps + fns + 1e-6)
-        fppi[threshold] = np.mean(fps)
-    fppi_arr, recall_arr = np.array(list(fppi.values())), np.array(list(recalls.values()))
-    order = np.argsort(fppi_arr)
-    grid = np.linspace(0, 8, 50)
-    return float(np.trapezoid(np.interp(grid, fppi_arr[order], recall_arr[order], left=0,
-                                        right=recall_arr[order][-1]), grid))
+    return official_froc(truths, detections, lambda truth, kept: score_detection(
+        ground_truth=truth, predictions=kept, radius=7.5e-3))
 
 
 def final_track1_aggregates(input_dir: Path, ground_truth: dict[str, Any]) -> dict[str, Any]:
