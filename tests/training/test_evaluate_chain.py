@@ -115,17 +115,18 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
     crops = sorted((out / "verifier" / "val" / ad.FALSE_POSITIVE_DIR).glob("*.png"))
     assert counts == {"val": len(crops)} and crops, "a biased tiny detector proposes something"
     assert all(min(Image.open(p).size) >= 1 for p in crops)
-    # the same count, independently: candidates more than 30 px from every labelled figure
-    import torch
+    # the same count, recomputed: the pipeline's merged candidates more than 30 px from every labelled figure
+    from midog.config import resolve_config
+    from midog.image_io import ArrayRoi, PhysicalTransform
+    from midog.pipeline import Track1Detector
 
-    from midog.config import ProposalConfig
-    from midog.proposals import YoloProposer
-
-    proposer = YoloProposer.from_weights(tiny_weights / "detector.pt", torch.device("cpu"),
-                                         ProposalConfig(confidence=0.01))
+    config = resolve_config(overrides={"proposals.weights": str(tiny_weights / "detector.pt"),
+                                       "proposals.confidence": 0.01, "runtime.device": "cpu"})
+    chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     far = 0
     for path, centres in ad.read_annotations(out / "detection", "val").items():
-        boxes, _, _ = proposer.predict(np.array(Image.open(path).convert("RGB"))[None])[0]
-        middle = (boxes[:, :2] + boxes[:, 2:]) / 2
+        image = ArrayRoi(np.array(Image.open(path).convert("RGB")), PhysicalTransform((0.00025, 0.00025)))
+        middle = chain.candidates(image)[0].centres
         far += sum(np.hypot(*(centres - m).T).min() > 30 for m in middle)
     assert far == len(crops)
+    assert all(Image.open(p).size == (config.verifier.crop_size,) * 2 for p in crops)  # resized as the pipeline
