@@ -18,6 +18,7 @@ from midog.errors import InputError, MidogError, first_line
 from midog.interfaces import TRACK1_SLUG, TRACK2_SLUG
 from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
                            discard_previous_outputs, write_json_atomic)
+from midog.progress import LOG_INTERVAL_S, set_quiet
 from midog.weights import plain
 
 if TYPE_CHECKING:
@@ -29,13 +30,13 @@ log = logging.getLogger("midog")
 def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     from midog.pipeline import run_track1
 
-    return run_track1(input_dir, output_dir, config)
+    return run_track1(input_dir, output_dir, config, progress=True)
 
 
 def _run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     from midog.pipeline import run_track2
 
-    return run_track2(input_dir, output_dir, config)
+    return run_track2(input_dir, output_dir, config, progress=True)
 
 
 RESULT_FILES = (TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME, TRACK2_FILENAME)
@@ -151,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write a JSON run record here when the run succeeds: the checkpoints loaded (path, "
                              "sha256), the thresholds in force, the resolved config, package versions, track, image")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (tiles, verification, atypical labelling, stack pages); without it "
+                             "they redraw on a terminal and, when stderr is not one, write a line every "
+                             f"{LOG_INTERVAL_S:g} s of a step that lasts longer; log records are unchanged")
     args = parser.parse_args(argv)
     if args.record is not None and args.record.resolve() in {(args.output / name).resolve() for name in RESULT_FILES}:
         parser.error(f"--record {args.record} would overwrite a result file")
@@ -159,6 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_quiet(args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

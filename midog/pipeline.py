@@ -20,6 +20,7 @@ from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, 
 from midog.merging import Candidates, build_merger, merge_tiles
 from midog.outputs import (MITOTIC_FIGURE, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME,
                            check_output_folder, track1_outputs, track2_classification, write_json_atomic)
+from midog.progress import progress_bar
 from midog.proposals import ProposalStats, YoloProposer
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.tiling import tile_origins
@@ -43,12 +44,13 @@ class TrackRun:
 
 # ---- Track 2: atypical vs normal on a stack of crops -------------------------------------------------------------
 
-def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
+def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progress: bool = True) -> TrackRun:
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
     The stack is opened (and checked) and the output folder checked before the weights are loaded, pages are
     classified in batches of `atypical.batch_size` pages and `atypical.max_batch_megapixels` pixels at most, and the
-    output is written once, atomically, after the last page: a failure anywhere leaves no output file.
+    output is written once, atomically, after the last page: a failure anywhere leaves no output file. `progress`: a
+    bar of the pages classified (`midog.progress`).
     """
     image_path = find_single_image(input_dir / "images" / TRACK2_IMAGE_FOLDER)
     with open_stack(image_path) as stack:
@@ -63,8 +65,10 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Tra
                        for name in checkpoint_names(config.atypical.weights)]
         log_loaded(checkpoints, {"atypical": classifier.threshold})
         probabilities: list[float] = []
-        for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
-            probabilities.extend(classifier.predict_proba(batch).tolist())
+        with progress_bar(stack.num_pages, "pages", "page", progress) as bar:
+            for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
+                probabilities.extend(classifier.predict_proba(batch).tolist())
+                bar.update(len(batch))
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
     pages = track2_classification(probabilities, classifier.threshold, config.atypical.confidence)
@@ -176,7 +180,8 @@ class Track1Detector:
         return {stage: float(value) for stage, value in found.items() if value is not None}
 
     def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:
-        """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal."""
+        """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal.
+        `progress`: a bar for each of tiles, verification and atypical labelling (`midog.progress`)."""
         if self.verifier is None:
             raise ValueError("this Track1Detector was built without a verifier: only candidates() runs")
         if isinstance(image, RoiImage):
@@ -201,11 +206,15 @@ class Track1Detector:
                                 merged.classes)
         return merged, stats
 
-    def verify(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
+    def verify(self, image: RoiImage, boxes: np.ndarray, progress: bool = False) -> np.ndarray:
         """P(mitotic figure) per box (in `image`'s pixels), the crops cut at the verifier's own pixel size,
         `runtime.crop_chunk` candidates at a time."""
         chunks = crop_chunks(len(boxes), self.config.verifier.batch_size, self.config.runtime.crop_chunk)
-        parts = [self.verifier.probabilities(image, boxes[chunk]) for chunk in chunks]
+        parts = []
+        with progress_bar(len(boxes), "verification", "candidate", progress) as bar:
+            for chunk in chunks:
+                parts.append(self.verifier.probabilities(image, boxes[chunk]))
+                bar.update(chunk.stop - chunk.start)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def _detect(self, image: RoiImage, progress: bool) -> Track1Result:
@@ -221,7 +230,7 @@ class Track1Detector:
 
         candidates, stats = self.candidates(image, progress)
         lap("proposals")
-        verified = self.verify(image, candidates.boxes)
+        verified = self.verify(image, candidates.boxes, progress)
         probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)
         labels = self.verifier.labels(probability)  # the name follows the written probability in either mode
         lap("verification")
@@ -234,32 +243,35 @@ class Track1Detector:
             for (cx, cy), (mx, my), box, score, pv, p, label
             in zip(centres, millimetres, candidates.boxes, candidates.scores, verified, probability, labels)
         ]
-        self._label_atypical(image, [d for d in detections if d.is_mitotic_figure])
+        self._label_atypical(image, [d for d in detections if d.is_mitotic_figure], progress)
         lap("atypical")
         detections.sort(key=lambda d: -d.probability)
         return Track1Result(detections, image.width, image.height, image.transform.spacing_um,
                             stats.tiles_total, stats.tiles_run, timings)
 
-    def _label_atypical(self, image: RoiImage, figures: list[Detection]) -> None:
+    def _label_atypical(self, image: RoiImage, figures: list[Detection], progress: bool = False) -> None:
         """P(atypical) and the label of each mitotic figure, its crop cut at the atypical model's pixel size."""
         if self.atypical is None or not figures:
             return
         view = at_pixel_size(image, self.atypical.pixel_size_um, self.config.image.resample_tolerance)
         sx, sy = view_scale(image, view)
-        for chunk in crop_chunks(len(figures), self.config.atypical.batch_size, self.config.runtime.crop_chunk):
-            part = figures[chunk]
-            centres = np.array([(d.x * sx, d.y * sy) for d in part])
-            probabilities = self.atypical.predict_proba(figure_crops(view, centres, self.config.atypical.crop_size))
-            for detection, p, atypical in zip(part, probabilities, self.atypical.is_atypical(probabilities)):
-                detection.atypical_probability = float(p)
-                detection.atypical = bool(atypical)
+        with progress_bar(len(figures), "atypical", "figure", progress) as bar:
+            for chunk in crop_chunks(len(figures), self.config.atypical.batch_size, self.config.runtime.crop_chunk):
+                part = figures[chunk]
+                centres = np.array([(d.x * sx, d.y * sy) for d in part])
+                probabilities = self.atypical.predict_proba(figure_crops(view, centres, self.config.atypical.crop_size))
+                for detection, p, atypical in zip(part, probabilities, self.atypical.is_atypical(probabilities)):
+                    detection.atypical_probability = float(p)
+                    detection.atypical = bool(atypical)
+                bar.update(len(part))
 
 
-def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
+def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig, progress: bool = True) -> TrackRun:
     """The one ROI in images/histopathology-roi-cropout/ → mitotic-figures.json and atypical-mitotic-figures.json.
 
     The image is opened (and checked) and the output folder checked before the weights are loaded; both files are
-    written atomically at the end, so a failure anywhere leaves no output file.
+    written atomically at the end, so a failure anywhere leaves no output file. `progress`: the bars of
+    `Track1Detector.detect`.
     """
     started = time.perf_counter()
     image_path = find_single_image(input_dir / "images" / TRACK1_IMAGE_FOLDER, ROI_SUFFIXES)
@@ -272,7 +284,7 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> Tra
         detector = Track1Detector.from_config(config)
         loaded = time.perf_counter()
         log_loaded(detector.checkpoints, detector.thresholds)
-        result = detector.detect(roi, progress=True)
+        result = detector.detect(roi, progress=progress)
     figures, atypical = track1_outputs(result.detections)
     path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)
     try:

@@ -289,11 +289,11 @@ class YoloProposer:
     def propose(self, image: RoiImage, origins: Sequence[tuple[int, int]], tiling: TilingConfig,
                 progress: bool = True) -> tuple[list[TileDetections], ProposalStats]:
         """Detections of every tissue tile at `origins`; reading overlaps with the detector."""
-        from tqdm import tqdm
+        from midog.progress import progress_bar
 
         stats = ProposalStats(tiles_total=len(origins))
         results: list[TileDetections] = []
-        with tqdm(total=len(origins), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+        with progress_bar(len(origins), "tiles", "tile", progress) as bar:
             for batch_origins, pixels, skipped in read_tiles(image, origins, tiling, self.batch_size):
                 bar.update(skipped)
                 if not batch_origins:

@@ -35,7 +35,7 @@ TRACK1_FILES = sorted([TRACK1_FILENAME, TRACK1_ATYPICAL_FILENAME])
 TRACK2_FILES = [TRACK2_FILENAME]
 EXIT_INPUT, EXIT_WEIGHTS, EXIT_OUTPUT, EXIT_CONFIG = 2, 3, 4, 5  # docs/container.md, "Exit codes" (midog/errors.py)
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) [\w.]+: ")
-PROGRESS_BAR = re.compile(r"^tiles: +\d+%\|")
+PROGRESS_BAR = re.compile(r"^(tiles|verification|atypical|pages): +\d+%\|")
 SPACING_UM = 0.25
 
 
