@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from midog.atypical import AtypicalClassifier, figure_crops, load_atypical
-from midog.config import PipelineConfig
+from midog.config import AtypicalConfig, PipelineConfig
 from midog.devices import configure_torch, resolve_device
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK2_IMAGE_FOLDER
-from midog.image_io import ROI_SUFFIXES, RoiImage, find_single_image, open_roi, open_stack
+from midog.image_io import ROI_SUFFIXES, PageStack, RoiImage, find_single_image, open_roi, open_stack
 from midog.merging import Candidates, build_merger, merge_tiles
 from midog.outputs import (MITOTIC_FIGURE, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME,
                            check_output_folder, track1_outputs, track2_classification, write_json_atomic)
@@ -44,6 +44,18 @@ class TrackRun:
 
 # ---- Track 2: atypical vs normal on a stack of crops -------------------------------------------------------------
 
+def classify_pages(stack: PageStack, classifier: AtypicalClassifier, config: AtypicalConfig,
+                   progress: bool = False) -> list[float]:
+    """P(atypical) of every page in order, read `atypical.batch_size` pages and `atypical.max_batch_megapixels` at
+    a time: Track 2's classification, for process.py and the batch runner alike."""
+    probabilities: list[float] = []
+    with progress_bar(stack.num_pages, "pages", "page", progress) as bar:
+        for batch in stack.iter_batches(config.batch_size, config.max_batch_pixels):
+            probabilities.extend(classifier.predict_proba(batch).tolist())
+            bar.update(len(batch))
+    return probabilities
+
+
 def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progress: bool = True) -> TrackRun:
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
@@ -64,11 +76,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progre
         checkpoints = [LoadedCheckpoint.of("atypical", find_weights(name))
                        for name in checkpoint_names(config.atypical.weights)]
         log_loaded(checkpoints, {"atypical": classifier.threshold})
-        probabilities: list[float] = []
-        with progress_bar(stack.num_pages, "pages", "page", progress) as bar:
-            for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
-                probabilities.extend(classifier.predict_proba(batch).tolist())
-                bar.update(len(batch))
+        probabilities = classify_pages(stack, classifier, config.atypical, progress)
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
     pages = track2_classification(probabilities, classifier.threshold, config.atypical.confidence)

@@ -146,12 +146,17 @@ def parse_points(payload: Any, pk: str, check_coordinates: bool = True) -> Image
                            mitotic=np.asarray(mitotic, dtype=bool), probability=np.asarray(probability))
 
 
+COORDINATE_CHECK_HINT = ("--no-coordinate-check accepts such points, as the container's first version did (the "
+                         "published test vectors need it)")
+
+
 def _check_millimetres(xyz: list, where: str) -> None:
     if xyz[0] < MIN_COORDINATE_MM or xyz[1] < MIN_COORDINATE_MM:
-        raise PredictionError(f"{where}: invalid point coordinates {xyz[:3]} (below -7.5 µm)")
+        raise PredictionError(f"{where}: invalid point coordinates {xyz[:3]} (below -7.5 µm); "
+                              f"{COORDINATE_CHECK_HINT}")
     if xyz[0] > MAX_COORDINATE_MM or xyz[1] > MAX_COORDINATE_MM:
         raise PredictionError(f"{where}: invalid point coordinates {xyz[:3]}: beyond 10 mm, are these pixel "
-                              "coordinates? The output must be in millimetres")
+                              f"coordinates? The output must be in millimetres; {COORDINATE_CHECK_HINT}")
 
 
 # ---- matching ------------------------------------------------------------------------------------------------
