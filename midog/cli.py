@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("midog")
 
+USAGE = ("MIDOG 2025 algorithm: Track 1 (mitotic figures in a region of interest -> mitotic-figures.json, points in "
+         "mm) or Track 2 (atypical vs normal for each page of a stack -> multiple-mitotic-figure-classification.json), "
+         "chosen by the interface slug in INPUT/inputs.json, as grand-challenge runs the container.")
+
 
 def _run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig) -> TrackRun:
     from midog.pipeline import run_track1
@@ -144,10 +148,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineArgumentParser(description=__doc__)
-    parser.add_argument("--input", type=Path, default=Path("/input"))
-    parser.add_argument("--output", type=Path, default=Path("/output"))
-    parser.add_argument("--config", type=Path, default=None, help="partial YAML overriding the shipped config")
+    parser = OneLineArgumentParser(
+        prog="process.py", description=USAGE, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit codes: 0 success, 1 unexpected, 2 bad input, 3 bad weights, 4 output not writable, 5 bad "
+               "configuration (one 'error:' line on stderr, no output file). Weights: $MIDOG_WEIGHTS_DIR, then "
+               "/opt/ml/model, then weights/.")
+    parser.add_argument("--input", type=Path, default=Path("/input"),
+                        help="folder with inputs.json and images/<interface>/ (grand-challenge's layout)")
+    parser.add_argument("--output", type=Path, default=Path("/output"), help="folder the result JSON goes to")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="partial YAML over the shipped config (midog/configs/default.yaml and the weights' "
+                             "pipeline.yaml); MIDOG_<SECTION>__<FIELD> variables override it")
     parser.add_argument("--record", type=Path, default=None, metavar="FILE",
                         help="write a JSON run record here when the run succeeds: the checkpoints loaded (path, "
                              "sha256), the thresholds in force, the resolved config, package versions, track, image")
