@@ -230,13 +230,10 @@ Predictor = Callable[[Path], dict[str, Any]]
 
 def track1_predictor(config: PipelineConfig) -> Predictor:
     """process.py's Track 1 (`midog.pipeline.run_track1`) with the models loaded once."""
-    from midog.pipeline import Track1Detector
     from midog.outputs import track1_outputs
-    from midog.weights import STAGE_SECTIONS, log_loaded, require_in_given_dir
+    from midog.pipeline import load_track1
 
-    require_in_given_dir({stage: getattr(config, stage).weights for stage in STAGE_SECTIONS})
-    detector = Track1Detector.from_config(config)
-    log_loaded(detector.checkpoints, detector.thresholds)
+    detector = load_track1(config)
 
     def predict(image: Path) -> dict[str, Any]:
         figures, atypical = track1_outputs(detector.detect(image, progress=False).detections)
@@ -247,19 +244,11 @@ def track1_predictor(config: PipelineConfig) -> Predictor:
 
 def track2_predictor(config: PipelineConfig) -> Predictor:
     """process.py's Track 2 (`midog.pipeline.run_track2`) with the classifier loaded once."""
-    from midog.atypical import load_atypical
-    from midog.devices import configure_torch, resolve_device
     from midog.image_io import open_stack
     from midog.outputs import track2_classification
-    from midog.pipeline import classify_pages
-    from midog.weights import LoadedCheckpoint, checkpoint_names, find_weights, log_loaded, require_in_given_dir
+    from midog.pipeline import classify_pages, load_track2
 
-    require_in_given_dir({"atypical": config.atypical.weights})
-    configure_torch(config.runtime)
-    classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
-                               foundation=config.foundation)
-    log_loaded([LoadedCheckpoint.of("atypical", find_weights(name))
-                for name in checkpoint_names(config.atypical.weights)], {"atypical": classifier.threshold})
+    classifier, _ = load_track2(config)
 
     def predict(image: Path) -> dict[str, Any]:
         with open_stack(image) as stack:

@@ -25,8 +25,8 @@ from midog.proposals import ProposalStats, YoloProposer
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
-from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, checkpoint_names, find_weights, log_loaded,
-                           require_in_given_dir)
+from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, find_weights, log_loaded, require_in_given_dir,
+                           stage_checkpoints)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ def classify_pages(stack: PageStack, classifier: AtypicalClassifier, config: Aty
     return probabilities
 
 
+def load_track2(config: PipelineConfig) -> tuple[AtypicalClassifier, list[LoadedCheckpoint]]:
+    """Track 2's classifier as process.py loads it: the weights folder checked, torch set up, the checkpoints and
+    the threshold in force logged."""
+    require_in_given_dir({"atypical": config.atypical.weights})
+    configure_torch(config.runtime)
+    classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
+                               foundation=config.foundation)
+    checkpoints = stage_checkpoints("atypical", config.atypical.weights)
+    log_loaded(checkpoints, {"atypical": classifier.threshold})
+    return classifier, checkpoints
+
+
 def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progress: bool = True) -> TrackRun:
     """The one stack in images/stacked-histopathology-roi-cropouts/ → one {class, confidence} per page, in order.
 
@@ -67,15 +79,9 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progre
     image_path = find_single_image(input_dir / "images" / TRACK2_IMAGE_FOLDER)
     with open_stack(image_path) as stack:
         check_output_folder(output_dir)
-        require_in_given_dir({"atypical": config.atypical.weights})
-        configure_torch(config.runtime)  # after the input checks: a bad input prints its one line only
         started = time.perf_counter()
-        classifier = load_atypical(config.atypical, device=resolve_device(config.runtime.device),
-                                   foundation=config.foundation)
+        classifier, checkpoints = load_track2(config)  # after the input checks: a bad input prints one line only
         loaded = time.perf_counter()
-        checkpoints = [LoadedCheckpoint.of("atypical", find_weights(name))
-                       for name in checkpoint_names(config.atypical.weights)]
-        log_loaded(checkpoints, {"atypical": classifier.threshold})
         probabilities = classify_pages(stack, classifier, config.atypical, progress)
         log.info("track 2: %d pages of %s in %.2f s (model load %.2f s), threshold %.3f", stack.num_pages,
                  image_path.name, time.perf_counter() - loaded, loaded - started, classifier.threshold)
@@ -164,19 +170,18 @@ class Track1Detector:
         `with_verifier` / `with_atypical` False leave those stages out."""
         device = torch.device(device) if device is not None else resolve_device(config.runtime.device)
         threads = configure_torch(config.runtime)
-        paths = {"proposals": [find_weights(config.proposals.weights)]}
-        proposer = YoloProposer.from_weights(paths["proposals"][0], device, config.proposals,
+        proposer = YoloProposer.from_weights(find_weights(config.proposals.weights), device, config.proposals,
                                              config.tiling.tile_size, threads)
+        checkpoints = stage_checkpoints("proposals", config.proposals.weights)
         verifier = atypical = None
         if with_verifier:
-            paths["verifier"] = [find_weights(config.verifier.weights)]
-            verifier = Verifier.from_weights(paths["verifier"][0], config.verifier, device,
+            verifier = Verifier.from_weights(find_weights(config.verifier.weights), config.verifier, device,
                                              config.merging.box_size_px, foundation=config.foundation,
                                              resample_tolerance=config.image.resample_tolerance)
+            checkpoints += stage_checkpoints("verifier", config.verifier.weights)
         if with_atypical:
             atypical = load_atypical(config.atypical, device=device, foundation=config.foundation)
-            paths["atypical"] = [find_weights(name) for name in checkpoint_names(config.atypical.weights)]
-        checkpoints = [LoadedCheckpoint.of(stage, path) for stage, files in paths.items() for path in files]
+            checkpoints += stage_checkpoints("atypical", config.atypical.weights)
         return cls(config, proposer, verifier, atypical, checkpoints)
 
     @property
@@ -274,6 +279,15 @@ class Track1Detector:
                 bar.update(len(part))
 
 
+def load_track1(config: PipelineConfig) -> Track1Detector:
+    """Track 1's models as process.py loads them: the weights folder checked, the checkpoints and the thresholds in
+    force logged."""
+    require_in_given_dir({stage: getattr(config, stage).weights for stage in STAGE_SECTIONS})
+    detector = Track1Detector.from_config(config)
+    log_loaded(detector.checkpoints, detector.thresholds)
+    return detector
+
+
 def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig, progress: bool = True) -> TrackRun:
     """The one ROI in images/histopathology-roi-cropout/ → mitotic-figures.json and atypical-mitotic-figures.json.
 
@@ -288,10 +302,8 @@ def run_track1(input_dir: Path, output_dir: Path, config: PipelineConfig, progre
                   cfg.max_spacing_um) as roi:
         check_output_folder(output_dir)
         opened = time.perf_counter()
-        require_in_given_dir({stage: getattr(config, stage).weights for stage in STAGE_SECTIONS})
-        detector = Track1Detector.from_config(config)
+        detector = load_track1(config)
         loaded = time.perf_counter()
-        log_loaded(detector.checkpoints, detector.thresholds)
         result = detector.detect(roi, progress=progress)
     figures, atypical = track1_outputs(result.detections)
     path = write_json_atomic(output_dir / TRACK1_FILENAME, figures)

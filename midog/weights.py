@@ -241,6 +241,11 @@ class LoadedCheckpoint:
                 "architecture": self.architecture}
 
 
+def stage_checkpoints(stage: str, names: str | Sequence[str]) -> list[LoadedCheckpoint]:
+    """`LoadedCheckpoint`s of a stage's `weights` value (one name, or a fold ensemble's list), once it has loaded."""
+    return [LoadedCheckpoint.of(stage, find_weights(name)) for name in checkpoint_names(names)]
+
+
 def log_loaded(checkpoints: Sequence[LoadedCheckpoint], thresholds: Mapping[str, float]) -> None:
     """Log (INFO) the checkpoints a run loaded and the decision thresholds in force, so a run's log names its
     weights."""
