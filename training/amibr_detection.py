@@ -462,6 +462,7 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     from midog.pipeline import Track1Detector
     from midog.verifier import box_crops
     from midog.weights import DEFAULT_PIXEL_SIZE_UM
+    from training.verifier_data import far_from
 
     out = Path(out_dir)
     overrides = {"proposals.weights": str(detector), "runtime.device": "cpu"}
@@ -480,9 +481,7 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
             candidates, _ = chain.candidates(image)
             if not len(candidates):
                 continue
-            middle = candidates.centres
-            far = np.ones(len(middle), dtype=bool) if not len(centres) else \
-                np.min(np.linalg.norm(middle[:, None] - centres[None], axis=2), axis=1) > match_radius
+            far = far_from(candidates.centres, centres, (1.0, 1.0), match_radius)
             crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
                               config.merging.box_size_px)
             for k, crop in enumerate(crops):

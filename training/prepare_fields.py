@@ -50,6 +50,7 @@ from midog.verifier import candidate_crops
 from midog.weights import DEFAULT_PIXEL_SIZE_UM
 from training.fields import FieldIndex, load_field_index, open_field, slide_folds
 from training.train_verifier import POSITIVE_FOLDER
+from training.verifier_data import far_from
 
 FALSE_POSITIVE_FOLDER = "false_positive"
 TISSUE_FOLDER = "tissue"
@@ -134,15 +135,6 @@ def write_tiles(field: RoiImage, stem: str, centres_px: np.ndarray, out: Path, c
 
 
 # ---- verifier crops --------------------------------------------------------------------------------------------
-
-def far_from(points: np.ndarray, mitoses: np.ndarray, spacing_um: tuple[float, float], radius_um: float) -> np.ndarray:
-    """Mask of the (n, 2) pixel points farther than `radius_um` from every mitosis (pixels, anisotropic spacing)."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if not len(mitoses):
-        return np.ones(len(points), dtype=bool)
-    delta = (points[:, None, :] - np.asarray(mitoses, dtype=np.float64)[None]) * np.asarray(spacing_um)
-    return np.sqrt((delta ** 2).sum(-1)).min(axis=1) > radius_um
-
 
 def square_boxes(centres: np.ndarray, side: tuple[float, float]) -> np.ndarray:
     """(n, 4) boxes of `side` (x, y) pixels centred on (n, 2) points."""

@@ -67,6 +67,17 @@ class CropConfig:
     """Keep at most this many false positives per slide, highest scores first (0 = all)."""
 
 
+def far_from(points: np.ndarray, truth: np.ndarray, spacing: tuple[float, float], radius: float) -> np.ndarray:
+    """Mask of the (n, 2) pixel points farther than `radius` from every (m, 2) `truth` point. `spacing` (x, y) turns
+    pixels into the radius's unit: (1, 1) for a radius in pixels, µm/px for one in µm (anisotropic scans)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    if not len(truth):
+        return np.ones(len(points), dtype=bool)
+    delta = (points[:, None, :] - truth[None]) * np.asarray(spacing)
+    return np.sqrt((delta ** 2).sum(-1)).min(axis=1) > radius
+
+
 def false_positives(pred_boxes: np.ndarray, gt_boxes: np.ndarray, radius_px: float,
                     scores: np.ndarray | None = None, min_score: float = 0.0) -> np.ndarray:
     """Indices of the predictions whose centre lies farther than `radius_px` from every ground-truth centre.
@@ -79,13 +90,8 @@ def false_positives(pred_boxes: np.ndarray, gt_boxes: np.ndarray, radius_px: flo
     scores = np.ones(len(pred)) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(scores) != len(pred):
         raise ValueError(f"{len(pred)} boxes but {len(scores)} scores")
-    pc = (pred[:, :2] + pred[:, 2:]) / 2
-    gc = (gt[:, :2] + gt[:, 2:]) / 2
-    if len(gc):
-        nearest = np.sqrt(((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)).min(axis=1)
-    else:
-        nearest = np.full(len(pc), np.inf)
-    keep = np.flatnonzero((nearest > radius_px) & (scores >= min_score))
+    far = far_from((pred[:, :2] + pred[:, 2:]) / 2, (gt[:, :2] + gt[:, 2:]) / 2, (1.0, 1.0), radius_px)
+    keep = np.flatnonzero(far & (scores >= min_score))
     return keep[np.argsort(-scores[keep], kind="stable")]
 
 
