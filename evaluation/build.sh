@@ -7,12 +7,11 @@
 #          other track's ground truth. The image is tagged midog-evaluation, or midog-evaluation-track<TRACK>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRACK="${TRACK:-auto}"
+. evaluation/image.sh
 case "$TRACK" in
     1|2|auto) ;;
     *) echo "error: TRACK must be 1, 2 or auto, got '$TRACK'" >&2; exit 1 ;;
 esac
-IMAGE_TAG="${IMAGE_TAG:-midog-evaluation$([ "$TRACK" = auto ] || echo "-track$TRACK")}"
 REVISION="$(./revision.sh)"
 
 # BuildKit: it reads evaluation/Dockerfile.dockerignore (the classic builder would take the root .dockerignore).

@@ -7,8 +7,7 @@
 # Usage: [TRACK=1|2|auto] evaluation/export.sh [output folder, default: export/]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRACK="${TRACK:-auto}"
-IMAGE_TAG="${IMAGE_TAG:-midog-evaluation$([ "$TRACK" = auto ] || echo "-track$TRACK")}"
+. evaluation/image.sh
 OUT_DIR="${1:-export}"
 REVISION="$(./revision.sh)"
 

@@ -13,8 +13,7 @@
 #        SKIP_BUILD=1 to test an image already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRACK="${TRACK:-auto}"
-IMAGE_TAG="${IMAGE_TAG:-midog-evaluation$([ "$TRACK" = auto ] || echo "-track$TRACK")}"
+. evaluation/image.sh
 MEM_LIMIT="${MEM_LIMIT:-15g}"
 VECTORS="${VECTORS:-$PWD/../shared/data/grand-challenge}"
 
