@@ -111,6 +111,8 @@ class VerifierConfig:
     context_px: int = 0
     probability: str = "verifier"
     """What the output `probability` is: the verifier's P(mitotic figure), or its product with the detector's."""
+    tta: bool = False
+    """P(mitotic figure) averaged over the 8 rotations and reflections of each crop (8x the verifier's compute)."""
 
 
 @dataclass

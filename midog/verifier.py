@@ -143,7 +143,8 @@ class Verifier:
         """P(mitotic figure) per box, in order."""
         if len(boxes) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.classifier.predict_proba(self.crops(image, boxes), batch_size=self.config.batch_size)
+        return self.classifier.predict_proba(self.crops(image, boxes), tta=self.config.tta,
+                                             batch_size=self.config.batch_size)
 
     def labels(self, probabilities: np.ndarray) -> list[str]:
         return [MITOTIC_FIGURE if p >= self.threshold else NON_MITOTIC_FIGURE for p in probabilities]

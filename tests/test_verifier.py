@@ -63,3 +63,19 @@ def test_probability_modes():
     np.testing.assert_allclose(combine_probability(detector, verified, "product"), [0.4, 0.09])
     with pytest.raises(ValueError, match="verifier.probability"):
         combine_probability(detector, verified, "max")
+
+
+def test_tta_averages_the_eight_views_of_each_crop(verifier: Verifier):
+    """`verifier.tta`: the probability is the mean over the crop's 8 rotations/reflections, so it is the same for a
+    crop and its mirror image, and differs from the single view (an untrained net is not rotation-invariant)."""
+    pixels = he_roi(300, 200, seed=3)
+    roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
+    mirrored = ArrayRoi(np.ascontiguousarray(pixels[:, ::-1]), PhysicalTransform((0.00025, 0.00025)))
+    box, mirror_box = np.array([[40, 30, 104, 94]], np.float32), np.array([[196, 30, 260, 94]], np.float32)
+    with_tta = Verifier(verifier.classifier, VerifierConfig(threshold=0.5, tta=True))
+    crops = verifier.crops(roi, box)
+    views = [verifier.classifier.predict_proba(np.ascontiguousarray(np.rot90(c, k, axes=(1, 2))))
+             for c in (crops, crops[:, :, ::-1]) for k in range(4)]
+    np.testing.assert_allclose(with_tta.probabilities(roi, box), np.mean(views, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(with_tta.probabilities(mirrored, mirror_box), with_tta.probabilities(roi, box), rtol=1e-5)
+    assert not np.allclose(verifier.probabilities(roi, box), with_tta.probabilities(roi, box), rtol=1e-4)

@@ -3,6 +3,7 @@ pixel size, split by slide.
 
     python -m training.prepare_fields --root ../shared/data/mitos-atypia-14 --out DIR
         [--folds 3] [--detector weights/detector.pt] [--pixel-size 0.25] [--amibr-canvases DIR] [--seed 0]
+        [--config PIPELINE.yaml]
 
     OUT/folds.json                        slide → fold, frames and mitoses per slide, the settings below
     OUT/detection/images/*.jpg, labels/*.txt
@@ -15,7 +16,8 @@ pixel size, split by slide.
                                           field pixels): frame, slide, x1, y1, x2, y2, score
     OUT/verifier/crops/<slide>/{mitotic_figure,false_positive,tissue}/*.png
                                           verifier crops of every field, cut as the pipeline cuts them
-                                          (`midog.verifier.candidate_crops` at --pixel-size)
+                                          (`midog.verifier.candidate_crops` at --pixel-size, with the
+                                          `verifier.crop_size` and `verifier.context_px` of --config)
     OUT/verifier/fold{k}/{train,val}/<class>/*.png, OUT/verifier/all/...
                                           symlinks into crops/, split as the detection sets
 
@@ -243,7 +245,8 @@ def amibr_canvases(folder: Path | None) -> list[str]:
 
 
 def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataConfig | None = None,
-            amibr: Path | None = None, progress: bool = True) -> dict:
+            amibr: Path | None = None, progress: bool = True, config_path: Path | None = None) -> dict:
+    """`config_path`: a partial pipeline YAML (as for process.py) whose verifier crop settings the crops follow."""
     cfg = cfg or FieldDataConfig()
     if (out / "folds.json").exists():
         raise InputError(f"{out} already holds a prepared dataset; choose an empty --out")
@@ -252,7 +255,7 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     sets = frame_splits(index, folds, cfg)
     extra = amibr_canvases(amibr)
     overrides = {"runtime.device": "cpu"} | ({"proposals.weights": str(detector)} if detector else {})
-    config = resolve_config(overrides=overrides)
+    config = resolve_config(config_path, overrides=overrides)
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     for sub in ("detection/images", "detection/labels", "verifier/crops"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -279,6 +282,7 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     write_dataset_yamls(out, sets, tiles, extra, cfg.pixel_size_um)
     link_sets(out, sets, dict(zip(index.frames["frame"], index.frames["slide"])))
     summary = {"root": str(root), "detector": config.proposals.weights, "settings": asdict(cfg),
+               "crops": {"crop_size": config.verifier.crop_size, "context_px": config.verifier.context_px},
                "folds": folds, "slides": {s: {"frames": int((index.frames["slide"] == s).sum()),
                                              "mitoses": int((index.mitoses["slide"] == s).sum()), **counts.get(s, {})}
                                          for s in sorted(folds)},
@@ -297,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the shipped proposals.weights)")
     parser.add_argument("--amibr-canvases", type=Path, default=None,
                         help="a training.amibr_detection --out folder: its training canvases join every train set")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="partial pipeline YAML: the verifier.crop_size / context_px the crops are cut with")
     defaults = FieldDataConfig()
     for key in ("pixel_size_um", "folds", "val_fraction", "jitter_copies", "jitter_px", "tissue_per_field", "seed"):
         value = getattr(defaults, key)
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FieldDataConfig(**{k: getattr(args, k) for k in ("pixel_size_um", "folds", "val_fraction",
                                                            "jitter_copies", "jitter_px", "tissue_per_field", "seed")})
     try:
-        summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases)
+        summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases, config_path=args.config)
     except MidogError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -116,6 +116,20 @@ def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
         prepare(fields_root, out, str(detector), cfg, progress=False)
 
 
+def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path, tmp_path: Path):
+    """--config: the verifier crops follow the pipeline YAML's crop_size and context_px, as the chain that runs the
+    verifier trained on them will cut its candidates."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    config = tmp_path / "context.yaml"
+    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n")
+    out = tmp_path / "out"
+    prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False,
+            config_path=config)
+    crops = sorted((out / "verifier" / "crops").glob("*/*/*.png"))
+    assert crops and {Image.open(p).size for p in crops} == {(80, 80)}
+    assert json.loads((out / "folds.json").read_text())["crops"] == {"crop_size": 80, "context_px": 15}
+
+
 def test_cross_fold_scores_use_the_other_folds_threshold(fields_root: Path):
     index = load_field_index(fields_root, SPACING)
     folds = {"S1": 0, "S2": 1, "S3": 2}
