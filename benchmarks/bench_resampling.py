@@ -23,8 +23,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from midog.image_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.resampling import ResampledRoi  # noqa: E402
+from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.tiling import tile_origins  # noqa: E402
 from roi_factory import he_roi  # noqa: E402
 

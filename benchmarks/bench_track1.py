@@ -44,9 +44,9 @@ from roi_factory import he_roi, shift_class_bias, write_tiff  # noqa: E402
 
 from midog.classifier import build_classifier  # noqa: E402
 from midog.config import MergingConfig, resolve_config  # noqa: E402
-from midog.image_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.pipeline import Track1Detector  # noqa: E402
 from midog.proposals import YoloProposer  # noqa: E402
+from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.tiling import tile_origins  # noqa: E402
 
 WIDTH, HEIGHT = 7215, 5412

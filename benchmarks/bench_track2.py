@@ -33,9 +33,9 @@ from midog.atypical import load_atypical  # noqa: E402
 from midog.classifier import build_classifier  # noqa: E402
 from midog.config import resolve_config  # noqa: E402
 from midog.errors import WeightsError  # noqa: E402
-from midog.image_io import open_stack  # noqa: E402
 from midog.outputs import TRACK2_FILENAME  # noqa: E402
 from midog.pipeline import run_track2  # noqa: E402
+from midog.stack_io import open_stack  # noqa: E402
 from midog.weights import find_weights  # noqa: E402
 
 

@@ -19,8 +19,8 @@ import torch
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import AtypicalConfig, FoundationConfig
 from midog.errors import WeightsError
-from midog.image_io import RoiImage
 from midog.outputs import ATYPICAL
+from midog.roi_io import RoiImage
 from midog.weights import checkpoint_names, find_weights
 
 

@@ -31,10 +31,11 @@ import timm
 import torch
 from torch import nn
 
-from midog.classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
-                              pixel_size_from_state, resize_from_state, tta_threshold_from_state)
+from midog.binary_classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
+                                     pixel_size_from_state, resize_from_state, tta_threshold_from_state)
+from midog.config import load_config
 from midog.errors import WeightsError, first_line
-from midog.weights import plain
+from midog.weights import plain, weights_dirs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -421,12 +422,8 @@ def find_base_weights(spec: BackboneSpec, explicit: str | None = None, config: A
     then `<weights folder>/<config.dir>/<name>` (file with a weights suffix, or a folder), then the Hugging Face
     cache (`config.hf_cache`, $HF_HUB_CACHE, $HF_HOME/hub) for the spec's hub id. Never downloads.
     """
-    from midog.weights import weights_dirs
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config is None:
-        from midog.config import load_config
-
         config = load_config().foundation
     searched: list[str] = []
     candidates: list[Path] = []

@@ -15,14 +15,16 @@ import torch
 from midog.atypical import AtypicalClassifier, figure_crops, load_atypical
 from midog.config import AtypicalConfig, PipelineConfig
 from midog.devices import configure_torch, resolve_device
+from midog.image_files import find_single_image
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK2_IMAGE_FOLDER
-from midog.image_io import ROI_SUFFIXES, PageStack, RoiImage, find_single_image, open_roi, open_stack
 from midog.merging import Candidates, build_merger, merge_tiles
 from midog.outputs import (MITOTIC_FIGURE, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME,
                            check_output_folder, track1_outputs, track2_classification, write_json_atomic)
 from midog.progress import progress_bar
 from midog.proposals import ProposalStats, YoloProposer
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
+from midog.roi_io import ROI_SUFFIXES, RoiImage, open_roi
+from midog.stack_io import PageStack, open_stack
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
 from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, find_weights, log_loaded, require_in_given_dir,
@@ -92,7 +94,7 @@ def run_track2(input_dir: Path, output_dir: Path, config: PipelineConfig, progre
 
 # ---- Track 1: detection on a region of interest ------------------------------------------------------------------
 #
-# read (image_io) → tile (tiling) → propose (proposals) → shift + merge (merging) → verify (verifier)
+# read (roi_io) → tile (tiling) → propose (proposals) → shift + merge (merging) → verify (verifier)
 # → label atypical (atypical) → write (outputs). `Track1Detector` holds the loaded models and runs the chain on one
 # image; training and evaluation code use it directly, `run_track1` wraps it for process.py.
 

@@ -28,7 +28,7 @@ import torch
 from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.devices import batches_halving_on_oom
 from midog.errors import ConfigError, WeightsError, first_line
-from midog.image_io import RoiImage
+from midog.roi_io import RoiImage
 from midog.tiling import read_tiles
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, sha256_of, verify_checksum
 

@@ -19,7 +19,7 @@ import math
 import cv2
 import numpy as np
 
-from midog.image_io import PhysicalTransform, RoiImage
+from midog.roi_io import PhysicalTransform, RoiImage
 
 
 def scale_factors(source_um: tuple[float, float], target_um: float) -> tuple[float, float]:

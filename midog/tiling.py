@@ -17,7 +17,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from midog.config import TilingConfig
-    from midog.image_io import RoiImage
+    from midog.roi_io import RoiImage
 
 
 def tile_step(tile: int, overlap: float) -> int:

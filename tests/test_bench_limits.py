@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog.image_io import TiffRoi, open_roi
+from midog.roi_io import TiffRoi, open_roi
 from midog.tiling import tissue_fraction
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

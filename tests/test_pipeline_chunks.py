@@ -9,8 +9,8 @@ import pytest
 from roi_factory import he_roi, tiny_track1_weights
 
 from midog.config import load_config
-from midog.image_io import ArrayRoi, PhysicalTransform
 from midog.pipeline import Track1Detector, Track1Result, crop_chunks
+from midog.roi_io import ArrayRoi, PhysicalTransform
 
 BATCH = 2
 

@@ -126,7 +126,7 @@ def test_pages_stream_in_configured_batches(tmp_path: Path, capsys: pytest.Captu
 def test_large_pages_are_read_within_the_pixel_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch):
     """Four 1,000 px pages with a 2.5 MP budget: read two at a time, whatever atypical.batch_size says."""
-    from midog.image_io import TiffStack
+    from midog.stack_io import TiffStack
 
     write_tiff(track2_input(tmp_path / "in"), _rgb(4, size=1000, seed=7))
     reads: list[int] = []

@@ -23,10 +23,10 @@ from roi_factory import he_roi, tiny_track1_weights
 from stack_factory import he_pages, tiny_atypical, track2_input, write_tiff
 
 from midog.config import load_config
-from midog.image_io import ArrayRoi, PhysicalTransform
 from midog.outputs import TRACK2_FILENAME
 from midog.pipeline import Track1Detector
 from midog.progress import LOG_INTERVAL_S, progress_bar, set_quiet
+from midog.roi_io import ArrayRoi, PhysicalTransform
 
 
 class Terminal(io.StringIO):

@@ -12,11 +12,11 @@ import pytest
 from scipy import ndimage
 
 from midog.config import load_config
-from midog.image_io import ArrayRoi, PhysicalTransform, open_roi
 from midog.merging import TileDetections
 from midog.pipeline import Track1Detector
 from midog.proposals import ProposalStats
 from midog.resampling import ResampledRoi, at_pixel_size, needs_resampling
+from midog.roi_io import ArrayRoi, PhysicalTransform, open_roi
 from midog.tiling import read_tiles
 from midog.verifier import Verifier
 from roi_factory import write_tiff
@@ -79,7 +79,7 @@ class DarknessClassifier:
     pixel_size_um: float = MODEL_UM
     positive: str = "mitotic figure"
 
-    def predict_proba(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, crops: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         size = crops.shape[1]
         centre = crops[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4].mean(axis=3)
         return (centre < 140).mean(axis=(1, 2)).astype(np.float32)

@@ -11,7 +11,7 @@ import tifffile
 from roi_factory import he_roi, write_mha, write_tiff
 
 from midog.errors import InputError
-from midog.image_io import PhysicalTransform, TiffRoi, open_roi
+from midog.roi_io import PhysicalTransform, TiffRoi, open_roi
 
 STREAM = {"in_memory_max_megapixels": 0.0}
 """Force tile-by-tile reading, whatever the image size."""

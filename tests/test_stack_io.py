@@ -12,7 +12,7 @@ from conftest import shared_path
 from stack_factory import he_pages, write_mha, write_tiff
 
 from midog.errors import InputError
-from midog.image_io import find_single_image, open_stack, to_rgb_uint8
+from midog.stack_io import open_stack
 
 
 def read_all(path: Path, batch_size: int = 4) -> list[np.ndarray]:
@@ -201,11 +201,6 @@ def test_mha_rgb_gray16_and_2d(tmp_path: Path, crops: np.ndarray):
     np.testing.assert_array_equal(single, crops[0])
 
 
-def test_float_pages():
-    page = np.array([[0.0, 0.5, 1.0]], np.float32)
-    assert to_rgb_uint8(page)[0, :, 0].tolist() == [0, 128, 255]
-
-
 def test_real_grand_challenge_stack():
     path = shared_path("grand-challenge", "track2-input-example", "images", "stacked-histopathology-roi-cropouts",
                        "stack_5.tiff")
@@ -252,20 +247,6 @@ def test_unsupported_suffix_and_missing_file(tmp_path: Path):
         open_stack(tmp_path / "a.png")
     with pytest.raises(InputError, match="not found"):
         open_stack(tmp_path / "missing.tif")
-
-
-def test_find_single_image(tmp_path: Path):
-    with pytest.raises(InputError, match="no image folder"):
-        find_single_image(tmp_path / "nope")
-    (tmp_path / ".hidden.tif").write_bytes(b"x")
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(InputError, match="no .tif/.tiff/.mha image"):
-        find_single_image(tmp_path)
-    (tmp_path / "a.TIFF").write_bytes(b"x")
-    assert find_single_image(tmp_path).name == "a.TIFF"
-    (tmp_path / "b.mha").write_bytes(b"x")
-    with pytest.raises(InputError, match="found 2: a.TIFF, b.mha"):
-        find_single_image(tmp_path)
 
 
 @pytest.mark.parametrize("axes", ["TCYX", "CTYX"])
