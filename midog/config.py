@@ -1,10 +1,14 @@
 """Typed pipeline configuration: dataclasses per stage, loaded from YAML, overridable from the environment.
 
-`midog/configs/default.yaml` holds the shipped values; every threshold and size of the pipeline lives there.
+`midog/configs/default.yaml` is the one home of every shipped value and of what each key means (its comments):
+users read it as the reference of every key and copy parts of it into their `--config`, so the values live there,
+not in code. The dataclasses below hold only the types: each field takes its default from the YAML, read once at
+import (`_default`), so `VerifierConfig()` and `load_config(environ={})` agree by construction.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -20,120 +24,96 @@ from midog.errors import ConfigError, first_line
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
 ENV_PREFIX = "MIDOG_"
 
+SHIPPED: dict[str, dict[str, Any]] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+"""`default.yaml` as read at import (section -> field -> value); never modified: callers take copies."""
+
+
+def _default(key: str) -> Any:
+    """The dataclass default of `section.field`: its value in `default.yaml` (a fresh copy per instance for a list)."""
+    section, name = key.split(".")
+    try:
+        value = SHIPPED[section][name]
+    except KeyError:
+        raise KeyError(f"{DEFAULT_CONFIG_PATH} has no {key}") from None
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(value))
+    return value
+
+
+# What each field means: the comments of its key in default.yaml.
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N."""
-    num_threads: int = 0
-    """CPU threads for torch and ONNX Runtime; 0: the CPUs this process may use (its affinity mask capped by the
-    cgroup's quota, `midog.devices.usable_cpus`), not the host's core count. On a machine shared with other jobs,
-    1 is often fastest."""
-    seed: int = 0
-    crop_chunk: int = 2048
-    """Track 1 candidates whose crops are read and classified at a time: bounds memory on whole slides."""
-    deterministic: bool = True
-    """GPU: deterministic cuDNN/cuBLAS kernels, so two runs give identical outputs (see devices.configure_torch)."""
+    device: str = _default("runtime.device")
+    num_threads: int = _default("runtime.num_threads")
+    seed: int = _default("runtime.seed")
+    crop_chunk: int = _default("runtime.crop_chunk")
+    deterministic: bool = _default("runtime.deterministic")
 
 
 @dataclass
 class ImageConfig:
-    fallback_spacing_um: float = 0.25
-    """Pixel spacing (µm/px) used when an image carries none."""
-    max_spacing_um: float = 20.0
-    """A spacing coarser than this (µm/px) is a writer's placeholder (1 mm/px, 72 or 300 dpi), not a scanner's: the
-    fallback replaces it, with a warning. A mitotic figure is a few pixels wide at 20 µm/px."""
-    in_memory_max_megapixels: float = 200.0
-    """Track 1 ROIs up to this size are decoded once and kept in memory; larger ones are read tile by tile."""
-    segment_cache_mb: float = 256.0
-    """Decoded TIFF tiles/strips kept for reuse when a large image is read tile by tile."""
-    resample_tolerance: float = 0.02
-    """Each model sees pixels at the size it was trained at (its checkpoint's `pixel_size_um`): an image whose pixel
-    size differs from it by more than this fraction on either axis is resampled, tile by tile, for that model."""
+    fallback_spacing_um: float = _default("image.fallback_spacing_um")
+    max_spacing_um: float = _default("image.max_spacing_um")
+    in_memory_max_megapixels: float = _default("image.in_memory_max_megapixels")
+    segment_cache_mb: float = _default("image.segment_cache_mb")
+    resample_tolerance: float = _default("image.resample_tolerance")
 
 
 @dataclass
 class TilingConfig:
-    tile_size: int = 512
-    overlap: float = 0.2
-    """Fraction of the tile shared with its neighbour."""
-    tissue_min_fraction: float = 0.02
-    tissue_saturation: float = 0.07
-    tissue_gray_max: float = 0.85
-    """Grayscale (colourless) regions: pixels darker than this brightness (0..1) count as tissue."""
-    thumbnail_megapixels: float = 16.0
-    """Largest pyramid level used to skip glass tiles of a streamed slide without decoding them; 0 = off."""
+    tile_size: int = _default("tiling.tile_size")
+    overlap: float = _default("tiling.overlap")
+    tissue_min_fraction: float = _default("tiling.tissue_min_fraction")
+    tissue_saturation: float = _default("tiling.tissue_saturation")
+    tissue_gray_max: float = _default("tiling.tissue_gray_max")
+    thumbnail_megapixels: float = _default("tiling.thumbnail_megapixels")
 
 
 @dataclass
 class ProposalConfig:
-    weights: str = "detector.pt"
-    confidence: float = 0.2
-    nms_iou: float = 0.3
-    batch_size: int = 32
-    """Tiles per detector call. On CUDA the detector is bound by kernel launches, not arithmetic: YOLO11x on an H200
-    ran the benchmark ROI's proposals in 0.38 s at 32 tiles per call against 0.71 s at 8 (fp16, deterministic)."""
-    half: bool = False
-    """fp16 autocast for the detector on CUDA. Off by default: on an H200 it was no faster than fp32 (TF32
-    convolutions) and moved the container case's probabilities up to 0.057 and its points up to 1.4 px from the
-    CPU's, where fp32 on the GPU stays within 3.4e-4 and 0.004 px (docs/container.md, Determinism)."""
-    max_detections_per_tile: int = 300
-    classes: list[int] | None = field(default_factory=lambda: [0])
-    """Detector classes kept as candidates (ultralytics' NMS `classes` filter): 0 is the mitotic figure in every
-    detector `training.prepare_midogpp` builds; with `--classes 2` class 1 is the hard negative ("imposter"), a
-    confident *non*-figure that must not become a candidate nor suppress a figure's box. null keeps every class."""
-    channels_last: bool = True
-    """Run the detector in channels-last memory format (faster on CUDA and on recent CPUs)."""
-    backend: str = "auto"
-    """auto (ONNX Runtime on the CPU when installed, PyTorch on CUDA), torch, or onnxruntime (CPU only)."""
-    onnx_batch_size: int = 1
-    """Tiles per ONNX Runtime call: one at a time measured fastest on CPUs (bs 1: 0.045 s/tile, bs 8: 0.055)."""
+    weights: str = _default("proposals.weights")
+    confidence: float = _default("proposals.confidence")
+    nms_iou: float = _default("proposals.nms_iou")
+    batch_size: int = _default("proposals.batch_size")
+    half: bool = _default("proposals.half")
+    max_detections_per_tile: int = _default("proposals.max_detections_per_tile")
+    classes: list[int] | None = _default("proposals.classes")
+    channels_last: bool = _default("proposals.channels_last")
+    backend: str = _default("proposals.backend")
+    onnx_batch_size: int = _default("proposals.onnx_batch_size")
 
 
 @dataclass
 class MergingConfig:
-    strategy: str = "nms"
-    iou: float = 0.5
-    box_size_px: int = 50
-    class_agnostic: bool = True
-    """Merge boxes of different detector classes too: one point per location, whatever the class."""
-    tile_edge_px: int = 4
-    """Drop a detection within this many px of a tile side shared with a neighbour (the neighbour sees the whole
-    figure, since the overlap is wider than a figure); 0 keeps them all."""
+    strategy: str = _default("merging.strategy")
+    iou: float = _default("merging.iou")
+    box_size_px: int = _default("merging.box_size_px")
+    class_agnostic: bool = _default("merging.class_agnostic")
+    tile_edge_px: int = _default("merging.tile_edge_px")
 
 
 @dataclass
 class VerifierConfig:
-    weights: str = "verifier.pt"
-    crop_size: int = 64
-    threshold: float = 0.5
-    batch_size: int = 256
-    context_px: int = 0
-    probability: str = "verifier"
-    """What the output `probability` is: the verifier's P(mitotic figure), or its product with the detector's."""
-    tta: bool = False
-    """P(mitotic figure) averaged over the 8 rotations and reflections of each crop (8x the verifier's compute)."""
+    weights: str = _default("verifier.weights")
+    crop_size: int = _default("verifier.crop_size")
+    threshold: float = _default("verifier.threshold")
+    batch_size: int = _default("verifier.batch_size")
+    context_px: int = _default("verifier.context_px")
+    probability: str = _default("verifier.probability")
+    tta: bool = _default("verifier.tta")
 
 
 @dataclass
 class AtypicalConfig:
-    weights: str | list[str] = "atypical.pt"
-    crop_size: int = 128
-    threshold: float | None = None
-    """None: use the decision threshold stored with the weights."""
-    tta: bool = True
-    tta_views: int = 8
-    """With `tta`: 8 (every rotation and reflection) or 4 (the rotations only): half the compute of the atypical
-    stage, at the same accuracy within 0.001 on the shipped recipe's AMi-Br folds (docs/track2-model.md); the
-    stored `tta_threshold` (chosen on 8 views) serves both."""
-    batch_size: int = 64
-    max_batch_megapixels: float = 16.0
-    """Track 2 reads at most this many pixels of pages per batch (and at least one page): a stack of large pages
-    stays in bounded memory. 64 crops of 128 px are 1 MP."""
-    confidence: str = "p_atypical"
-    """Track 2 "confidence": p_atypical (P(atypical) on every page, as the reference container writes it and the
-    official evaluation container reads it since 2025-07-27) | stated_class (deprecated, logs a warning: 1 -
-    P(atypical) on "normal" pages, the evaluator's reading before 2025-07-27, which the final one scrambles)."""
+    weights: str | list[str] = _default("atypical.weights")
+    crop_size: int = _default("atypical.crop_size")
+    threshold: float | None = _default("atypical.threshold")
+    tta: bool = _default("atypical.tta")
+    tta_views: int = _default("atypical.tta_views")
+    batch_size: int = _default("atypical.batch_size")
+    max_batch_megapixels: float = _default("atypical.max_batch_megapixels")
+    confidence: str = _default("atypical.confidence")
 
     @property
     def max_batch_pixels(self) -> int:
@@ -143,14 +123,8 @@ class AtypicalConfig:
 
 @dataclass
 class FoundationConfig:
-    """Where pretrained foundation-model backbones (UNI, Virchow, H-optimus, ...) are found; never downloaded."""
-
-    dir: str = "foundation"
-    """Folder holding `<name>/` (a downloaded Hugging Face repo) or `<name>.safetensors|.bin|.pth` per model;
-    a relative folder is looked up in $MIDOG_WEIGHTS_DIR, /opt/ml/model and weights/."""
-    hf_cache: str | None = None
-    """A Hugging Face hub cache folder (holding models--org--name/), searched after `dir`;
-    $HF_HUB_CACHE and $HF_HOME/hub are searched too."""
+    dir: str = _default("foundation.dir")
+    hf_cache: str | None = _default("foundation.hf_cache")
 
 
 @dataclass
@@ -380,7 +354,7 @@ def load_config(
 
     `overrides` uses dotted keys (`{"verifier.threshold": 0.6}`) or nested dicts.
     """
-    values = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    values = copy.deepcopy(SHIPPED)
     for layer in (weights_config, path):
         if isinstance(layer, Mapping):
             values = _merge(values, layer)

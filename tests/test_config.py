@@ -1,17 +1,45 @@
+import ast
+import dataclasses
+import inspect
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
-from midog.config import CHOICES, load_config, write_config_values
+from midog.config import (CHOICES, DEFAULT_CONFIG_PATH, PipelineConfig, config_to_dict, load_config,
+                          write_config_values)
 from midog.errors import ConfigError
 
 
-def test_shipped_defaults_match_the_method():
-    config = load_config(environ={})
-    assert config.tiling.tile_size == 512 and config.tiling.overlap == pytest.approx(0.2)
-    assert config.proposals.confidence == pytest.approx(0.2) and config.proposals.nms_iou == pytest.approx(0.3)
-    assert config.verifier.crop_size == 64 and config.verifier.threshold == pytest.approx(0.5)
+def _sections() -> list[tuple[str, type]]:
+    return [(section.name, section.default_factory) for section in dataclasses.fields(PipelineConfig)]
+
+
+def test_default_yaml_and_the_dataclasses_have_the_same_keys_and_values():
+    # a field without its key in default.yaml, or a key no field reads, fails here (or at import)
+    assert config_to_dict(PipelineConfig()) == yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def test_every_dataclass_default_is_read_from_default_yaml_under_its_own_key():
+    for section, cls in _sections():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        for node in tree.body[0].body:
+            if isinstance(node, ast.AnnAssign):
+                key = f"{section}.{node.target.id}"
+                assert ast.unparse(node.value) == f"_default('{key}')", f"{key} = {ast.unparse(node.value)}"
+
+
+def test_dataclass_defaults_are_the_shipped_config_without_layers():
+    assert PipelineConfig() == load_config(environ={})
+
+
+def test_configs_do_not_share_the_shipped_lists():
+    load_config(environ={}).proposals.classes.append(7)
+    PipelineConfig().proposals.classes.append(8)
+    assert PipelineConfig().proposals.classes == load_config(environ={}).proposals.classes \
+        == yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())["proposals"]["classes"]
 
 
 def test_yaml_then_environment_then_overrides(tmp_path: Path):
@@ -76,13 +104,11 @@ def test_limits_of_the_ranges_are_accepted():
 
 
 def test_every_config_field_has_a_type_check():
-    import dataclasses
+    from midog.config import FIELD_TYPES
 
-    from midog.config import FIELD_TYPES, PipelineConfig
-
-    for section in dataclasses.fields(PipelineConfig):
-        for f in dataclasses.fields(section.default_factory):
-            assert str(f.type) in FIELD_TYPES, f"{section.name}.{f.name}: {f.type}"
+    for section, cls in _sections():
+        for f in dataclasses.fields(cls):
+            assert str(f.type) in FIELD_TYPES, f"{section}.{f.name}: {f.type}"
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-1", 0.5), ("1", 1)])

@@ -101,7 +101,7 @@ def test_weights_found_in_foundation_dir_and_hf_cache(tmp_path: Path, tiny_base:
 def test_foundation_config_section_is_overridable_from_the_environment():
     config = load_config(environ={"MIDOG_FOUNDATION__DIR": "/models/fm", "MIDOG_FOUNDATION__HF_CACHE": "/hf"})
     assert config.foundation.dir == "/models/fm" and config.foundation.hf_cache == "/hf"
-    assert load_config(environ={}).foundation.dir == "foundation"
+    assert load_config(environ={}).foundation == FoundationConfig()  # the variables applied to that call only
 
 
 def test_base_weights_that_do_not_fit_are_refused(tmp_path: Path):

@@ -187,7 +187,7 @@ def test_the_log_names_the_checkpoints_and_the_record_holds_them(runner: WarmRun
     assert content["thresholds"] == {"verifier": 0.42, "atypical": 0.5}
     assert content["config"]["verifier"]["threshold"] == 0.42
     assert content["config"]["atypical"]["tta"] is False and content["config"]["runtime"]["device"] == "cpu"
-    assert content["config"]["proposals"]["weights"] == "detector.pt"
+    assert content["config"]["proposals"]["weights"] == files["proposals"].name
     assert content["versions"]["torch"] == torch.__version__ and content["versions"]["midog"]
     assert content["record_version"] == 1
 

@@ -9,7 +9,7 @@ import yaml
 
 from midog import weights
 from midog.cli import main
-from midog.config import load_config
+from midog.config import PipelineConfig, load_config
 from midog.errors import WeightsError
 
 
@@ -104,7 +104,7 @@ def test_a_bare_checkpoint_name_is_never_taken_from_the_working_directory(folder
 def test_config_layers_in_order(tmp_path: Path, folders: tuple[Path, Path, Path]):
     _, _, repo = folders
     shipped = write_pipeline(repo, 0.3)
-    assert load_config().verifier.threshold == 0.5  # library callers get the defaults
+    assert load_config().verifier.threshold == PipelineConfig().verifier.threshold  # library callers: the defaults
     assert load_config(weights_config=shipped).verifier.threshold == 0.3
     user = tmp_path / "user.yaml"
     user.write_text(yaml.safe_dump({"verifier": {"threshold": 0.6}}))
