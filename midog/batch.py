@@ -34,14 +34,13 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from midog.cli import OneLineArgumentParser, read_interface_slugs
+from midog.cli import OneLineArgumentParser, read_interface_slugs, report_errors
 from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError, OutputError, first_line
 from midog.evaluate.io import (TRACK1_OUTPUT_SLUG, TRACK2_OUTPUT_SLUG, GroundTruthError, iter_jobs, read_json)
@@ -447,18 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return batch(args)
-    except MidogError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except Exception as err:  # an unexpected failure of the run as a whole still gets one line, unless --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(err).__name__}: {first_line(err)}", file=sys.stderr)
-        return 1
+    return report_errors(lambda: batch(args), args.debug)  # the run as a whole: one line, the traceback with --debug
 
 
 if __name__ == "__main__":

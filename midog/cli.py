@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import platform
@@ -140,6 +141,55 @@ def load_run_config(path: Path | None) -> PipelineConfig:
     return resolve_config(path)
 
 
+# ---- the error contract every command line shares (process.py, midog.batch, python -m training.*) ---------------
+
+INTERRUPTED = 130
+"""The exit code of a run stopped with Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+
+def report_errors(body: Callable[[], int], debug: bool = False) -> int:
+    """`body()`'s exit code, or a failure's: one `error: ...` line on stderr and the code of README's "Exit codes"
+    (a MidogError's `exit_code`, 1 for any other exception, 130 for Ctrl-C). With `debug` the traceback comes
+    first (an unexpected exception propagates, exit code 1)."""
+    try:
+        return body()
+    except MidogError as err:
+        if debug:
+            traceback.print_exc()  # the traceback, and still the documented exit code
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:  # an unexpected failure still gets one line, unless --debug
+        if debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {first_line(err)}", file=sys.stderr)
+        return 1
+
+
+DEBUG_FLAG = "--debug"
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """The `--debug` flag an `entry_point` reads."""
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="print the traceback of a failure before its error line")
+
+
+def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Decorate a command's `main(argv)` with `report_errors`, `--debug` read from its arguments (the parser must
+    accept it: `add_debug_option`). Usage errors stay argparse's (exit code 2, one line with
+    `OneLineArgumentParser`)."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        debug = DEBUG_FLAG in (sys.argv[1:] if argv is None else argv)
+        return report_errors(lambda: main(argv), debug)
+
+    return wrapper
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """Usage errors as one `error: ...` line and exit code 2, like every other bad input (`--help` still helps)."""
 
@@ -162,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--record", type=Path, default=None, metavar="FILE",
                         help="write a JSON run record here when the run succeeds: the checkpoints loaded (path, "
                              "sha256), the thresholds in force, the resolved config, package versions, track, image")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (tiles, verification, atypical labelling, stack pages); without it "
                              "they redraw on a terminal and, when stderr is not one, write a line every "
@@ -178,26 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(args.quiet)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        discard_previous_outputs(args.output, RESULT_FILES)
-        if args.record is not None:  # a stale record would read as this run's; an unwritable one fails now
-            discard_previous_outputs(args.record.parent, [args.record.name])
-        config = load_run_config(args.config)
-        slug = select_slug(read_interface_slugs(args.input))
-        if args.record is not None:
-            check_output_folder(args.record.parent)
-        run = HANDLERS[slug](args.input, args.output, config)
-        if args.record is not None:
-            write_run_record(args.record, run_record(slug, config, run), run)
-            log.info("run record written to %s", args.record)
-    except MidogError as err:
-        if args.debug:
-            traceback.print_exc()  # the traceback, and still the documented exit code
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except Exception as err:  # an unexpected failure still gets one line, unless --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(err).__name__}: {first_line(err)}", file=sys.stderr)
-        return 1
+    return report_errors(lambda: run_process(args), args.debug)
+
+
+def run_process(args: argparse.Namespace) -> int:
+    """The whole run; a MidogError ends it with its exit code (see `report_errors`)."""
+    discard_previous_outputs(args.output, RESULT_FILES)
+    if args.record is not None:  # a stale record would read as this run's; an unwritable one fails now
+        discard_previous_outputs(args.record.parent, [args.record.name])
+    config = load_run_config(args.config)
+    slug = select_slug(read_interface_slugs(args.input))
+    if args.record is not None:
+        check_output_folder(args.record.parent)
+    result = HANDLERS[slug](args.input, args.output, config)
+    if args.record is not None:
+        write_run_record(args.record, run_record(slug, config, result), result)
+        log.info("run record written to %s", args.record)
     return 0

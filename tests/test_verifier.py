@@ -7,7 +7,7 @@ import torch
 from roi_factory import he_roi, tiny_verifier
 
 from midog.config import VerifierConfig
-from midog.image_io import ArrayRoi, PhysicalTransform
+from midog.roi_io import ArrayRoi, PhysicalTransform
 import midog.verifier as verifier_module
 from midog.verifier import Verifier, combine_probability, crop_boxes, region_crops, resize_crop
 

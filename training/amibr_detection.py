@@ -32,13 +32,11 @@ Output (`--out DIR`):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -46,7 +44,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
+from training.config_file import load_training_config
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "amibr_detection.yaml"
 SPLITS = ("train", "val", "test")
@@ -81,12 +81,8 @@ class AmibrDetectionConfig:
 
 
 def load_construction_config(path: str | Path | None = None) -> AmibrDetectionConfig:
-    values = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
-    known = {f.name for f in fields(AmibrDetectionConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown amibr_detection setting(s) {unknown}")
-    return AmibrDetectionConfig(**values)
+    """ConfigError for an unreadable file, an unknown key or a value of the wrong type."""
+    return load_training_config(path or DEFAULT_CONFIG, AmibrDetectionConfig)
 
 
 # ---- AMi-Br crops ------------------------------------------------------------------------------------------------
@@ -456,7 +452,7 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     candidate farther than `match_radius` px (7.5 µm, the official matching radius) from all labelled figures as a
     verifier negative in `verifier/<split>/false_positive/`. Candidates come from `Track1Detector.candidates` (the
     pipeline's tile → propose → merge) and crops from `midog.verifier.box_crops` (cut and resized as the pipeline's
-    verifier cuts them). Returns the number of crops per split."""
+    verifier cuts them). Returns the number of crops per split; an InputError saying why when it writes none."""
     from midog.config import resolve_config
     from midog.image_io import ArrayRoi, PhysicalTransform
     from midog.pipeline import Track1Detector
@@ -465,40 +461,62 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     from training.verifier_data import far_from
 
     out = Path(out_dir)
+    annotations = {split: read_annotations(out / "detection", split) for split in splits}
+    if not any(annotations.values()):
+        raise InputError(f"nothing to mine: no {' or '.join(splits)} canvases in {out / 'detection'}")
     overrides = {"proposals.weights": str(detector), "runtime.device": "cpu"}
     if confidence is not None:
         overrides["proposals.confidence"] = confidence
     config = resolve_config(overrides=overrides)
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
-    counts = {}
+    counts, proposed = {}, 0
     for split in splits:
         folder = out / "verifier" / split / FALSE_POSITIVE_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         counts[split] = 0
-        for path, centres in read_annotations(out / "detection", split).items():
+        for path, centres in annotations[split].items():
             image = ArrayRoi(np.array(Image.open(path).convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)))
             candidates, _ = chain.candidates(image)
+            proposed += len(candidates)
             if not len(candidates):
                 continue
             far = far_from(candidates.centres, centres, (1.0, 1.0), match_radius)
             crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
                               config.merging.box_size_px)
+            if len(crops):
+                folder.mkdir(parents=True, exist_ok=True)
             for k, crop in enumerate(crops):
                 Image.fromarray(crop).save(folder / f"{path.stem}_{k:03d}.png")
             counts[split] += len(crops)
+    if not sum(counts.values()):
+        raise InputError(nothing_mined(sum(map(len, annotations.values())), proposed, config.proposals.confidence,
+                                        match_radius))
     return counts
 
 
-def read_annotations(detection_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+def nothing_mined(canvases: int, proposed: int, confidence: float, match_radius: float) -> str:
+    """Why mining found no false positive, in one line."""
+    if not proposed:
+        return (f"no false positives written: the detector proposed no candidate on {canvases} canvases at "
+                f"confidence {confidence:g} (try a lower --confidence)")
+    return (f"no false positives written: every one of the {proposed} candidates on {canvases} canvases lies within "
+            f"{match_radius:g} px of a labelled figure")
+
+
+def read_annotations(detection_dir: str | Path, split: str) -> dict[Path, np.ndarray]:
     """Image path → (N, 2) figure centres for one split of a built detection set."""
-    data = json.loads((Path(detection_dir) / "annotations.json").read_text())
+    path = Path(detection_dir) / "annotations.json"
+    if not path.is_file():
+        raise InputError(f"no detection set: {path} not found (build it first: python -m training.amibr_detection "
+                         "--amibr DIR --out DIR)")
+    data = json.loads(path.read_text())
     return {Path(detection_dir) / name: np.array([[f["x"], f["y"]] for f in entry["figures"]]).reshape(-1, 2)
             for name, entry in data["images"].items() if entry["split"] == split}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--amibr", type=Path, required=True, help="AMi-Br folder (Atypical/, Normal/, csv)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -507,16 +525,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of building: add this detector's false positives on the train and val "
                              "canvases of OUT to OUT/verifier/<split>/false_positive")
     parser.add_argument("--confidence", type=float, help="detector confidence for mining (default: the pipeline's)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    try:
-        if args.mine_false_positives is not None:
-            counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence)
-            print(json.dumps(counts))
-            return 0
-        manifest = build(args.amibr, args.out, args.seed, load_construction_config(args.config))
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    if args.mine_false_positives is not None:
+        counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence)
+        print(json.dumps(counts))
+        return 0
+    manifest = build(args.amibr, args.out, args.seed, load_construction_config(args.config))
     print(json.dumps(manifest["counts"], indent=2))
     return 0
 

@@ -27,14 +27,15 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from midog.atypical import AtypicalClassifier
 from midog.classifier import load_classifier
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.foundation import resolve_spec
 from training import linear_probe
 from training.amibr import CLASS_FOLDERS, load_index
+from training.config_file import read_training_yaml
 from training.lora import lora_train_values
 from training.runtime import REPO_ROOT, init_distributed
 from training.train_classifier import (binary_metrics, cross_validate, fold_checkpoint_name, load_train_config,
@@ -148,7 +149,7 @@ def fold_checkpoints(out_dir: Path, n_folds: int, name: str = "best.pt") -> list
     paths = [out_dir / f"fold{k}" / name for k in range(n_folds)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"fold checkpoints missing: {missing}")
+        raise InputError(f"fold checkpoints missing: {missing}")
     return paths
 
 
@@ -174,7 +175,7 @@ def run_trained(method: str, args: argparse.Namespace, out_dir: Path, test_sets:
     if args.epochs:
         overrides["epochs"] = args.epochs
     if method == "lora":
-        values = lora_train_values(yaml.safe_load(config_path.read_text()) or {}, args.backbone, args.weights)
+        values = lora_train_values(read_training_yaml(config_path), args.backbone, args.weights)
         cfg = load_train_config(None, {**values, **overrides})
     else:
         cfg = load_train_config(config_path, {**overrides, **({"arch": args.backbone} if args.backbone else {})})
@@ -223,8 +224,8 @@ def run_linear(args: argparse.Namespace, out_dir: Path, test_sets: dict[str, Pat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--config", help="training config (train_classifier YAML, or ProbeConfig YAML for linear)")
     parser.add_argument("--backbone", help="foundation registry name or timm name (overrides the config)")
@@ -237,9 +238,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out")
     parser.add_argument("--tta", action="store_true", help="8-fold dihedral TTA on the test sets")
     parser.add_argument("--resume", action="store_true", help="continue the folds' training from last.pt")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     test_sets = parse_test_sets(args.test)

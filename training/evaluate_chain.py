@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ import tifffile
 from PIL import Image
 
 from midog.config import PipelineConfig, resolve_config
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.evaluate.track1 import Track1Evaluation, evaluate
 from midog.evaluate.tune import TunedThreshold, tune_detection, write_thresholds
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
@@ -180,8 +180,8 @@ def evaluate_chain(detection_dir: Path, predictor: Predictor, tuned_config: Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detection", required=True, type=Path, help="DIR/detection from training.amibr_detection")
     parser.add_argument("--weights-dir", type=Path, help="folder with detector.pt and verifier.pt (default: the "
                         "usual lookup, $MIDOG_WEIGHTS_DIR, /opt/ml/model, weights/)")
@@ -189,22 +189,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tuned-config", type=Path, help="write the tuned verifier.threshold into this YAML")
     parser.add_argument("--report", type=Path, help="write the report (JSON) here")
     parser.add_argument("--limit", type=int, help="at most this many canvases per split (quick checks)")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if args.weights_dir is not None:
         os.environ["MIDOG_WEIGHTS_DIR"] = str(args.weights_dir.resolve())
-    try:
-        config = resolve_config(args.config)
-        with tempfile.TemporaryDirectory(prefix="midog-chain-") as work:
-            report = evaluate_chain(args.detection, pipeline_predictor(config, Path(work)), args.tuned_config,
-                                    args.limit)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    config = resolve_config(args.config)
+    with tempfile.TemporaryDirectory(prefix="midog-chain-") as work:
+        report = evaluate_chain(args.detection, pipeline_predictor(config, Path(work)), args.tuned_config, args.limit)
     text = json.dumps(report, indent=2)
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,11 +30,12 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 from midog.classifier import build_classifier, preprocess_card
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.devices import resolve_device
-from midog.errors import MidogError
 from midog.foundation import FoundationClassifier
 from midog.weights import plain, write_model_card
 from training.amibr import load_index, slide_folds
+from training.config_file import load_training_config
 from training.runtime import REPO_ROOT, git_commit
 from training.train_classifier import (FoldResult, balanced_accuracy, best_threshold, binary_metrics,
                                        data_description, summarise)
@@ -68,17 +68,8 @@ class ProbeConfig:
 
 
 def load_probe_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ProbeConfig:
-    values = {**((yaml_load(path) if path else None) or {}), **(overrides or {})}
-    unknown = set(values) - {f.name for f in dataclasses.fields(ProbeConfig)}
-    if unknown:
-        raise ValueError(f"unknown linear probe config keys: {sorted(unknown)}")
-    return ProbeConfig(**values)
-
-
-def yaml_load(path: str | os.PathLike[str]) -> Any:
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text())
+    """The YAML at `path` (partial is fine) then `overrides`; ConfigError for an unknown key or a bad value."""
+    return load_training_config(path, ProbeConfig, overrides)
 
 
 def repo_path(path: str) -> Path:
@@ -234,8 +225,8 @@ def probe_model_card(clf: FoundationClassifier, cfg: ProbeConfig, summary: dict[
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML with ProbeConfig fields")
     parser.add_argument("--backbone")
     parser.add_argument("--weights", help="local pretrained weights (file, folder or Hugging Face cache folder)")
@@ -247,15 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", help="feature cache folder")
     parser.add_argument("--out")
     parser.add_argument("--ship", help="also fit the head on all crops and write it here (.pt + .json card)")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(parse_args(argv))
-    except MidogError as err:  # missing backbone weights, a device this machine lacks, ...: one line
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return run(parse_args(argv))  # missing backbone weights, a device this machine lacks, ...: one line
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,9 +23,11 @@ from typing import Any
 import yaml
 
 from midog.classifier import load_classifier
-from midog.foundation import LoraSettings, options_from_dict, resolve_spec
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.foundation import LoraSettings, find_base_weights, options_from_dict, resolve_spec
 from midog.weights import read_model_card, write_model_card
 from training import train_classifier
+from training.config_file import config_from_values, read_training_yaml
 from training.runtime import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "lora.yaml"
@@ -51,8 +53,8 @@ def lora_train_values(base: dict[str, Any], backbone: str | None = None, weights
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base training config (train_classifier YAML)")
     parser.add_argument("--backbone", help="foundation registry name or timm name (default: the config's arch)")
     parser.add_argument("--weights", help="local pretrained weights of the backbone (file or folder)")
@@ -63,21 +65,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--targets", nargs="+", help="module-name suffixes (benchmark: qkv proj fc1 fc2)")
     parser.add_argument("--out", help="output folder (default: the config's, or runs/lora_<backbone>)")
     parser.add_argument("--merged", help="with --ship: also write the adapters merged into the backbone here (.pt)")
+    add_debug_option(parser)
     return parser.parse_known_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(argv)
-    base = yaml.safe_load(Path(args.config).read_text()) or {}
+    base = read_training_yaml(args.config)
     lora = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "target_modules": args.targets}
     values = lora_train_values(base, args.backbone, args.weights, lora, args.input_size)
     if args.out or args.backbone:
         values["out"] = args.out or f"runs/lora_{resolve_spec(values['arch']).name}"
+    check_before_training(values, f"training config {args.config} with the command line's LoRA values")
     out = Path(values["out"]) if Path(values["out"]).is_absolute() else REPO_ROOT / values["out"]
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train_config.yaml"
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
-    code = train_classifier.main(["--config", str(config_path)] + rest)
+    code = train_classifier.main(["--config", str(config_path)] + rest + (["--debug"] if args.debug else []))
     if code != 0:
         return code
     for shipped in shipped_files(rest, int(values.get("folds", 5))):
@@ -86,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.merged and ship and Path(ship).is_file():
         write_merged(Path(ship), Path(args.merged))
     return code
+
+
+def check_before_training(values: dict[str, Any], source: str) -> None:
+    """A ConfigError for a bad value, a WeightsError for base weights not found, before anything is written."""
+    cfg = config_from_values(values, train_classifier.TrainConfig, source)
+    options = options_from_dict(cfg.model_kwargs)
+    find_base_weights(resolve_spec(cfg.arch, options), options.weights)
 
 
 def shipped_files(argv: list[str], folds: int) -> list[Path]:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.config import TilingConfig
-from midog.errors import MidogError
 from training.midogpp import (SPLIT_RATIOS, ConvertConfig, TileConfig, annotation_counts, convert, load_midogpp,
                               split_slides)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiling = TilingConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, type=Path, help="MIDOG++.json")
     parser.add_argument("--xvalidation", required=True, type=Path, help="datasets_xvalidation.csv (tumour types)")
     parser.add_argument("--images", type=Path, help="folder with the MIDOG++ .tiff images")
@@ -41,28 +40,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
     parser.add_argument("--workers", type=int, default=1, help="slides converted in parallel")
     parser.add_argument("--dry-run", action="store_true", help="only print the split and the counts")
-    return parser.parse_args(argv)
+    add_debug_option(parser)
+    args = parser.parse_args(argv)
+    if not args.dry_run and args.out is not None and args.images is None:
+        parser.error("--out needs --images (the folder of MIDOG++ .tiff images) to write the dataset; without --out "
+                     "or with --dry-run only the counts are printed")
+    if not args.dry_run and args.images is not None and args.out is None:
+        parser.error("--images needs --out (the folder the YOLO dataset is written to)")
+    return args
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        index = load_midogpp(args.annotations, args.xvalidation)
-        if args.dry_run or args.images is None:
-            split = split_slides(index.slides, args.ratios, args.seed)
-            print(json.dumps({"slides": len(index.slides), "unlabelled_slides_left_out": len(index.unlabelled),
-                              **annotation_counts(index, split)}, indent=2))
-            return 0
-        if args.out is None:
-            raise SystemExit("--out is required to write the dataset")
-        cfg = ConvertConfig(
-            tiles=TileConfig(tile_size=args.tile_size, overlap=args.overlap, min_visible=args.min_visible,
-                             classes=args.classes, empty_fraction=args.empty_fraction),
-            ratios=tuple(args.ratios), seed=args.seed, image_format=args.image_format, workers=args.workers)
-        summary = convert(index, args.images, args.out, cfg)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    index = load_midogpp(args.annotations, args.xvalidation)
+    if args.dry_run or args.images is None:
+        split = split_slides(index.slides, args.ratios, args.seed)
+        print(json.dumps({"slides": len(index.slides), "unlabelled_slides_left_out": len(index.unlabelled),
+                          **annotation_counts(index, split)}, indent=2))
+        return 0
+    cfg = ConvertConfig(
+        tiles=TileConfig(tile_size=args.tile_size, overlap=args.overlap, min_visible=args.min_visible,
+                         classes=args.classes, empty_fraction=args.empty_fraction),
+        ratios=tuple(args.ratios), seed=args.seed, image_format=args.image_format, workers=args.workers)
+    summary = convert(index, args.images, args.out, cfg)
     print(json.dumps({k: summary[k] for k in ("slides", "tiles", "annotations")}, indent=2))
     print(f"wrote {args.out / 'data.yaml'}")
     return 0

@@ -13,7 +13,6 @@ See docs/shipped-weights.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.weights import read_model_card, write_model_card
 from training.runtime import REPO_ROOT, git_commit
 
@@ -157,13 +157,15 @@ def _data_card(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", required=True, type=Path, help="DIR written by training.amibr_detection")
     parser.add_argument("--detector-run", required=True, type=Path, help="ultralytics run folder")
     parser.add_argument("--verifier", required=True, type=Path, help="checkpoint from training.train_verifier")
     parser.add_argument("--out", default=REPO_ROOT / "weights", type=Path)
     parser.add_argument("--chain-report", type=Path, help="JSON from training.evaluate_chain on these weights")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     manifest = json.loads((args.set / "manifest.json").read_text())
     report = json.loads(args.chain_report.read_text()) if args.chain_report else None

@@ -28,6 +28,8 @@ import torch
 import yaml
 
 from midog.classifier import preprocess_card
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.weights import sha256_of, write_model_card
 from training.runtime import git_commit
 from training.train_classifier import SHIP_EPOCH_CHECKPOINTS
@@ -72,7 +74,7 @@ def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None 
     if folds is not None:
         checkpoints = checkpoints[:folds]
     if not checkpoints:
-        raise FileNotFoundError(f"no fold*/{file_name} in {run_dir}")
+        raise InputError(f"no fold*/{file_name} in {run_dir}")
     target_dir.mkdir(parents=True, exist_ok=True)
     members = []
     for checkpoint in checkpoints:
@@ -103,9 +105,10 @@ def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None 
     return config_path
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a cross-validation output folder (fold*/best.pt)")
     parser.add_argument("--name", default="atypical")
     parser.add_argument("--to", type=Path, default=Path("weights"))
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="store tensors as fp16")
     parser.add_argument("--checkpoint", choices=("auto", *SHIP_EPOCH_CHECKPOINTS), default="auto",
                         help="best (best.pt) or last (final.pt) epoch of each fold; auto: the run's ship_epoch")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     config = ship_ensemble(args.run, args.to, args.name, args.folds, args.half, args.checkpoint)
     print(f"wrote {config}: python process.py --config {config}")

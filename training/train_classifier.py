@@ -35,7 +35,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 from timm.utils import ModelEmaV3
@@ -43,10 +42,12 @@ from tqdm import tqdm
 
 from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
                               preprocess_card)
-from midog.errors import first_line
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import ConfigError, InputError
 from midog.weights import plain, write_model_card
 from training.amibr import FOLD_SPLITS, CropDataset, assign_folds, load_crops, load_index
 from training.augment import AugmentConfig, train_transform
+from training.config_file import load_training_config
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
                               save_atomic, seed_everything, write_csv)
 
@@ -120,16 +121,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # checked here, not where it is used: a misspelt value would otherwise train without early stopping
         if self.ship_epoch not in SHIP_EPOCH_CHECKPOINTS:
-            raise ValueError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
+            raise ConfigError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
         if self.split not in FOLD_SPLITS:
-            raise ValueError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
+            raise ConfigError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
         if any(not h > 0 for h in self.ema_epochs):
-            raise ValueError(f"ema_epochs must be positive horizons in epochs, got {self.ema_epochs!r}")
+            raise ConfigError(f"ema_epochs must be positive horizons in epochs, got {self.ema_epochs!r}")
         if self.ship_ema is not None:
             if self.ship_ema not in self.ema_epochs:
-                raise ValueError(f"ship_ema {self.ship_ema!r} is not one of ema_epochs {self.ema_epochs!r}")
+                raise ConfigError(f"ship_ema {self.ship_ema!r} is not one of ema_epochs {self.ema_epochs!r}")
             if self.ship_epoch != "last":
-                raise ValueError("ship_ema needs ship_epoch: last (a moving average has no early-stopping epoch)")
+                raise ConfigError("ship_ema needs ship_epoch: last (a moving average has no early-stopping epoch)")
 
 
 SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
@@ -137,18 +138,8 @@ SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
 
 
 def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
-    values = {**(values or {}), **(overrides or {})}
-    _refuse_unknown_keys(values, TrainConfig, "training config keys")
-    augment_values = values.pop("augment", None) or {}
-    _refuse_unknown_keys(augment_values, AugmentConfig, "augment keys")
-    return TrainConfig(**values, augment=AugmentConfig(**augment_values))
-
-
-def _refuse_unknown_keys(values: dict[str, Any], cls: type, what: str) -> None:
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {what}: {sorted(unknown)}")
+    """The YAML at `path` (partial is fine) then `overrides`; ConfigError for an unknown key or a bad value."""
+    return load_training_config(path, TrainConfig, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -174,9 +165,9 @@ def training_targets(cfg: TrainConfig, index: Any) -> np.ndarray:
     if cfg.targets == "votes":
         votes = np.asarray(index["votes"], dtype=np.float32)
         if (votes < 0).any():
-            raise ValueError("targets: votes needs the expert{1,2,3}_atypical columns in the split CSV")
+            raise ConfigError("targets: votes needs the expert{1,2,3}_atypical columns in the split CSV")
         return votes / 3.0
-    raise ValueError(f"targets must be 'majority' or 'votes', got {cfg.targets!r}")
+    raise ConfigError(f"targets must be 'majority' or 'votes', got {cfg.targets!r}")
 
 
 def make_datasets(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
@@ -373,7 +364,7 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
         loader.generator.set_state(saved["loader_rng"])
         for horizon, ema in emas.items():
             if horizon not in saved.get("emas", {}):
-                raise ValueError(f"{last_path} has no moving average over {horizon:g} epochs: it was trained with "
+                raise ConfigError(f"{last_path} has no moving average over {horizon:g} epochs: it was trained with "
                                  f"ema_epochs {sorted(saved.get('emas', {}))}, not {cfg.ema_epochs}")
             ema.module.load_state_dict(saved["emas"][horizon], strict=True)
         state = saved["state"]
@@ -634,7 +625,7 @@ def fold_sources(cfg: TrainConfig, out_dir: Path, k: int) -> tuple[Path | None, 
     which only its small files were kept) and its scoring report; one of the two must exist."""
     path, report_path = fold_checkpoint_path(cfg, out_dir, k), fold_report_path(cfg, out_dir, k)
     if not path.is_file() and not report_path.is_file():
-        raise SystemExit(f"error: fold {k}: neither {path.name} nor {report_path.name} in {path.parent}")
+        raise InputError(f"fold {k}: neither {path.name} nor {report_path.name} in {path.parent}")
     return (path if path.is_file() else None), report_path
 
 
@@ -676,7 +667,7 @@ def fold_scores(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.n
         return score_fold(cfg, out_dir, k, index, crops, labels, val)
     report = json.loads(report_path.read_text())
     if report["files"] != crop_names(index, val):
-        raise SystemExit(f"error: {report_path} scored other crops than fold {k} of this config's split")
+        raise InputError(f"{report_path} scored other crops than fold {k} of this config's split")
     return report
 
 
@@ -735,8 +726,8 @@ def ship_folds(cfg: TrainConfig, out_dir: Path, weights_dir: Path, stem: str, su
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/atypical.yaml"))
     parser.add_argument("--folds", type=int, help="number of slide-grouped folds (overrides the config)")
     parser.add_argument("--fold", type=int, help="train only this fold")
@@ -756,9 +747,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ship-ema", metavar="H",
                         help="score/ship the moving average with horizon H epochs (one of ema_epochs), or 'none' for "
                              "the raw weights (overrides the config's ship_ema)")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -770,12 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.ship_ema is not None:
         overrides["ship_ema"] = None if args.ship_ema.lower() == "none" else _horizon(args.ship_ema)
-    try:
-        cfg = load_train_config(args.config, overrides)
-    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # one line, as the pipeline's config errors
-        raise SystemExit(f"error: training config {args.config}: {first_line(err)}") from None
+    cfg = load_train_config(args.config, overrides)
     if args.fold is not None and not 0 <= args.fold < cfg.folds:
-        raise SystemExit(f"--fold {args.fold}: the config has {cfg.folds} folds (0 to {cfg.folds - 1})")
+        raise InputError(f"--fold {args.fold}: the config has {cfg.folds} folds (0 to {cfg.folds - 1})")
     ctx = init_distributed()
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -801,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # the other ranks wait for rank 0's TTA thresholds in the fold checkpoints
     if args.full:
         if summary is None and not args.full_epochs:
-            raise SystemExit("--full needs a finished cross-validation (cv_summary.json) or --full-epochs")
+            raise InputError("--full needs a finished cross-validation (cv_summary.json) or --full-epochs")
         index, crops, labels = prepare_data(cfg)
         epochs = args.full_epochs or (cfg.epochs if cfg.ship_epoch == "last"
                                       else int(np.median(summary["best_epochs"])))
@@ -853,7 +843,7 @@ def evaluate_one_fold(cfg: TrainConfig, out_dir: Path, k: int, ctx: Dist) -> int
     others; a later `--evaluate-tta` combines the folds from their checkpoints or these reports."""
     path = fold_checkpoint_path(cfg, out_dir, k)
     if not path.is_file():
-        raise SystemExit(f"error: --evaluate-tta --fold {k}: no {path.name} in {path.parent}")
+        raise InputError(f"--evaluate-tta --fold {k}: no {path.name} in {path.parent}")
     if ctx.main:
         index, crops, labels = prepare_data(cfg)
         val = np.flatnonzero(assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed) == k)
@@ -870,7 +860,7 @@ def _horizon(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise SystemExit(f"--ship-ema {text!r}: expected a horizon in epochs (one of ema_epochs) or 'none'") from None
+        raise InputError(f"--ship-ema {text!r}: expected a horizon in epochs (one of ema_epochs) or 'none'") from None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from typing import Any, Iterator
 
 import yaml
 
-from midog.errors import MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import ConfigError, InputError, MidogError, WeightsError, first_line
+from training.config_file import load_training_config, unknown_keys_message
 from training.runtime import REPO_ROOT, git_commit
 
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "detector.yaml"
@@ -31,7 +33,7 @@ OUR_MODEL_SUFFIX = "-lsconv-ema"
 
 
 class DetectorTrainingError(MidogError):
-    """The detector cannot be trained as asked: missing dataset, unknown model, bad override."""
+    """The training ended without a checkpoint."""
 
 
 @dataclass
@@ -43,14 +45,11 @@ class DetectorTrainConfig:
 
 
 def load_detector_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> DetectorTrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise DetectorTrainingError(f"detector training config not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    unknown = set(values) - {"model", "train"}
-    if unknown:
-        raise DetectorTrainingError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-    return DetectorTrainConfig(model=values.get("model", DetectorTrainConfig.model), train=dict(values.get("train", {})))
+    """ConfigError for a missing or unreadable file, a key other than `model` and `train`, a value of the wrong type
+    (the `train` settings are ultralytics', checked by `check_train_settings`)."""
+    cfg = load_training_config(path, DetectorTrainConfig)
+    cfg.train = dict(cfg.train)
+    return cfg
 
 
 def resolve_model(name: str) -> str:
@@ -61,8 +60,27 @@ def resolve_model(name: str) -> str:
     if stem.endswith(OUR_MODEL_SUFFIX) and not Path(name).is_file():
         scale = stem.removeprefix("yolo11").removesuffix(OUR_MODEL_SUFFIX)
         if scale not in SCALES:
-            raise DetectorTrainingError(f"unknown model '{name}': expected yolo11{{{','.join(SCALES)}}}{OUR_MODEL_SUFFIX}")
+            raise ConfigError(f"unknown model '{name}': expected yolo11{{{','.join(SCALES)}}}{OUR_MODEL_SUFFIX}")
         return str(model_yaml(scale))
+    return name
+
+
+def checked_model(name: str) -> str:
+    """`name` when ultralytics can build or load it without a download; else a WeightsError (a .pt file that is not
+    there: ultralytics would try to download it) or a ConfigError (a YAML that is neither a file nor one of
+    ultralytics' model names)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    if Path(name).suffix != ".yaml":
+        if not Path(name).is_file():
+            raise WeightsError(f"model checkpoint '{name}' not found: give the path of a .pt file (nothing is "
+                               "downloaded), or a model YAML to train from scratch")
+        return name
+    try:
+        yaml_model_load(name)  # as YOLO(name) finds it: a file, or a YAML ultralytics ships (yolo11n: yolo11, scale n)
+    except FileNotFoundError:
+        raise ConfigError(f"unknown model '{name}': give a file path, one of ultralytics' model names such as "
+                          f"yolo11n.yaml, or one of ours, yolo11{{n,s,m,l,x}}{OUR_MODEL_SUFFIX}") from None
     return name
 
 
@@ -72,7 +90,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise DetectorTrainingError(f"--set expects key=value, got '{pair}'")
+            raise InputError(f"--set expects key=value, got '{pair}'")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
 
@@ -91,15 +109,37 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
     train.update(parse_overrides(args.set))
     data = Path(args.data)
     if not data.is_file():
-        raise DetectorTrainingError(f"dataset YAML not found: {data}")
+        raise InputError(f"dataset YAML not found: {data}")
     train["data"] = str(data.resolve())
     if train.get("project") is not None:
         train["project"] = str(Path(train["project"]).resolve())
     if args.resume:
         if not Path(args.resume).is_file():
-            raise DetectorTrainingError(f"checkpoint to resume not found: {args.resume}")
+            raise InputError(f"checkpoint to resume not found: {args.resume}")
         train["resume"] = str(Path(args.resume).resolve())
+    check_train_settings(train, set(parse_overrides(args.set)), args.config)
     return train
+
+
+ULTRALYTICS_SETTINGS = "see `yolo cfg` or https://docs.ultralytics.com/modes/train/#train-settings"
+
+
+def check_train_settings(train: dict[str, Any], from_set: set[str], config: str | os.PathLike[str]) -> None:
+    """ConfigError for a setting ultralytics' trainer does not know or a value it refuses, checked as its trainer
+    checks them, but before a model is built or a run folder made (ultralytics' own check logs its whole command-line
+    help and raises a SyntaxError)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
+
+    known = {*DEFAULT_CFG_DICT, "augmentations", "save_dir"}  # the two extra keys its trainer accepts
+    for key in train:
+        if key not in known:
+            where = "--set" if key in from_set else f"training config {config}"
+            unknown = unknown_keys_message([key], known, what="training setting")
+            raise ConfigError(f"{where}: {unknown}; {ULTRALYTICS_SETTINGS}")
+    try:
+        check_cfg(dict(train))  # a copy: it converts some values in place, the trainer does that itself
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"training setting {first_line(err)}") from None
 
 
 RUN_LOCKS = ".run-locks"
@@ -203,8 +243,7 @@ def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None
     from training.detector_trainer import MidogDetectionTrainer
 
     register_custom_modules()
-    model_name = resolve_model(cfg.model)
-    model = YOLO(train["resume"] if train.get("resume") else model_name, task="detect")
+    model = YOLO(train["resume"] if train.get("resume") else checked_model(resolve_model(cfg.model)), task="detect")
     with claimed_run_name(train) as claimed:
         model.train(trainer=MidogDetectionTrainer, **claimed)
     trainer = model.trainer
@@ -221,8 +260,8 @@ def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ultralytics dataset YAML")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training settings (default: %(default)s)")
     parser.add_argument("--model", help="yolo11{n,s,m,l,x}-lsconv-ema or an ultralytics YAML/.pt (overrides config)")
@@ -239,9 +278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its last.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a shared CPU machine)")
     parser.add_argument("--out", help="copy best.pt here and write its model card beside it")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach the network, before ultralytics is imported
@@ -259,10 +300,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    try:
-        raise SystemExit(main())
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    raise SystemExit(main())

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -45,9 +44,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from midog.classifier import BinaryClassifier, build_classifier
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
 from training.augment import HEDJitter
+from training.config_file import load_training_config
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
                               save_atomic, seed_everything, write_csv)
@@ -127,22 +128,10 @@ class VerifierTrainConfig:
 
 def load_verifier_config(path: str | os.PathLike[str] | None,
                          overrides: dict[str, Any] | None = None) -> VerifierTrainConfig:
-    """YAML (partial is fine) then `overrides`; unknown keys are an error, not silently ignored."""
-    values = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
-    values = {**values, **(overrides or {})}
-    known = {f.name for f in dataclasses.fields(VerifierTrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise InputError(f"unknown verifier training config keys: {sorted(unknown)}")
-    sections = {"loss": HybridLossConfig, "augment": VerifierAugmentConfig}
-    for key, cls in sections.items():
-        section = values.pop(key, None) or {}
-        bad = set(section) - {f.name for f in dataclasses.fields(cls)}
-        if bad:
-            raise InputError(f"unknown verifier training config keys in '{key}': {sorted(bad)}")
-        values[key] = cls(**section)
-    values["augment"].erase_scale = tuple(values["augment"].erase_scale)
-    return VerifierTrainConfig(**values)
+    """YAML (partial is fine) then `overrides`; an unknown key or a bad value is a ConfigError, not ignored."""
+    cfg = load_training_config(path, VerifierTrainConfig, overrides)
+    cfg.augment.erase_scale = tuple(cfg.augment.erase_scale)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -533,8 +522,8 @@ def model_card(cfg: VerifierTrainConfig, clf: BinaryClassifier, state: dict[str,
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/ and val/ crop folders")
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/verifier.yaml"))
     parser.add_argument("--out", default="weights/verifier.pt", type=Path, help="best checkpoint (+ .json card)")
@@ -545,24 +534,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--card-extra", type=Path, help="JSON object merged into the model card (data notes)")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {key: value for key, value in {
         "run_dir": args.run_dir, "epochs": args.epochs, "max_steps": args.max_steps, "arch": args.arch,
         "batch_size": args.batch_size}.items() if value is not None}
-    try:
-        cfg = load_verifier_config(args.config, overrides)
-        extra = json.loads(args.card_extra.read_text()) if args.card_extra else None
-        ctx = init_distributed()
-        if ctx.device.type == "cpu" and cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
-        result = train(cfg, args.data, args.out, ctx, resume=args.resume, card_extra=extra)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    cfg = load_verifier_config(args.config, overrides)
+    extra = json.loads(args.card_extra.read_text()) if args.card_extra else None
+    ctx = init_distributed()
+    if ctx.device.type == "cpu" and cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    result = train(cfg, args.data, args.out, ctx, resume=args.resume, card_extra=extra)
     if ctx.main:
         print(json.dumps(dataclasses.asdict(result), indent=2), flush=True)
     if ctx.world_size > 1:

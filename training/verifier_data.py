@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from midog.config import PipelineConfig, VerifierConfig, resolve_config
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.image_io import open_roi
 from midog.pipeline import Track1Detector
 from midog.verifier import box_crops
@@ -187,8 +187,8 @@ def _save(folder: Path, names: list[str], crops: np.ndarray) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True, type=Path)
     parser.add_argument("--xvalidation", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)
@@ -208,26 +208,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--radius-px", type=float, default=CropConfig.radius_px)
     parser.add_argument("--min-score", type=float, default=CropConfig.min_score)
     parser.add_argument("--max-fp-per-slide", type=int, default=0)
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = CropConfig(crop_size=args.crop_size, context_px=args.context_px, radius_px=args.radius_px,
                      min_score=args.min_score, max_false_positives_per_slide=args.max_fp_per_slide)
-    try:
-        index = load_midogpp(args.annotations, args.xvalidation)
-        detections = load_detections(args.detections) if args.detections else None
-        if args.detector:
-            detections = detect_slides(index, args.images, args.detector, args.splits, args.seed,
-                                       resolve_config(args.config, overrides={"proposals.weights": str(args.detector)}),
-                                       ratios=args.ratios)
-            args.out.mkdir(parents=True, exist_ok=True)
-            detections.to_csv(args.out / "detections.csv", index=False)
-        counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections, ratios=args.ratios)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    index = load_midogpp(args.annotations, args.xvalidation)
+    detections = load_detections(args.detections) if args.detections else None
+    if args.detector:
+        detections = detect_slides(index, args.images, args.detector, args.splits, args.seed,
+                                   resolve_config(args.config, overrides={"proposals.weights": str(args.detector)}),
+                                   ratios=args.ratios)
+        args.out.mkdir(parents=True, exist_ok=True)
+        detections.to_csv(args.out / "detections.csv", index=False)
+    counts = extract(index, args.images, args.out, args.splits, args.seed, cfg, detections, ratios=args.ratios)
     print(json.dumps(counts, indent=2))
     return 0
 

@@ -69,10 +69,12 @@ def test_lora_benchmark_evaluates_every_fold_checkpoint(data: dict[str, Path], t
     assert frame.loc["cv-validation", "balanced_accuracy_mean"] == pytest.approx(np.mean(last), abs=1e-4)
 
 
-def test_a_test_folder_without_the_amibr_layout_fails_before_training(tmp_path: Path):
+def test_a_test_folder_without_the_amibr_layout_fails_before_training(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]):
     (tmp_path / "flat").mkdir()
-    with pytest.raises(InputError, match="Atypical/"):
-        benchmark_amibr.main(["--method", "linear", "--test", str(tmp_path / "flat")])
+    assert benchmark_amibr.main(["--method", "linear", "--test", str(tmp_path / "flat")]) == InputError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Atypical/" in err and err.count("\n") == 1
 
 
 def test_the_benchmark_runs_five_folds_unless_told_otherwise():

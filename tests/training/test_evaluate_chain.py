@@ -117,7 +117,7 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
     assert all(min(Image.open(p).size) >= 1 for p in crops)
     # the same count, recomputed: the pipeline's merged candidates more than 30 px from every labelled figure
     from midog.config import resolve_config
-    from midog.image_io import ArrayRoi, PhysicalTransform
+    from midog.roi_io import ArrayRoi, PhysicalTransform
     from midog.pipeline import Track1Detector
 
     config = resolve_config(overrides={"proposals.weights": str(tiny_weights / "detector.pt"),

@@ -100,6 +100,7 @@ def test_lora_cli_composes_the_training_config(tmp_path: Path, monkeypatch: pyte
         return 0
 
     monkeypatch.setattr(lora_cli.train_classifier, "main", fake_main)
+    monkeypatch.setattr(lora_cli, "find_base_weights", lambda spec, explicit=None: tmp_path / "base.safetensors")
     out = tmp_path / "run"
     ship = ["--ship-folds", str(tmp_path / "fm.pt"), "--folds", "2"]
     assert lora_cli.main(["--backbone", "virchow2", "--r", "16", "--out", str(out)] + ship) == 0

@@ -4,6 +4,7 @@ that reloads strictly with its validation threshold, resumes to the same weights
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 import training.train_classifier as tc
 from midog.classifier import load_classifier
+from midog.errors import ConfigError, InputError
 from midog.weights import read_model_card, sha256_of
 from training.amibr import load_index, slide_folds
 from training.runtime import Dist
@@ -161,25 +163,38 @@ def test_resume_on_cuda(tmp_path, monkeypatch):
     assert saved["state"]["epoch"] == 2 and len(saved["state"]["history"]) == 2
 
 
-@pytest.mark.parametrize("text, message", [("lr: 0.1\nwings: 2\n", "unknown training config keys: \\['wings'\\]"),
-                                           ("augment:\n  wings: 2\n", "unknown augment keys: \\['wings'\\]"),
-                                           ("split: patch\n", "split must be one of"),
-                                           ("lr: [unclosed\n", "while parsing")])
-def test_a_bad_training_config_is_one_line(tmp_path, text, message):
+def fails(capsys: pytest.CaptureFixture[str], argv: list[str], code: int, pattern: str) -> None:
+    """`main(argv)` ends with `code` and one `error:` line on stderr that matches `pattern`."""
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert re.match(rf"error: {pattern}", err) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("text, message", [("lr: 0.1\nwings: 2\n", "unknown key 'wings'"),
+                                           ("augment:\n  dihedal: 2\n", "unknown key 'augment.dihedal' "
+                                                                         "\\(did you mean 'augment.dihedral'\\?\\)"),
+                                           ("epochs: thirty\n", "epochs is 'thirty'; expected int"),
+                                           ("split: patch\n", "split must be one of")])
+def test_a_bad_training_config_is_one_line(tmp_path, capsys, text, message):
     config = tmp_path / "cfg.yaml"
     config.write_text(text)
-    with pytest.raises(SystemExit, match=f"^error: training config {config}: .*{message}") as exited:
-        main(["--config", str(config)])
-    assert "\n" not in str(exited.value.code)
+    fails(capsys, ["--config", str(config)], ConfigError.exit_code, f"training config {config}: {message}")
 
 
-def test_shipped_fold_models_follow_ship_epoch_last(tmp_path):
+def test_an_unreadable_training_config_is_one_line(tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("lr: [unclosed\n")
+    fails(capsys, ["--config", str(config)], ConfigError.exit_code, f"cannot read training config {config}: while")
+    fails(capsys, ["--config", str(tmp_path / "none.yaml")], ConfigError.exit_code, "cannot read training config")
+
+
+def test_shipped_fold_models_follow_ship_epoch_last(tmp_path, capsys):
     root = _write_amibr(tmp_path / "amibr")
     config = tmp_path / "cfg.yaml"
     config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 2\nmin_epochs: 1\n"
                       f"batch_size: 8\nfolds: 2\nship_epoch: last\nout: {tmp_path / 'run'}\n")
-    with pytest.raises(SystemExit, match="--fold 5: the config has 2 folds"):
-        main(["--config", str(config), "--fold", "5"])
+    fails(capsys, ["--config", str(config), "--fold", "5"], InputError.exit_code, "--fold 5: the config has 2 folds")
     assert not (tmp_path / "run" / "fold5").exists()
     assert main(["--config", str(config), "--evaluate-tta", "--ship-folds", str(tmp_path / "w" / "atypical.pt")]) == 0
     assert json.loads((tmp_path / "run" / "cv_summary.json").read_text())["ship_epoch"] == "last"
@@ -423,7 +438,7 @@ def test_moving_average_settings_are_checked(tmp_path, values, message):
         _config(tmp_path, tmp_path, **values)
 
 
-def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own_checkpoints(tmp_path):
+def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own_checkpoints(tmp_path, capsys):
     root = _write_amibr(tmp_path / "amibr")
     run = tmp_path / "run"
     config = tmp_path / "cfg.yaml"
@@ -456,13 +471,12 @@ def test_a_shipped_moving_average_is_scored_thresholded_and_shipped_from_its_own
         [row["ema1_roc_auc"] for row in last_rows], abs=1e-4)
     assert card["cross_validation_last_epoch"] == summary["last_epoch_ema"]["ema1"]   # the average's, not the raw
 
-    with pytest.raises(SystemExit, match="^--ship-ema 'soon': expected a horizon"):
-        main(["--config", str(config), "--ship-ema", "soon"])
-    with pytest.raises(SystemExit, match="not one of ema_epochs"):
-        main(["--config", str(config), "--ship-ema", "4"])
+    fails(capsys, ["--config", str(config), "--ship-ema", "soon"], InputError.exit_code,
+          "--ship-ema 'soon': expected a horizon")
+    fails(capsys, ["--config", str(config), "--ship-ema", "4"], ConfigError.exit_code, ".*not one of ema_epochs")
 
 
-def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path):
+def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path, capsys):
     """A fold trained and scored elsewhere keeps only its small files (result.json, metrics.csv, its scoring
     report): `--evaluate-tta` and `--full` then combine it exactly as from its checkpoint."""
     root = _write_amibr(tmp_path / "amibr")
@@ -471,8 +485,8 @@ def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path):
     config.write_text(f"data_root: {root}\narch: test_resnet\ninput_size: 32\nepochs: 2\nmin_epochs: 1\n"
                       f"batch_size: 8\nfolds: 2\nship_epoch: last\nout: {run}\n")
     assert main(["--config", str(config), "--fold", "0"]) == 0
-    with pytest.raises(SystemExit, match="no final.pt in .*fold1"):
-        main(["--config", str(config), "--evaluate-tta", "--fold", "1"])
+    fails(capsys, ["--config", str(config), "--evaluate-tta", "--fold", "1"], InputError.exit_code,
+          "--evaluate-tta --fold 1: no final.pt in .*fold1")
     assert main(["--config", str(config), "--evaluate-tta", "--fold", "0"]) == 0
     assert not (run / "fold1").exists()  # scoring one fold trains nothing
     fold0 = json.loads((run / "fold0" / "tta_report.json").read_text())
@@ -498,5 +512,4 @@ def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path):
 
     fold0["files"] = fold0["files"][::-1]  # a report of another split is refused, not combined
     (run / "fold0" / "tta_report.json").write_text(json.dumps(fold0))
-    with pytest.raises(SystemExit, match="scored other crops than fold 0"):
-        main(["--config", str(config), "--evaluate-tta"])
+    fails(capsys, ["--config", str(config), "--evaluate-tta"], InputError.exit_code, ".*scored other crops than fold 0")

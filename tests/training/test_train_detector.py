@@ -20,12 +20,12 @@ import yaml
 from ultralytics import YOLO
 from ultralytics.utils.instance import Instances
 
+from midog.errors import ConfigError, InputError
 from midog.weights import sha256_of
 from midog.yolo_modules import C3k2_LSConv, model_yaml
 from training.detector_trainer import DetectionErasing, MidogDetectionTrainer
 from training.train_detector import (
     RUN_LOCKS,
-    DetectorTrainingError,
     claimed_run_name,
     load_detector_config,
     main,
@@ -74,13 +74,13 @@ def test_model_names_resolve_to_the_scaled_yaml():
     assert resolve_model("yolo11x-lsconv-ema") == str(model_yaml("x"))
     assert resolve_model("yolo11n-lsconv-ema.yaml") == str(model_yaml("n"))
     assert resolve_model("yolo11n.yaml") == "yolo11n.yaml"  # ultralytics' own models pass through
-    with pytest.raises(DetectorTrainingError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         resolve_model("yolo11q-lsconv-ema")
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(DetectorTrainingError, match="dataset YAML not found"):
-        main(["--data", str(tmp_path / "nope.yaml")])
+def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--data", str(tmp_path / "nope.yaml")]) == InputError.exit_code
+    assert capsys.readouterr().err == f"error: dataset YAML not found: {tmp_path / 'nope.yaml'}\n"
 
 
 def _labels(img: np.ndarray, boxes_xyxy: list[list[float]]) -> dict:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from midog.classifier import load_classifier
-from midog.errors import InputError
+from midog.errors import ConfigError, InputError
 from midog.weights import read_model_card
 from training.train_verifier import (
     VerifierNet,
@@ -51,8 +51,10 @@ def test_config_file_holds_the_method_settings() -> None:
     assert (a.rotation, a.brightness, a.contrast, a.saturation) == (15, 0.2, 0.2, 0.1)
     assert (a.randaugment_ops, a.randaugment_magnitude, a.erase_p, a.erase_scale, a.mixup_alpha) == \
         (3, 5, 0.5, (0.02, 0.15), 0.2)
-    with pytest.raises(InputError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         load_verifier_config(CONFIG, {"learning_rate": 1.0})
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.gama' \(did you mean 'loss.gamma'\?\)"):
+        load_verifier_config(CONFIG, {"loss": {"gama": 2.0}})
 
 
 def test_augmentation_keeps_uint8_crops_of_the_same_size() -> None:

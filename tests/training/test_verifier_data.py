@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from midog.image_io import open_roi
+from midog.roi_io import open_roi
 from midogpp_factory import DARK, PALE, write_fake_midogpp
 from training.midogpp import load_midogpp, split_slides
 from training.verifier_data import CropConfig, cut_crops, extract, false_positive_crops, false_positives, main
