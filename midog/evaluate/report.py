@@ -8,12 +8,13 @@ Track 2: ROC curve, confusion matrix, per-domain bars.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from midog.evaluate.track1 import ROI_TYPES, ImageResult, Track1Evaluation, _flatten_z
+from midog.evaluate.track1 import ROI_TYPES, ImageResult, Track1Evaluation, _domain_key, _flatten_z
 from midog.evaluate.track2 import Track2Evaluation
 from midog.evaluate.tune import TunedThreshold, tune_classification, tune_detection
 from midog.outputs import write_json_atomic
@@ -33,8 +34,9 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Legends sit outside the axes: the saved area is grown to hold them."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -125,40 +127,101 @@ def plot_f1_threshold(evaluation: Track1Evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _bars(ax: Any, groups: Sequence[str], series: dict[str, Sequence[float]], title: str) -> None:
-    width = 0.8 / max(len(series), 1)
-    x = np.arange(len(groups))
-    for i, (name, values) in enumerate(series.items()):
-        clean = [0.0 if (v is None or math.isnan(v) or v < 0) else v for v in values]
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, clean, width, label=name)
-        labels = ["n/a" if (v is None or math.isnan(v) or v < 0) else f"{v:.2f}" for v in values]
-        ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
+@dataclass(frozen=True)
+class GroupRow:
+    """One group of a per-group bar chart: its name, its counts and its values (None where undefined)."""
+    name: str
+    counts: str
+    values: dict[str, float | None]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}\n{self.counts}"
+
+
+TRACK1_BARS = ("f1", "precision", "recall", "AP")
+TRACK2_BARS = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def _defined(value: Any) -> float | None:
+    """None for the official encodings of an undefined value: NaN, or -1 (AP without ground truth)."""
+    if value is None or math.isnan(value) or value < 0:
+        return None
+    return float(value)
+
+
+def _bar_legend(ax: Any, names: Sequence[str]) -> None:
+    """The series legend right of the axes, never over a bar or a label."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=f"C{i}", label=name) for i, name in enumerate(names)]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def _bars(ax: Any, rows: Sequence[GroupRow], names: Sequence[str], title: str, legend: bool = True) -> None:
+    """Grouped bars, one group per row; an undefined value gets no bar but an "n/a" where its bar would stand."""
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(rows))
+    for i, name in enumerate(names):
+        offsets = x + (i - (len(names) - 1) / 2) * width
+        values = [row.values[name] for row in rows]
+        shown = [j for j, v in enumerate(values) if v is not None]
+        bars = ax.bar(offsets[shown], [values[j] for j in shown], width, color=f"C{i}")
+        ax.bar_label(bars, labels=[f"{values[j]:.2f}" for j in shown], fontsize=6, rotation=90, padding=2)
+        for j in (j for j, v in enumerate(values) if v is None):
+            ax.text(offsets[j], 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=6, color=f"C{i}")
     ax.set_xticks(x)
-    ax.set_xticklabels(groups, rotation=0 if len(groups) < 8 else 45)
-    ax.set_ylim(0, 1.25)
+    crowded = len(rows) >= 8
+    ax.set_xticklabels([row.label for row in rows], rotation=45 if crowded else 0, ha="right" if crowded else "center",
+                       fontsize=8)
+    ax.set_ylim(0, 1.15)
     ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("score")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=len(series), loc="upper center")
+    if legend:
+        _bar_legend(ax, names)
 
 
 def _track1_domains(agg: dict[str, Any]) -> list[str]:
     return [k[len("tumor_"):-len("_f1")] for k in agg if k.startswith("tumor_") and k.endswith("_f1")]
 
 
-def plot_track1_groups(evaluation: Track1Evaluation, path: Path) -> Path:
+def _track1_row(name: str, prefix: str, agg: dict[str, Any], results: Sequence[ImageResult]) -> GroupRow:
+    """F1, recall and AP are undefined without ground truth, precision without detections: None, not the
+    official 0 (or -1, or eps-driven) value. Detections where there is no ground truth are all false positives:
+    precision 0, a real figure."""
+    tp = sum(r.score.true_positives for r in results)
+    gt = tp + sum(r.score.false_negatives for r in results)
+    det = tp + sum(r.score.false_positives for r in results)
+    defined = {"f1": gt > 0, "precision": det > 0, "recall": gt > 0, "AP": gt > 0}
+    values = {m: _defined(agg[f"{prefix}_{m}"]) if defined[m] else None for m in TRACK1_BARS}
+    return GroupRow(name, f"GT {gt}, det {det}, TP {tp}", values)
+
+
+def track1_group_rows(evaluation: Track1Evaluation) -> tuple[list[GroupRow], list[GroupRow]]:
+    """The per-tumour-domain and per-ROI-type rows `per_domain.png` draws."""
+    agg, images = evaluation.aggregates, evaluation.images
+    domains = [_track1_row(f"domain {d}", f"tumor_{d}", agg,
+                           [r for r in images if _domain_key(r.truth.tumor_domain) == d])
+               for d in _track1_domains(agg)]
+    rois = [_track1_row(t, f"roi_type_{t}", agg, [r for r in images if r.truth.roi_type == t])
+            for t in ROI_TYPES if any(r.truth.roi_type == t for r in images)]
+    return domains, rois
+
+
+def track1_groups_figure(evaluation: Track1Evaluation) -> Any:
     plt = _pyplot()
-    agg = evaluation.aggregates
-    domains = _track1_domains(agg)
-    rois = [r for r in ROI_TYPES if any(img.truth.roi_type == r for img in evaluation.images)]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * (len(domains) + len(rois)) + 4), 4.5),
+    domains, rois = track1_group_rows(evaluation)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * (len(domains) + len(rois)) + 5), 5),
                              gridspec_kw={"width_ratios": [max(len(domains), 1), max(len(rois), 1)]})
-    _bars(axes[0], [f"domain {d}" for d in domains],
-          {m: [agg[f"tumor_{d}_{m}"] for d in domains] for m in ("f1", "precision", "recall", "AP")},
-          "Per tumour domain")
-    _bars(axes[1], rois, {m: [agg[f"roi_type_{r}_{m}"] for r in rois] for m in ("f1", "precision", "recall", "AP")},
-          "Per ROI type")
-    return _save(fig, path)
+    _bars(axes[0], domains, TRACK1_BARS, "Per tumour domain (n/a: undefined)", legend=False)
+    _bars(axes[1], rois, TRACK1_BARS, "Per ROI type")
+    return fig
+
+
+def plot_track1_groups(evaluation: Track1Evaluation, path: Path) -> Path:
+    return _save(track1_groups_figure(evaluation), path)
 
 
 def _find_image(images_dir: Path, name: str) -> Path | None:
@@ -172,7 +235,7 @@ def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, 
     """Every `step`-th pixel of the ROI (read in strips, so a large ROI never sits in memory whole), and a
     function mm (N, 2) → downscaled pixel coordinates. The image's own pixel → mm transform is used (what the
     pipeline wrote its points with) unless `spacing_um` overrides it."""
-    from midog.image_io import open_roi
+    from midog.roi_io import open_roi
 
     with open_roi(path) as roi:
         step = max(1, int(math.ceil(max(roi.width, roi.height) / OVERLAY_MAX_SIDE)))
@@ -195,7 +258,8 @@ def _read_downscaled(path: Path, spacing_um: float | None) -> tuple[np.ndarray, 
     return pixels, to_px
 
 
-def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: float | None = None) -> Path:
+def overlay_figure(result: ImageResult, image_path: Path, spacing_um: float | None = None) -> Any:
+    """TP/FP/FN and non-mitotic markers on the downscaled image; the legend below the image, off every marker."""
     plt = _pyplot()
     pixels, to_px = _read_downscaled(image_path, spacing_um)
     pred = result.prediction
@@ -221,8 +285,14 @@ def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: 
     ax.set_title(f"{result.truth.name} ({result.truth.roi_type}, domain {result.truth.tumor_domain}): "
                  f"TP {s.true_positives}  FP {s.false_positives}  FN {s.false_negatives}")
     ax.set_axis_off()
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
-    return _save(fig, path)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=len(handles), fontsize=8)
+    return fig
+
+
+def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: float | None = None) -> Path:
+    return _save(overlay_figure(result, image_path, spacing_um), path)
 
 
 def _track1_summary(evaluation: Track1Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:
@@ -326,15 +396,32 @@ def plot_confusion(evaluation: Track2Evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_track2_domains(evaluation: Track2Evaluation, path: Path) -> Path:
+def track2_domain_rows(evaluation: Track2Evaluation) -> list[GroupRow]:
+    """The rows `per_domain.png` draws: sensitivity is undefined (None) without atypical pages, specificity
+    without normal ones, balanced accuracy and ROC AUC when either is (the official values say 0 or NaN)."""
+    y_true, domains, agg = evaluation.y_true, evaluation.domains, evaluation.aggregates
+    rows = []
+    for domain in np.sort(np.unique(domains)):
+        labels = y_true[domains == domain]
+        positives, negatives = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+        official = agg[f"domain_{domain}"]
+        defined = {"sensitivity": positives > 0, "specificity": negatives > 0,
+                   "balanced_accuracy": positives > 0 and negatives > 0, "roc_auc": positives > 0 and negatives > 0}
+        values = {m: _defined(official[m]) if defined[m] else None for m in TRACK2_BARS}
+        rows.append(GroupRow(f"domain {domain}", f"{len(labels)} pages, {positives} atypical", values))
+    return rows
+
+
+def track2_domain_figure(evaluation: Track2Evaluation) -> Any:
     plt = _pyplot()
-    agg = evaluation.aggregates
-    domains = [k[len("domain_"):] for k in agg if k.startswith("domain_")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(domains) + 2), 4.5))
-    metrics = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
-    _bars(ax, [f"domain {d}" for d in domains], {m: [agg[f"domain_{d}"][m] for d in domains] for m in metrics},
-          "Track 2 per tumour domain (n/a: undefined)")
-    return _save(fig, path)
+    rows = track2_domain_rows(evaluation)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) + 3), 4.5))
+    _bars(ax, rows, TRACK2_BARS, "Track 2 per tumour domain (n/a: undefined)")
+    return fig
+
+
+def plot_track2_domains(evaluation: Track2Evaluation, path: Path) -> Path:
+    return _save(track2_domain_figure(evaluation), path)
 
 
 def _track2_summary(evaluation: Track2Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:

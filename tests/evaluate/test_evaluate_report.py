@@ -101,3 +101,87 @@ def test_track1_report_for_a_detector_that_predicted_nothing(tmp_path: Path) -> 
     assert (tmp_path / "report" / "precision_recall.png").is_file() and (tmp_path / "report" / "f1_threshold.png").is_file()
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["aggregates"]["recall"] == 0.0
     assert len(written) >= 4
+
+
+# ---- per-domain and overlay figures: undefined values read n/a, counts and labels shown, legends off the data ----
+
+def _texts(ax: object) -> list[str]:
+    return [t.get_text() for t in ax.texts]  # type: ignore[attr-defined]
+
+
+def _overlaps(a: object, b: object) -> bool:
+    return bool(a.overlaps(b))  # type: ignore[attr-defined]
+
+
+def _legend_outside_axes(fig: object, ax: object) -> bool:
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    legend = ax.get_legend()  # type: ignore[attr-defined]
+    assert legend is not None
+    return not _overlaps(legend.get_window_extent(), ax.get_window_extent())  # type: ignore[attr-defined]
+
+
+def test_track1_domain_without_ground_truth_reads_na_with_counts() -> None:
+    from midog.evaluate.report import track1_group_rows, track1_groups_figure
+
+    gt = {**GT1, "roi_c.tiff": truth([], domain=2, roi="hotspot")}  # domain 2: no ground truth
+    pred = {**PRED1, "roi_c.tiff": payload([point(30, 30, 0.8), point(90, 90, 0.8)])}
+    evaluation = track1.evaluate(pred, gt)
+    domains, rois = track1_group_rows(evaluation)
+    by_name = {row.name: row for row in domains}
+    assert set(by_name) == {"domain 0", "domain 1", "domain 2"}
+    undefined = {m: v for m, v in by_name["domain 2"].values.items() if m != "precision"}
+    assert all(v is None for v in undefined.values())  # not 0.00: undefined without ground truth
+    assert by_name["domain 2"].values["precision"] == pytest.approx(0.0, abs=1e-5)  # two false positives: 0, real
+    assert by_name["domain 2"].counts == "GT 0, det 2, TP 0"
+    assert by_name["domain 0"].counts == "GT 2, det 2, TP 1"
+    assert by_name["domain 0"].values["recall"] == pytest.approx(0.5, abs=1e-5)
+    assert by_name["domain 1"].values["recall"] == pytest.approx(0.0, abs=1e-5)  # defined, just zero
+    assert [row.name for row in rois] == ["hotspot", "random"]
+
+    fig = track1_groups_figure(evaluation)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "score"
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "domain 2\nGT 0, det 2, TP 0" in ticks and "domain 0\nGT 2, det 2, TP 1" in ticks
+    assert _texts(ax).count("n/a") == 3  # F1, recall and AP of domain 2
+    drawn = sum(v is not None for row in domains for v in row.values.values())
+    assert len(ax.patches) == drawn  # no zero-height bars for the undefined values
+    assert _legend_outside_axes(fig, fig.axes[-1])
+
+
+def test_track2_domain_without_atypical_pages_reads_na() -> None:
+    from midog.evaluate.report import track2_domain_figure, track2_domain_rows
+
+    gt = [{"image": "s.tiff", "labels": ["atypical", "normal", "normal", "normal"], "tumordomains": [0, 0, 1, 1]}]
+    pred = {"s.tiff": [{"class": "atypical", "confidence": 0.9}, {"class": "normal", "confidence": 0.2},
+                       {"class": "atypical", "confidence": 0.55}, {"class": "normal", "confidence": 0.4}]}
+    evaluation = track2.evaluate(pred, gt)
+    rows = {row.name: row for row in track2_domain_rows(evaluation)}
+    assert rows["domain 1"].values == {"balanced_accuracy": None, "sensitivity": None, "specificity": 0.5,
+                                       "roc_auc": None}
+    assert rows["domain 1"].counts == "2 pages, 0 atypical"
+    assert rows["domain 0"].values["balanced_accuracy"] == 1.0
+    fig = track2_domain_figure(evaluation)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "score"
+    assert "domain 1\n2 pages, 0 atypical" in [t.get_text() for t in ax.get_xticklabels()]
+    assert _texts(ax).count("n/a") == 3
+    assert len(ax.patches) == 5
+    assert _legend_outside_axes(fig, ax)
+
+
+def test_overlay_legend_sits_outside_the_image(tmp_path: Path) -> None:
+    from midog.evaluate.report import overlay_figure
+
+    image = tmp_path / "roi_a.tiff"
+    tifffile.imwrite(image, np.full((200, 200, 3), 230, dtype=np.uint8))
+    # Points in the upper-right corner, where the legend used to sit.
+    gt = {"roi_a.tiff": truth([(190, 10), (170, 30)])}
+    pred = {"roi_a.tiff": payload([point(190, 11, 0.9), point(185, 25, 0.8),
+                                   point(160, 10, 0.3, "non-mitotic figure")])}
+    result = track1.evaluate(pred, gt).images[0]
+    fig = overlay_figure(result, image, spacing_um=1.0)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["non-mitotic candidates (1)", "TP (1)", "FP (1)", "FN (1)"]
+    assert _legend_outside_axes(fig, ax)
