@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from midog.config import resolve_config, write_config_values
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.outputs import write_json_atomic
 from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
                              open_field, score_fields, slide_folds)
@@ -136,8 +137,8 @@ def record_in_card(card_path: Path, report: dict[str, Any], argv: list[str] | No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument("--folds", type=int, default=3)
@@ -151,24 +152,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write-threshold", type=Path, default=None, metavar="PIPELINE_YAML",
                         help="write the ship threshold (median of the folds' optimal thresholds) as "
                         "verifier.threshold into this pipeline.yaml")
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    try:
-        index = load_field_index(args.root)
-        folds = slide_folds(index, args.folds)
-        if args.floor:
-            predictions = blob_predictions(index)
-        else:
-            predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
-                                            per_fold_paths(args.detector, args.folds, "detector"), args.config)
-        report = cross_fold_scores(predictions, index, folds)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    index = load_field_index(args.root)
+    folds = slide_folds(index, args.folds)
+    if args.floor:
+        predictions = blob_predictions(index)
+    else:
+        predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
+                                        per_fold_paths(args.detector, args.folds, "detector"), args.config)
+    report = cross_fold_scores(predictions, index, folds)
     report = _finite({"name": args.name or ("darkest-blob floor" if args.floor else "chain"),
                       "verifier": args.verifier, "detector": args.detector, "fold_of_slide": folds,
                       "seconds": round(time.perf_counter() - started, 1), **report})

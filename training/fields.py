@@ -12,9 +12,7 @@ is the simplest detector there is. See `darkest_blobs`.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from midog.errors import InputError, MidogError, first_line
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError, first_line
 from midog.evaluate.track1 import (ImagePrediction, ImageTruth, ThresholdSweep, average_precision, froc_curve,
                                    precision_recall_f1, score_detection, threshold_curve)
 from midog.image_io import ArrayRoi, PhysicalTransform
@@ -343,18 +342,16 @@ def _print(report: dict[str, Any]) -> None:
               f"{g['precision']:>8.4f}{g['recall']:>8.4f}{g['best_f1']:>9.4f}")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="folder with frames/ and mitoses.csv")
     parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--folds", type=int, default=3)
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    try:
-        report = build_report(args.root, args.folds)
-        write_json_atomic(args.report, report)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    report = build_report(args.root, args.folds)
+    write_json_atomic(args.report, report)
     _print(report)
     return 0
 

@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from midog.config import PipelineConfig, resolve_config
-from midog.errors import InputError, MidogError
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.image_io import RoiImage
 from midog.pipeline import Track1Detector
 from midog.resampling import at_pixel_size, view_scale
@@ -293,8 +293,8 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, type=Path, help="fields in the MITOS-ATYPIA-14 layout")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--detector", default=None, help="proposal weights for the false positives "
@@ -307,18 +307,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("pixel_size_um", "folds", "val_fraction", "jitter_copies", "jitter_px", "tissue_per_field", "seed"):
         value = getattr(defaults, key)
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    add_debug_option(parser)
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = FieldDataConfig(**{k: getattr(args, k) for k in ("pixel_size_um", "folds", "val_fraction",
                                                            "jitter_copies", "jitter_px", "tissue_per_field", "seed")})
-    try:
-        summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases, config_path=args.config)
-    except MidogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases, config_path=args.config)
     print(json.dumps({"folds": summary["folds"], "sets": summary["sets"]}, indent=2))
     return 0
 

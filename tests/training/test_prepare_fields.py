@@ -191,3 +191,17 @@ def test_negative_draw_sees_every_positive_and_fresh_negatives():
     assert set(first) - set(range(5)) != set(second) - set(range(5))
     ranks = [list(NegativeDraw(labels, 20, 0, world_size=2, rank=r)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 13 and set(ranks[0]) | set(ranks[1]) >= set(range(5))
+
+
+@pytest.mark.parametrize("module", ["training.fields", "training.prepare_fields", "training.evaluate_fields"])
+def test_field_commands_fail_in_one_line(module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The container's error contract: a root without fields is one `error:` line, exit code 2, nothing written."""
+    import importlib
+
+    out = tmp_path / "out"
+    argv = {"training.fields": ["--report", str(out)], "training.prepare_fields": ["--out", str(out)],
+            "training.evaluate_fields": ["--out", str(out)]}[module]
+    assert importlib.import_module(module).main(["--root", str(tmp_path / "missing"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "frames/" in err[0]
+    assert not out.exists()
