@@ -1,10 +1,11 @@
 # MIDOG 2025 algorithm container (grand-challenge style): Track 1 and Track 2, picked from /input/inputs.json.
 #   ./build.sh && ./test.sh && ./export.sh       (see docs/container.md)
-# Built for linux/amd64, what grand-challenge runs: build.sh passes --platform=linux/amd64 to docker build.
+# Built for linux/amd64, what grand-challenge runs: the FROM line pins it (a plain `docker build .` on an arm64 Mac
+# too), and build.sh passes --platform=linux/amd64 to docker build.
 # The base image provides the CUDA build of torch/torchvision; its tag must carry the torch version pinned in
 # requirements.txt (the build stops otherwise).
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime
-FROM ${BASE_IMAGE}
+FROM --platform=linux/amd64 ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -57,7 +57,7 @@ def test_gpu_check_carries_the_pinned_versions():
 
 
 def test_dockerfile_follows_grand_challenge_rules():
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^FROM --platform=linux/amd64 \$\{BASE_IMAGE\}$", DOCKERFILE, re.MULTILINE)
     assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:2\.14\.1-cuda[\d.]+-cudnn\d+-runtime$", DOCKERFILE, re.MULTILINE)
     assert "PYTHONUNBUFFERED=1" in DOCKERFILE and "YOLO_OFFLINE=1" in DOCKERFILE
     assert re.search(r"^USER user$", DOCKERFILE, re.MULTILINE) and re.search(r"^WORKDIR /opt/app$", DOCKERFILE,
