@@ -1,8 +1,10 @@
-"""What every training script shares: seeds, the DDP context torchrun sets up, the git commit for model cards,
-and the run files (metrics CSV, resumable checkpoints) written so that a crash never leaves half a file."""
+"""What every training script shares: seeds, the DDP context torchrun sets up, the optimizer and its learning-rate
+schedule, the git commit for model cards, and the run files (metrics CSV, resumable checkpoints) written so that a
+crash never leaves half a file."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import subprocess
@@ -70,6 +72,31 @@ def rank0_array(values: np.ndarray, ctx: Dist) -> np.ndarray:
     tensor = torch.as_tensor(np.ascontiguousarray(values)).to(ctx.device)
     dist.broadcast(tensor, src=0)
     return tensor.cpu().numpy()
+
+
+def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                        warmup_epochs: float, steps_per_epoch: int, min_lr_ratio: float
+                        ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay on norms and biases: trainable parameters of at most one dimension) and its schedule,
+    stepped once per optimizer step: `int(warmup_epochs * steps_per_epoch)` warm-up steps (at most
+    `total_steps - 1`) at lr·(s + 1)/(warmup + 1), then a half cosine from lr to `min_lr_ratio`·lr at
+    `total_steps`, and that floor after. A LambdaLR, whose state dict a resumed run reloads."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    total = max(total_steps, 1)
+    warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:

@@ -221,14 +221,49 @@ def score(predictions: Mapping[str, Any], ground_truth: Any, confidence: str = P
     return evaluate(predictions, ground_truth, confidence).aggregates
 
 
+def threshold_candidates(scores: np.ndarray) -> np.ndarray:
+    """One threshold per distinct decision `score >= t` can take on `scores`, ascending (float64): the midpoint of
+    every two consecutive distinct scores, so that no threshold sits on a score, plus the two trivial decisions:
+    0 (every score positive; the lowest score itself if that is <= 0) and 1 (none; just above the highest score
+    if that is >= 1)."""
+    values = np.unique(np.asarray(scores, dtype=np.float64))
+    if len(values) == 0:
+        return values
+    low, high = min(0.0, values[0]), max(1.0, np.nextafter(values[-1], np.inf))
+    return np.concatenate([[low], (values[1:] + values[:-1]) / 2, [high]])
+
+
+def _counts(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(true positives, true negatives) at each threshold (positive when score >= t), and the class sizes."""
+    labels, values = np.asarray(y_true) == 1, np.asarray(scores, dtype=np.float64)
+    if labels.shape != values.shape:
+        raise ValueError(f"{labels.size} labels but {values.size} scores")
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(f"balanced accuracy needs both classes, got {positives} positive and {negatives} negative "
+                         "samples: no threshold can be chosen on them")
+    tp = positives - np.searchsorted(np.sort(values[labels]), thresholds, side="left")
+    tn = np.searchsorted(np.sort(values[~labels]), thresholds, side="left")
+    return tp, tn, positives, negatives
+
+
 def balanced_accuracy_curve(y_true: np.ndarray, p_atypical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced accuracy when pages with P(atypical) >= t are called atypical, at every distinct P (ascending)."""
-    thresholds = np.unique(p_atypical)
-    positives, negatives = max(int((y_true == 1).sum()), 1), max(int((y_true == 0).sum()), 1)
-    values = []
-    for t in thresholds:
-        called = p_atypical >= t
-        sens = np.sum(called & (y_true == 1)) / positives
-        spec = np.sum(~called & (y_true == 0)) / negatives
-        values.append((sens + spec) / 2)
-    return thresholds, np.asarray(values, dtype=np.float64)
+    """Balanced accuracy when pages with P(atypical) >= t are called atypical, at every `threshold_candidates` t
+    (ascending). ValueError unless both classes are present."""
+    thresholds = threshold_candidates(p_atypical)
+    tp, tn, positives, negatives = _counts(y_true, p_atypical, thresholds)
+    return thresholds, 0.5 * (tp / positives + tn / negatives)
+
+
+def best_balanced_threshold(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """The threshold of highest balanced accuracy (positive when score >= t), and that accuracy: the one rule for
+    choosing a classifier's threshold, in evaluation (`midog.evaluate.tune`) and in training.
+
+    The threshold is one of `threshold_candidates`: the midpoint between the two consecutive distinct scores where
+    the decision changes, never a score itself. Ties (equal balanced accuracy, compared exactly, in counts) go to
+    the lowest threshold, the one with the most positive calls. A ValueError unless both classes are present.
+    """
+    thresholds = threshold_candidates(scores)
+    tp, tn, positives, negatives = _counts(y_true, scores, thresholds)
+    index = int(np.argmax(tp * negatives + tn * positives))  # balanced accuracy x 2PN, exact; argmax: the first
+    return float(thresholds[index]), float(0.5 * (tp[index] / positives + tn[index] / negatives))

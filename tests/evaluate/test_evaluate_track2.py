@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from midog.evaluate import GroundTruthError, PredictionError
-from midog.evaluate.track2 import PRE_2025_07_27, evaluate, score
+from midog.evaluate.track2 import (PRE_2025_07_27, balanced_accuracy_curve, best_balanced_threshold, evaluate,
+                                   score, threshold_candidates)
 
 
 def entry(cls: str, confidence: float) -> dict:
@@ -112,3 +114,52 @@ def test_evaluation_exposes_pages_in_job_order() -> None:
     assert ev.y_score.tolist() == [0.55, 0.51]
     old = evaluate({"s2.tiff": [entry("normal", 0.55), entry("atypical", 0.51)]}, GT, PRE_2025_07_27)
     assert old.y_score.tolist() == pytest.approx([0.45, 0.51])
+
+
+def test_best_threshold_hand_computed() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.9])
+    # candidates 0, .15, .25, .4, .55, .75, 1 -> balanced accuracy .5, .625, .75, .875, .625, .75, .5
+    thresholds, values = balanced_accuracy_curve(labels, scores)
+    assert thresholds == pytest.approx([0, 0.15, 0.25, 0.4, 0.55, 0.75, 1])
+    assert values == pytest.approx([0.5, 0.625, 0.75, 0.875, 0.625, 0.75, 0.5])
+    threshold, value = best_balanced_threshold(labels, scores)
+    assert threshold == pytest.approx(0.4) and value == 0.875  # both atypical called, one false alarm (0.6)
+
+
+def test_ties_go_to_the_lowest_threshold() -> None:
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    thresholds, values = balanced_accuracy_curve(labels, scores)
+    assert values.tolist() == [0.5, 0.75, 0.5, 0.75, 0.5]  # at .15 and at .35
+    assert best_balanced_threshold(labels, scores) == (pytest.approx(0.15), 0.75)
+    # 1/3 + 2/3 and 2/3 + 1/3 may round apart as floats; compared in counts, they tie
+    labels, scores = np.array([1, 1, 1, 0, 0, 0]), np.array([0.9, 0.2, 0.6, 0.5, 0.1, 0.8])
+    assert best_balanced_threshold(labels, scores) == (pytest.approx(0.15), pytest.approx(2 / 3))
+
+
+def test_a_threshold_never_sits_on_a_score() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(200), 2)  # many ties
+    labels = (rng.random(200) < scores).astype(int)
+    threshold, value = best_balanced_threshold(labels, scores)
+    assert threshold not in set(scores.tolist())
+    called = scores >= threshold
+    assert value == pytest.approx((called[labels == 1].mean() + (~called[labels == 0]).mean()) / 2)
+    saturated = np.array([0.0, 0.2, 1.0, 1.0])  # float32 sigmoids reach 0 and 1
+    assert threshold_candidates(saturated).tolist() == [0.0, 0.1, 0.6, np.nextafter(1.0, 2.0)]
+    assert best_balanced_threshold(np.array([0, 0, 1, 1]), saturated) == (0.6, 1.0)
+
+
+def test_one_distinct_score_calls_everything_positive() -> None:
+    assert best_balanced_threshold(np.array([0, 1, 1]), np.full(3, 0.7)) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1], []])
+def test_one_class_has_no_balanced_threshold(labels: list[int]) -> None:
+    with pytest.raises(ValueError, match="needs both classes"):
+        best_balanced_threshold(np.array(labels), np.linspace(0, 1, len(labels)))
+
+
+def test_labels_and_scores_must_pair_up() -> None:
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        best_balanced_threshold(np.array([0, 1, 1]), np.array([0.1, 0.2]))

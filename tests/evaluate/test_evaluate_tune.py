@@ -20,7 +20,8 @@ PRED1 = {"a.tiff": payload([point(0, 0, 0.9), point(400, 0, 0.7, name="non-mitot
                             point(100, 0, 0.6, name="non-mitotic figure"), point(800, 0, 0.3)])}
 GT2 = [{"image": "s.tiff", "labels": ["atypical", "atypical", "normal", "normal", "normal"],
         "tumordomains": [0] * 5}]
-# P(atypical): A 0.8, A 0.4, N 0.35, N 0.1, N 0.6 -> best balanced accuracy 5/6 at t = 0.4. PRED2 writes it as
+# P(atypical): A 0.8, A 0.4, N 0.35, N 0.1, N 0.6 -> best balanced accuracy 5/6 for t in (0.35, 0.4]: the rule
+# picks the midpoint, 0.375 (`best_balanced_threshold`). PRED2 writes it as
 # process.py does and the final container reads it (P(atypical) on every page, classes at 0.5); PRED2_STATED as
 # the container read it before 2025-07-27 (1 - P(atypical) on "normal" pages).
 PRED2 = {"s.tiff": [{"class": "atypical" if p >= 0.5 else "normal", "confidence": p}
@@ -46,9 +47,18 @@ def test_no_candidate_anywhere_is_a_clear_error() -> None:
 def test_track2_threshold_maximises_balanced_accuracy() -> None:
     tuned = tune_classification(track2.evaluate(PRED2, GT2))
     assert tuned.key == "atypical.threshold"
-    assert tuned.threshold == 0.4 and tuned.value == pytest.approx((1 + 2 / 3) / 2)
+    assert tuned.threshold == pytest.approx(0.375) and tuned.value == pytest.approx((1 + 2 / 3) / 2)
     old = tune_classification(track2.evaluate(PRED2_STATED, GT2, track2.PRE_2025_07_27))
-    assert old.threshold == pytest.approx(0.4) and old.value == tuned.value
+    assert old.threshold == pytest.approx(0.375) and old.value == tuned.value
+
+
+def test_track2_ground_truth_of_one_class_is_a_clear_error() -> None:
+    from midog.evaluate import GroundTruthError
+
+    gt = [{"image": "s.tiff", "labels": ["normal"] * 3, "tumordomains": [0] * 3}]
+    outputs = {"s.tiff": [{"class": "normal", "confidence": p} for p in (0.1, 0.2, 0.3)]}
+    with pytest.raises(GroundTruthError, match="every page of the ground truth is normal"):
+        tune_classification(track2.evaluate(outputs, gt))
 
 
 def test_thresholds_are_written_into_the_config(tmp_path: Path) -> None:
@@ -58,7 +68,7 @@ def test_thresholds_are_written_into_the_config(tmp_path: Path) -> None:
                               tune_classification(track2.evaluate(PRED2, GT2))])
     loaded = load_config(config)
     assert loaded.verifier.threshold == 0.6
-    assert loaded.atypical.threshold == pytest.approx(0.4)
+    assert loaded.atypical.threshold == pytest.approx(0.375)
     assert loaded.proposals.confidence == 0.25
 
 
@@ -105,6 +115,6 @@ def test_p_atypical_outputs_read_the_pre_2025_07_27_way_are_flagged(tmp_path: Pa
     assert "drop that option" in capsys.readouterr().err
     assert main(args) == 0  # the default reading is the final container's: P(atypical), no warning
     captured = capsys.readouterr()
-    assert captured.err == "" and "atypical.threshold = 0.400000" in captured.out
+    assert captured.err == "" and "atypical.threshold = 0.375000" in captured.out
     assert main(args + ["--confidence", "p_atypical"]) == 0
     assert capsys.readouterr().out == captured.out

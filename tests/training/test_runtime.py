@@ -88,3 +88,63 @@ def test_every_rank_validates_rank_0s_model_and_decides_on_its_numbers():
     (_, mean0, count0, probs0), (_, mean1, count1, probs1) = sorted(results.get() for _ in range(2))
     assert mean0 == mean1 and count0 == count1 == 1
     assert probs0 == probs1 == pytest.approx([0.1] * 5)
+
+
+# The learning rates of the first 20 steps, recorded from each script's own builder before the two were factored
+# into `training.runtime.adamw_warmup_cosine` (issue 24): the shared builder must reproduce them.
+CLASSIFIER_LRS = [  # TrainConfig(lr=2e-3, epochs=3, warmup_epochs=0.5), 7 steps per epoch: 3 warm-up steps, 21 in all
+    0.0005, 0.001, 0.0015, 0.002, 0.001984959675482086, 0.0019402956945780495, 0.0018673651497465944,
+    0.0017683839986877882, 0.0016463597335896738, 0.0015049999999999998, 0.0013485999418924122,
+    0.0011819116958902611, 0.00101, 0.000838088304109739, 0.0006714000581075881, 0.0005150000000000003,
+    0.00037364026641032604, 0.0002516160013122119, 0.00015263485025340568, 7.970430542195077e-05]
+VERIFIER_LRS = [  # VerifierTrainConfig(lr=3e-4, min_lr=1e-6, warmup_epochs=1), 5 steps per epoch, 18 steps in all
+    4.9999999999999996e-05, 9.999999999999999e-05, 0.00015, 0.00019999999999999998, 0.00025, 0.0003,
+    0.00029565580170519477, 0.00028287567583515485, 0.0002624023568515796, 0.00023542567963630775,
+    0.00020351343061285904, 0.00016852023369817075, 0.00013247976630182922, 9.748656938714092e-05,
+    6.557432036369222e-05, 3.859764314842037e-05, 1.8124324164845135e-05, 5.344198294805224e-06, 1e-06, 1e-06]
+VERIFIER_NO_WARMUP_LRS = [  # the same without warm-up, 20 steps in all
+    0.0003, 0.00029815940691897306, 0.0002926829491861255, 0.00028370547536616097, 0.0002714480406590546,
+    0.00025621246378738883, 0.00023837389521772471, 0.0002183715797110622, 0.0001966980406590546,
+    0.0001738869525235145, 0.0001505, 0.00012711304747648546, 0.00010430195934094536, 8.262842028893776e-05,
+    6.262610478227528e-05, 4.4787536212611154e-05, 2.9551959340945366e-05, 1.7294524633839018e-05,
+    8.317050813874547e-06, 2.84059308102692e-06]
+
+
+def _tiny_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 1))
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    steps: int = 20) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        assert len({group["lr"] for group in optimizer.param_groups}) == 1
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def _decay_groups(optimizer: torch.optim.Optimizer) -> list[tuple[float, int]]:
+    return [(group["weight_decay"], len(group["params"])) for group in optimizer.param_groups]
+
+
+def test_classifier_schedule_is_unchanged():
+    from training.train_classifier import TrainConfig, make_optimizer
+
+    optimizer, scheduler = make_optimizer(TrainConfig(lr=2e-3, epochs=3, warmup_epochs=0.5), _tiny_net(), 7)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert _decay_groups(optimizer) == [(0.05, 2), (0.0, 4)]  # conv and linear weights; biases and the norm
+    assert _learning_rates(optimizer, scheduler) == pytest.approx(CLASSIFIER_LRS, rel=0, abs=1e-9)
+
+
+def test_verifier_schedule_is_unchanged():
+    from training.train_verifier import VerifierTrainConfig, make_optimizer
+
+    cfg = VerifierTrainConfig(lr=3e-4, min_lr=1e-6, warmup_epochs=1.0, weight_decay=1e-5)
+    optimizer, scheduler = make_optimizer(cfg, _tiny_net(), 18, 5)
+    assert isinstance(optimizer, torch.optim.AdamW) and _decay_groups(optimizer) == [(1e-5, 2), (0.0, 4)]
+    assert _learning_rates(optimizer, scheduler) == pytest.approx(VERIFIER_LRS, rel=0, abs=1e-9)
+    optimizer, scheduler = make_optimizer(VerifierTrainConfig(lr=3e-4, min_lr=1e-6), _tiny_net(), 20, 5)
+    assert _learning_rates(optimizer, scheduler) == pytest.approx(VERIFIER_NO_WARMUP_LRS, rel=0, abs=1e-9)
