@@ -1,5 +1,6 @@
 """Progress bars (midog/progress.py): redrawn on a terminal, a few whole lines in a log, none when disabled or under
-process.py --quiet; every long step of both tracks has one."""
+process.py --quiet; every long step of both tracks has one, and so do the training loops (`progress_iter`), whose
+logged lines show a count and a postfix of one moment."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from stack_factory import he_pages, tiny_atypical, track2_input, write_tiff
 from midog.config import load_config
 from midog.outputs import TRACK2_FILENAME
 from midog.pipeline import Track1Detector
-from midog.progress import LOG_INTERVAL_S, progress_bar, set_quiet
+from midog import progress
+from midog.progress import LOG_INTERVAL_S, progress_bar, progress_iter, set_quiet
 from midog.roi_io import ArrayRoi, PhysicalTransform
 
 
@@ -91,6 +93,56 @@ def test_in_a_log_a_short_step_writes_nothing(monkeypatch: pytest.MonkeyPatch, c
             clock[0] += 0.5 * LOG_INTERVAL_S / 50
             bar.update(1)
     assert stderr.getvalue() == ""
+
+
+def test_in_a_log_a_loop_writes_its_count_and_postfix_of_one_moment(monkeypatch: pytest.MonkeyPatch,
+                                                                     clock: list[float]):
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    bar = progress_iter(range(1000), 1000, "train ep1", "batch")
+    for step in bar:
+        clock[0] += 0.1  # 100 s in all
+        bar.set_postfix(loss=str(step))  # refresh=True, as train_verifier asks: still no line of its own
+    text = stderr.getvalue()
+    lines = text.splitlines()
+    assert lines == bar_lines(text, "train ep1") and "\r" not in text, repr(text)
+    assert 3 <= len(lines) <= 100 / LOG_INTERVAL_S + 1, lines  # one per interval and the final count
+    for line in lines:
+        done, loss = re.search(r" (\d+)/1000 \[.*, loss=(\d+)\]$", line).groups()
+        assert int(done) == int(loss) + 1, line  # the count includes the step whose loss the line shows
+    assert " 1000/1000 " in lines[-1]
+
+
+def test_a_loop_left_early_closes_its_bar_at_the_count_reached(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # every count on a line of its own
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    for step in progress_iter(range(10), 10, "verifier ep2", "batch"):
+        if step == 4:  # train_verifier's max_steps
+            break
+    lines = bar_lines(stderr.getvalue(), "verifier ep2")
+    assert [re.search(r" (\d+)/10 ", line).group(1) for line in lines][-2:] == ["4", "4"], lines
+
+
+def test_a_disabled_loop_yields_everything_and_writes_nothing(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)
+    for stderr, enabled, quiet in ((io.StringIO(), False, False), (Terminal(), False, False), (Terminal(), True, True)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        set_quiet(quiet)
+        bar = progress_iter(iter(range(5)), 5, "proposals", "slide", enabled)
+        assert [step for step in bar] == list(range(5))
+        bar.set_postfix(loss="0.1")
+        assert stderr.getvalue() == ""
+
+
+def test_on_a_terminal_a_loop_shows_its_postfix(monkeypatch: pytest.MonkeyPatch, clock: list[float]):
+    stderr = Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    bar = progress_iter(range(3), 3, "train ep1", "batch")
+    for step in bar:
+        clock[0] += 1.0
+        bar.set_postfix(loss=str(step))
+    assert bar_lines(stderr.getvalue(), "train ep1")[-1].endswith(" 3/3 [00:03<00:00,  1.00batch/s, loss=2]")
 
 
 def test_track1_detect_shows_a_bar_per_stage_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

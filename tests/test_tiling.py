@@ -79,3 +79,11 @@ def test_grayscale_tissue_is_judged_by_brightness():
     half[:, 128:] = 240
     assert 0.4 < tissue_fraction(half, 0.07) < 0.6
     assert tissue_fraction(half, 0.07, gray_max=0.1) == 0.0  # the brightness limit is the config's
+
+
+def test_a_side_one_pixel_longer_than_a_tile_gets_the_minimal_cover():
+    """513 px: two tiles (origins 0 and 1) are the fewest that reach the last pixel without padding; the layout
+    stays SAHI's (steps of the stride, the last tile moved in), so detections match SAHI's tile for tile."""
+    assert [x for x, _ in tile_origins(513, 100, 512, 0.2)] == [0, 1]
+    assert [x for x, _ in tile_origins(512, 100, 512, 0.2)] == [0]
+    assert [x for x, _ in tile_origins(1000, 100, 512, 0.2)] == [0, 410, 488]

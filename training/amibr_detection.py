@@ -46,6 +46,7 @@ from PIL import Image
 
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
+from midog.progress import progress_iter
 from training.config_file import load_training_config
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "amibr_detection.yaml"
@@ -379,9 +380,10 @@ def verifier_crops(crop: AmibrCrop, image: np.ndarray, n: int, rng: np.random.Ge
 
 # ---- the whole build ---------------------------------------------------------------------------------------------
 
-def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0,
-          cfg: AmibrDetectionConfig | None = None, crops: list[AmibrCrop] | None = None) -> dict:
-    """Write the detection and verifier sets; returns the manifest (also written to out/manifest.json)."""
+def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0, cfg: AmibrDetectionConfig | None = None,
+          crops: list[AmibrCrop] | None = None, progress: bool = True) -> dict:
+    """Write the detection and verifier sets; returns the manifest (also written to out/manifest.json). `progress`:
+    a bar of the slides done (`midog.progress`)."""
     cfg = cfg or load_construction_config()
     if cfg.max_side > cfg.crop_size // 2 or cfg.min_side < 2 * cfg.margin:
         raise InputError("layout sides must lie in [2 * margin, crop_size / 2]")
@@ -405,7 +407,7 @@ def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0,
         (det / "labels" / split).mkdir(parents=True, exist_ok=True)
         for label_dir in (POSITIVE_DIR, NEGATIVE_DIR):
             (out / "verifier" / split / label_dir).mkdir(parents=True, exist_ok=True)
-    for slide in sorted(by_slide):
+    for slide in progress_iter(sorted(by_slide), len(by_slide), "canvases", "slide", progress):
         split = assignment[slide]
         members = by_slide[slide]
         stem = slide.replace("/", "_").replace(".tiff", "").replace(".", "_")
@@ -447,12 +449,14 @@ def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0,
 
 
 def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequence[str] = ("train", "val"),
-                         confidence: float | None = None, match_radius: float = 30.0) -> dict[str, int]:
+                         confidence: float | None = None, match_radius: float = 30.0,
+                         progress: bool = True) -> dict[str, int]:
     """Run a trained detector (the pipeline's own proposal stage) on the canvases of `splits` and save every
     candidate farther than `match_radius` px (7.5 µm, the official matching radius) from all labelled figures as a
     verifier negative in `verifier/<split>/false_positive/`. Candidates come from `Track1Detector.candidates` (the
     pipeline's tile → propose → merge) and crops from `midog.verifier.box_crops` (cut and resized as the pipeline's
-    verifier cuts them). Returns the number of crops per split; an InputError saying why when it writes none."""
+    verifier cuts them). Returns the number of crops per split; an InputError saying why when it writes none.
+    `progress`: a bar of the canvases done (`midog.progress`)."""
     from midog.config import resolve_config
     from midog.image_io import ArrayRoi, PhysicalTransform
     from midog.pipeline import Track1Detector
@@ -470,27 +474,25 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     config = resolve_config(overrides=overrides)
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
-    counts, proposed = {}, 0
-    for split in splits:
+    counts, proposed = dict.fromkeys(splits, 0), 0
+    canvases = [(split, path, centres) for split in splits for path, centres in annotations[split].items()]
+    for split, path, centres in progress_iter(canvases, len(canvases), "false positives", "canvas", progress):
         folder = out / "verifier" / split / FALSE_POSITIVE_DIR
-        counts[split] = 0
-        for path, centres in annotations[split].items():
-            image = ArrayRoi(np.array(Image.open(path).convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)))
-            candidates, _ = chain.candidates(image)
-            proposed += len(candidates)
-            if not len(candidates):
-                continue
-            far = far_from(candidates.centres, centres, (1.0, 1.0), match_radius)
-            crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
-                              config.merging.box_size_px)
-            if len(crops):
-                folder.mkdir(parents=True, exist_ok=True)
-            for k, crop in enumerate(crops):
-                Image.fromarray(crop).save(folder / f"{path.stem}_{k:03d}.png")
-            counts[split] += len(crops)
+        image = ArrayRoi(np.array(Image.open(path).convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)))
+        candidates, _ = chain.candidates(image)
+        proposed += len(candidates)
+        if not len(candidates):
+            continue
+        far = far_from(candidates.centres, centres, (1.0, 1.0), match_radius)
+        crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
+                          config.merging.box_size_px)
+        if len(crops):
+            folder.mkdir(parents=True, exist_ok=True)
+        for k, crop in enumerate(crops):
+            Image.fromarray(crop).save(folder / f"{path.stem}_{k:03d}.png")
+        counts[split] += len(crops)
     if not sum(counts.values()):
-        raise InputError(nothing_mined(sum(map(len, annotations.values())), proposed, config.proposals.confidence,
-                                        match_radius))
+        raise InputError(nothing_mined(len(canvases), proposed, config.proposals.confidence, match_radius))
     return counts
 
 

@@ -33,6 +33,7 @@ from midog.classifier import load_classifier
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.foundation import resolve_spec
+from midog.progress import progress_iter
 from training import linear_probe
 from training.amibr import CLASS_FOLDERS, load_index
 from training.config_file import read_training_yaml
@@ -154,11 +155,12 @@ def fold_checkpoints(out_dir: Path, n_folds: int, name: str = "best.pt") -> list
 
 
 def predict_checkpoints(checkpoints: Sequence[Path], paths: Sequence[str], device: torch.device, tta: bool,
-                        batch_size: int) -> list[np.ndarray]:
-    """P(atypical) of every image under each checkpoint; crops of any size (midog.atypical groups them)."""
+                        batch_size: int, desc: str = "checkpoints") -> list[np.ndarray]:
+    """P(atypical) of every image under each checkpoint; crops of any size (midog.atypical groups them). A progress
+    bar named `desc` counts the checkpoints done."""
     crops = [linear_probe._read_rgb(p) for p in paths]
     out = []
-    for checkpoint in checkpoints:
+    for checkpoint in progress_iter(checkpoints, len(checkpoints), desc, "checkpoint"):
         model = load_classifier(checkpoint, device=device)
         stage = AtypicalClassifier(models=[model], threshold=model.threshold, tta=tta, batch_size=batch_size)
         out.append(stage.predict_proba(crops))
@@ -194,7 +196,8 @@ def run_trained(method: str, args: argparse.Namespace, out_dir: Path, test_sets:
     thresholds = [float(state["threshold"]) for state in states]
     for name, folder in test_sets.items():
         test = folder_index(folder)
-        probs = predict_checkpoints(checkpoints, list(test["path"]), ctx.device, args.tta, cfg.eval_batch_size)
+        probs = predict_checkpoints(checkpoints, list(test["path"]), ctx.device, args.tta, cfg.eval_batch_size,
+                                    f"{name} folds")
         scores.append(score_folds(name, test["label"].to_numpy(), probs, thresholds))
     return scores, {"method": method, "arch": cfg.arch, "model_kwargs": cfg.model_kwargs, "folds": cfg.folds,
                     "checkpoints": [str(c) for c in checkpoints], "tta": args.tta}

@@ -33,6 +33,7 @@ from midog.errors import InputError
 from midog.evaluate.track1 import Track1Evaluation, evaluate
 from midog.evaluate.tune import TunedThreshold, tune_detection, write_thresholds
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
+from midog.progress import progress_iter
 
 SPACING_UM = 0.25
 ROI_TYPE = "hotspot"
@@ -112,8 +113,9 @@ def pipeline_predictor(config: PipelineConfig, work_dir: Path) -> Predictor:
     return predict
 
 
-def predict_split(split: SplitSet, predictor: Predictor) -> dict[str, Any]:
-    return {image.name: predictor(image) for image in split.images}
+def predict_split(split: SplitSet, predictor: Predictor, desc: str = "images") -> dict[str, Any]:
+    """Every image's payload, with a progress bar (`midog.progress`) named `desc`."""
+    return {image.name: predictor(image) for image in progress_iter(split.images, len(split.images), desc, "image")}
 
 
 def relabel(predictions: Mapping[str, Any], threshold: float) -> dict[str, Any]:
@@ -155,7 +157,7 @@ def evaluate_chain(detection_dir: Path, predictor: Predictor, tuned_config: Path
     sets = {split: load_split(detection_dir, split, limit) for split in ("val", "test")}
     for split, data in sets.items():
         t0 = time.time()
-        predictions[split] = predict_split(data, predictor)
+        predictions[split] = predict_split(data, predictor, f"{split} images")
         report[f"{split}_seconds"] = round(time.time() - t0, 1)
     val_eval = evaluate(predictions["val"], sets["val"].ground_truth)
     tuned: TunedThreshold = tune_detection(val_eval)

@@ -2,7 +2,7 @@
 
     python -m training.linear_probe --backbone uni2-h [--weights DIR_OR_FILE] [--folds 5] [--out runs/probe_uni2-h]
 
-The backbone's pooled features of every crop are extracted once (tqdm progress bar) and cached on disk, keyed by
+The backbone's pooled features of every crop are extracted once (a progress bar) and cached on disk, keyed by
 the backbone (spec, base weights file, input size, normalisation) and the data (crop files); a second run, another
 C, or the benchmark's external test sets reuse them. Per slide-grouped fold (training/amibr.py) a class-weighted
 logistic regression is fitted on standardised features; the standardisation is folded into the linear head, which
@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
-from tqdm import tqdm
 
 from midog.classifier import build_classifier, preprocess_card
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
+from midog.progress import progress_iter
 from midog.weights import plain, write_model_card
 from training.amibr import load_index, slide_folds
 from training.config_file import load_training_config
@@ -117,7 +117,8 @@ def extract_features(clf: FoundationClassifier, paths: Sequence[str], batch_size
     """Pooled features (N, D) float32 of the image files, in order; crops of any size (resized by preprocess)."""
     out = np.zeros((len(paths), clf.model.num_features), dtype=np.float32)
     use_amp = clf.device.type == "cuda"
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+    batches = range(0, len(paths), batch_size)
+    for start in progress_iter(batches, len(batches), desc, "batch"):
         images = [_read_rgb(p) for p in paths[start:start + batch_size]]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):

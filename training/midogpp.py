@@ -31,6 +31,7 @@ import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,10 +39,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from midog.errors import InputError
 from midog.image_io import RoiImage, open_roi
+from midog.progress import progress_iter
 from midog.tiling import axis_origins
 
 MITOTIC_FIGURE, HARD_NEGATIVE = 1, 2
@@ -175,9 +176,9 @@ def split_slides(slides: pd.DataFrame, ratios: Sequence[float] = SPLIT_RATIOS, s
 # ---------------------------------------------------------------------------------------------------- step 3
 
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
-    """Tile origins along one axis, exactly as the pipeline cuts images at inference (`midog.tiling`): steps of
-    `tile - int(overlap * tile)` px, the last tile moved inward to end on the border, one origin (0) for a side
-    shorter than a tile (whose training tile is then cut short rather than padded)."""
+    """Tile origins along one axis, exactly as the pipeline cuts images at inference (`midog.tiling`): the fewest
+    tiles that overlap by at least `int(overlap * tile)` px, spread evenly from 0 to the last one ending on the
+    border; one origin (0) for a side shorter than a tile (whose training tile is then cut short, not padded)."""
     return axis_origins(length, tile, overlap)
 
 
@@ -358,18 +359,9 @@ def convert(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.P
         boxes = g[["x1", "y1", "x2", "y2"]].to_numpy() if g is not None else np.zeros((0, 4))
         cats = g["category"].to_numpy() if g is not None else np.zeros(0, dtype=int)
         tasks.append((row, boxes, cats, name, images / row["file_name"], out, cfg))
-    bar = tqdm(total=len(tasks), desc="MIDOG++ slides", disable=not progress)
-    results = []
-    if cfg.workers > 1:
-        with ProcessPoolExecutor(cfg.workers) as pool:
-            for counts in pool.map(_slide_tiles, tasks):
-                results.append(counts)
-                bar.update()
-    else:
-        for task in tasks:
-            results.append(_slide_tiles(task))
-            bar.update()
-    bar.close()
+    with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else nullcontext() as pool:
+        done = pool.map(_slide_tiles, tasks) if pool is not None else map(_slide_tiles, tasks)
+        results = list(progress_iter(done, len(tasks), "MIDOG++ slides", "slide", progress))
 
     slides = index.slides.assign(split=split.to_numpy())
     n_ann = index.boxes.groupby(["slide", "category"]).size().unstack(fill_value=0)

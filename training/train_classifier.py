@@ -38,18 +38,19 @@ import torch.distributed as dist
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, DistributedSampler
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from midog.classifier import (PLAIN_CROP_PCT, BinaryClassifier, build_classifier, check_resize, load_classifier,
                               preprocess_card)
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import ConfigError, InputError
+from midog.evaluate.track2 import best_balanced_threshold
+from midog.progress import progress_bar, progress_iter
 from midog.weights import plain, write_model_card
 from training.amibr import FOLD_SPLITS, CropDataset, assign_folds, load_crops, load_index
 from training.augment import AugmentConfig, train_transform
 from training.config_file import load_training_config
-from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
-                              save_atomic, seed_everything, write_csv)
+from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
+                              same_model_on_every_rank, save_atomic, seed_everything, write_csv)
 
 
 @dataclass
@@ -201,23 +202,10 @@ def positive_weight(cfg: TrainConfig, labels: np.ndarray) -> float:
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (no weight decay on norms and biases) with linear warmup then cosine decay to 1 % of `lr`."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """AdamW (no weight decay on norms and biases) with linear warmup then cosine decay to 1 % of `lr` at the end
+    of `cfg.epochs` (`training.runtime.adamw_warmup_cosine`)."""
+    return adamw_warmup_cosine(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, cfg.warmup_epochs,
+                               steps_per_epoch, min_lr_ratio=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -231,14 +219,12 @@ def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -
 
 
 def best_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """The threshold maximising balanced accuracy (midpoint between neighbouring scores), and that accuracy."""
+    """The threshold maximising balanced accuracy, and that accuracy, by the package's one rule
+    (`midog.evaluate.track2.best_balanced_threshold`: a midpoint between consecutive distinct scores, ties to the
+    lowest). A validation set of one class has nothing to balance: 0.5, and `balanced_accuracy` there."""
     if labels.min() == labels.max():
         return 0.5, balanced_accuracy(labels, probs, 0.5)
-    values = np.unique(probs)
-    candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]]) if len(values) > 1 else values
-    scores = [balanced_accuracy(labels, probs, t) for t in candidates]
-    i = int(np.argmax(scores))
-    return float(candidates[i]), float(scores[i])
+    return best_balanced_threshold(labels, probs)
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -273,7 +259,7 @@ def train_epoch(clf: BinaryClassifier, model: torch.nn.Module, loader: DataLoade
     model.train()
     total, count = 0.0, 0
     use_amp = ctx.device.type == "cuda"
-    bar = tqdm(loader, desc=desc, leave=False, disable=not ctx.main, mininterval=1 if sys.stderr.isatty() else 60)
+    bar = progress_iter(loader, len(loader), desc, "batch", ctx.main)
     for images, labels in bar:
         batch = clf.preprocess(images.permute(0, 2, 3, 1))  # uint8 NHWC → resized, normalised, on device
         labels = labels.to(ctx.device, non_blocking=True)
@@ -296,6 +282,16 @@ def train_epoch(clf: BinaryClassifier, model: torch.nn.Module, loader: DataLoade
 def predict(clf: BinaryClassifier, dataset: CropDataset, batch_size: int, tta: bool = False) -> np.ndarray:
     crops = dataset.crops.permute(0, 2, 3, 1)
     return clf.predict_proba(crops, tta=tta, batch_size=batch_size)
+
+
+def predict_with_bar(clf: BinaryClassifier, crops: np.ndarray, tta: bool, batch_size: int, desc: str) -> np.ndarray:
+    """`clf.predict_proba` batch by batch under a progress bar of the crops done (scoring with TTA takes minutes)."""
+    out = []
+    with progress_bar(len(crops), desc, "crop") as bar:
+        for start in range(0, len(crops), batch_size):
+            out.append(clf.predict_proba(crops[start:start + batch_size], tta=tta, batch_size=batch_size))
+            bar.update(len(out[-1]))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def make_loss(cfg: TrainConfig, train_labels: np.ndarray, device: torch.device
@@ -646,7 +642,7 @@ def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.nd
     report: dict[str, Any] = {"fold": k, "checkpoint": path.name, "threshold": clf.threshold,
                               "files": crop_names(index, val)}
     for key, tta in (("no_tta", False), ("tta", True)):
-        probs = clf.predict_proba(crops[val], tta=tta, batch_size=cfg.eval_batch_size)
+        probs = predict_with_bar(clf, crops[val], tta, cfg.eval_batch_size, f"fold {k} {key}")
         report[key] = {**binary_metrics(labels[val], probs, clf.threshold),
                        "probs": [round(float(p), 6) for p in probs]}
     tuned, accuracy = best_threshold(labels[val], np.asarray(report["tta"]["probs"]))

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +40,17 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from midog.classifier import BinaryClassifier, build_classifier
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
+from midog.progress import progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
 from training.augment import HEDJitter
 from training.config_file import load_training_config
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
-from training.runtime import (REPO_ROOT, Dist, git_commit, init_distributed, rank0_array, same_model_on_every_rank,
-                              save_atomic, seed_everything, write_csv)
+from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
+                              same_model_on_every_rank, save_atomic, seed_everything, write_csv)
 
 POSITIVE_FOLDER = "mitotic_figure"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -238,24 +237,10 @@ class VerifierNet(torch.nn.Module):
 
 def make_optimizer(cfg: VerifierTrainConfig, net: torch.nn.Module, total_steps: int, steps_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (no decay on norms and biases), optional linear warmup, then per-step cosine from lr to min_lr."""
-    decay, no_decay = [], []
-    for p in net.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total = max(total_steps, 1)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    floor = cfg.min_lr / cfg.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """AdamW (no decay on norms and biases), optional linear warmup, then per-step cosine from lr to min_lr at
+    `total_steps` (`training.runtime.adamw_warmup_cosine`)."""
+    return adamw_warmup_cosine(net, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_epochs, steps_per_epoch,
+                               min_lr_ratio=cfg.min_lr / cfg.lr)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -315,7 +300,8 @@ def train_epoch(clf: BinaryClassifier, net: torch.nn.Module, loader: DataLoader,
     sums = {"loss": 0.0, "focal": 0.0, "supcon": 0.0}
     count = steps = 0
     use_amp = cfg.amp and ctx.device.type == "cuda"
-    bar = tqdm(loader, desc=desc, leave=False, disable=not ctx.main, mininterval=1 if sys.stderr.isatty() else 60)
+    steps_total = len(loader) if steps_left is None else min(len(loader), steps_left)
+    bar = progress_iter(loader, steps_total, desc, "batch", ctx.main)
     for images, targets in bar:
         if steps_left is not None and steps >= steps_left:
             break

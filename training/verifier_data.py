@@ -37,13 +37,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from midog.config import PipelineConfig, VerifierConfig, resolve_config
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.image_io import open_roi
 from midog.pipeline import Track1Detector
+from midog.progress import progress_iter
 from midog.verifier import box_crops
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, SPLIT_RATIOS, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
@@ -131,7 +131,7 @@ def detect_slides(index: MidogppIndex, images: str | os.PathLike[str], detector:
     split = split_slides(index.slides, ratios, seed)
     chosen = index.slides[split.isin(list(splits)).to_numpy()]
     rows = []
-    for row in tqdm(chosen.itertuples(), total=len(chosen), desc="proposals", disable=not progress):
+    for row in progress_iter(chosen.itertuples(), len(chosen), "proposals", "slide", progress):
         with open_roi(Path(images) / row.file_name, config.image.fallback_spacing_um,
                       config.image.in_memory_max_megapixels, config.image.segment_cache_mb,
                       config.image.max_spacing_um) as image:
@@ -157,7 +157,7 @@ def extract(index: MidogppIndex, images: str | os.PathLike[str], out: str | os.P
     counts = {s: {POSITIVE_FOLDER: 0, HARD_NEGATIVE_FOLDER: 0, FALSE_POSITIVE_FOLDER: 0} for s in splits}
     boxes_by_slide = dict(tuple(index.boxes.groupby("slide")))
     dets_by_slide = dict(tuple(detections.groupby("slide"))) if detections is not None else {}
-    for row in tqdm(chosen.itertuples(), total=len(chosen), desc="verifier crops", disable=not progress):
+    for row in progress_iter(chosen.itertuples(), len(chosen), "verifier crops", "slide", progress):
         slide = int(row.slide)
         own = boxes_by_slide.get(slide, index.boxes.iloc[:0])
         xyxy = own[["x1", "y1", "x2", "y2"]].to_numpy()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from midog import progress
 from tests.conftest import shared_path
 from training import amibr_detection as ad
 
@@ -207,6 +211,22 @@ def test_verifier_crops(built):
         if red.any():  # a figure may show at the edge, never near the centre
             ys, xs = np.nonzero(red)
             assert np.hypot(xs + 0.5 - 25, ys + 0.5 - 25).min() >= 34 - 3
+
+
+def test_building_shows_a_bar_of_the_slides_only_when_asked(fake_amibr, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # every count on a line of its own
+    crops = ad.read_amibr(fake_amibr)
+    subset = [c for c in crops if c.slide in sorted({c.slide for c in crops})[:3]]
+    for wanted in (True, False):
+        stderr = io.StringIO()  # a log, not a terminal
+        monkeypatch.setattr(sys, "stderr", stderr)
+        ad.build(fake_amibr, tmp_path / str(wanted), seed=0, cfg=_cfg(), crops=subset, progress=wanted)
+        if wanted:
+            lines = stderr.getvalue().splitlines()
+            assert lines and all(line.startswith("canvases: ") for line in lines), lines
+            assert re.match(r"canvases: 100%\|#+\| 3/3 \[.*slide/s\]$", lines[-1]), lines
+        else:
+            assert stderr.getvalue() == ""
 
 
 def test_real_amibr_crops(tmp_path):

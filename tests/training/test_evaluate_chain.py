@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import tifffile
 import yaml
 
+from midog import progress
 from midog.config import load_config
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from tests.training.test_amibr_detection import _cfg, _write_amibr
@@ -104,14 +108,19 @@ def test_the_pipeline_chain_runs_on_canvases(detection, tiny_weights, tmp_path, 
     assert not list(tmp_path.glob("*.tif"))  # the temporary TIFFs are gone
 
 
-def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights, tmp_path):
+def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights, tmp_path, monkeypatch):
     import shutil
 
     from PIL import Image
 
     out = tmp_path / "set"
     shutil.copytree(detection, out / "detection")
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # every count on a line of its own
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log, not a terminal
     counts = ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), confidence=0.01)
+    canvases = len(ad.read_annotations(out / "detection", "val"))
+    bar = sys.stderr.getvalue().splitlines()
+    assert re.match(rf"false positives: 100%\|#+\| {canvases}/{canvases} \[.*canvas/s\]$", bar[-1]), bar
     crops = sorted((out / "verifier" / "val" / ad.FALSE_POSITIVE_DIR).glob("*.png"))
     assert counts == {"val": len(crops)} and crops, "a biased tiny detector proposes something"
     assert all(min(Image.open(p).size) >= 1 for p in crops)

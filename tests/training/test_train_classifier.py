@@ -75,6 +75,26 @@ def test_threshold_maximises_balanced_accuracy():
     threshold, score = best_threshold(labels, probs)
     assert score == pytest.approx(balanced_accuracy(labels, probs, threshold))
     assert 0.3 < threshold <= 0.5 and score == pytest.approx(0.875)   # catches both positives, one false alarm
+    assert best_threshold(np.zeros(3), probs[:3]) == (0.5, 0.5)       # one class: nothing to balance, 0.5 kept
+
+
+def _threshold_before_issue_24(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """Training's own rule before the package's one replaced it: 0, the midpoints, 1; the first best."""
+    values = np.unique(probs)
+    candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])
+    scores = [balanced_accuracy(labels, probs, t) for t in candidates]
+    return float(candidates[int(np.argmax(scores))]), max(scores)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_shared_threshold_rule_is_the_one_training_always_used(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    for size, decimals in [(40, 1), (300, 2), (1000, 6)]:  # coarse scores tie a lot
+        probs = np.round(rng.random(size), decimals).astype(dtype)
+        labels = (rng.random(size) < 0.3 + 0.4 * probs).astype(np.int64)
+        threshold, score = best_threshold(labels, probs)
+        assert (threshold, score) == pytest.approx(_threshold_before_issue_24(labels, probs), abs=1e-7)
+        assert score == balanced_accuracy(labels, probs, threshold)
 
 
 def test_each_fold_is_scored_at_thresholds_it_was_not_tuned_on():
