@@ -176,9 +176,9 @@ def split_slides(slides: pd.DataFrame, ratios: Sequence[float] = SPLIT_RATIOS, s
 # ---------------------------------------------------------------------------------------------------- step 3
 
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
-    """Tile origins along one axis, exactly as the pipeline cuts images at inference (`midog.tiling`): the fewest
-    tiles that overlap by at least `int(overlap * tile)` px, spread evenly from 0 to the last one ending on the
-    border; one origin (0) for a side shorter than a tile (whose training tile is then cut short, not padded)."""
+    """Tile origins along one axis, exactly as the pipeline cuts images at inference (`midog.tiling`): steps of
+    `tile - int(overlap * tile)` px, the last tile moved inward to end on the border, one origin (0) for a side
+    shorter than a tile (whose training tile is then cut short rather than padded)."""
     return axis_origins(length, tile, overlap)
 
 

@@ -31,13 +31,13 @@ from training.prepare_midogpp import main as prepare_main
 
 
 def test_tile_origins_follow_the_pipeline_and_end_on_the_border() -> None:
-    assert tile_origins(1100, 512, 0.2) == [0, 294, 588]
+    assert tile_origins(1100, 512, 0.2) == [0, 410, 588]
     assert tile_origins(512, 512, 0.2) == [0]
     assert tile_origins(300, 512, 0.2) == [0]
     assert tile_origins(513, 512, 0.2) == [0, 1]
     origins = tile_origins(7215, 512, 0.2)
     assert len(origins) == 18 and origins[0] == 0 and origins[-1] == 7215 - 512
-    assert set(np.diff(origins)) == {394, 395}  # spread evenly; neighbours share >= int(0.2 * 512) = 102 px
+    assert max(np.diff(origins)) == 410  # neighbours share int(0.2 * 512) = 102 px
 
 
 def test_clip_boxes_keeps_boxes_at_least_half_visible() -> None:
