@@ -2,8 +2,9 @@
 
     python -m training.lora --backbone uni2-h [--weights PATH] [--r 8] [--alpha 16] [--dropout 0.3]
                             [--targets qkv proj fc1 fc2] [--config training/configs/lora.yaml] [--out DIR]
-                            [any training.train_classifier option: --folds --fold --epochs --resume --full --ship
-                             --ship-folds --evaluate-tta --half]
+                            [any training.train_classifier sub-command and option: full ship ship-folds
+                             evaluate-tta (or their old flag spelling --full --ship ...) --folds --fold --epochs
+                             --resume --half]
 
 This only composes a training config (written to `DIR/train_config.yaml` for the record) and hands it to
 `training.train_classifier`: the backbone gets peft LoRA adapters on its attention and MLP projections
@@ -85,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     code = train_classifier.main(["--config", str(config_path)] + rest + (["--debug"] if args.debug else []))
     if code != 0:
         return code
-    for shipped in shipped_files(rest, int(values.get("folds", 5))):
+    flags = train_classifier.flag_spelling(rest)  # `ship PATH` as `--ship PATH`
+    for shipped in shipped_files(flags, int(values.get("folds", 5))):
         describe_shipped(shipped, values)
-    ship = _option(rest, "--ship")
+    ship = _option(flags, "--ship")
     if args.merged and ship and Path(ship).is_file():
         write_merged(Path(ship), Path(args.merged))
     return code

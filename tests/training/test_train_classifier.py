@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+import training.classifier_fold as classifier_fold  # where train_fold looks up train_epoch
 import training.train_classifier as tc
 from midog.classifier import load_classifier
 from midog.errors import ConfigError, InputError
@@ -138,10 +139,10 @@ def _interrupt_then_resume(monkeypatch, cfg, crops, labels, train_idx, val_idx, 
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(tc, "train_epoch", crash_on_second)
+    monkeypatch.setattr(classifier_fold, "train_epoch", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train_fold(cfg, crops, labels, train_idx, val_idx, out, ctx)
-    monkeypatch.setattr(tc, "train_epoch", real_epoch)
+    monkeypatch.setattr(classifier_fold, "train_epoch", real_epoch)
     return train_fold(cfg, crops, labels, train_idx, val_idx, out, ctx, resume=True)
 
 
@@ -318,7 +319,7 @@ def test_full_model_trained_alongside_the_cv_gets_its_thresholds_without_trainin
     def no_training(*args, **kwargs):
         raise AssertionError("the full-data model was trained again")
 
-    monkeypatch.setattr(tc, "train_epoch", no_training)
+    monkeypatch.setattr(classifier_fold, "train_epoch", no_training)
     assert main([*full, "--resume", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
     summary = json.loads((tmp_path / "run" / "cv_summary.json").read_text())
     shipped = load_classifier(tmp_path / "w" / "atypical.pt")
@@ -533,3 +534,48 @@ def test_folds_scored_one_at_a_time_combine_without_their_checkpoints(tmp_path, 
     fold0["files"] = fold0["files"][::-1]  # a report of another split is refused, not combined
     (run / "fold0" / "tta_report.json").write_text(json.dumps(fold0))
     fails(capsys, ["--config", str(config), "--evaluate-tta"], InputError.exit_code, ".*scored other crops than fold 0")
+
+
+@pytest.mark.parametrize("old, new", [
+    ([], ["cv"]),
+    (["--fold", "1", "--resume"], ["cv", "--fold", "1", "--resume"]),
+    (["--evaluate-tta"], ["evaluate-tta"]),
+    (["--evaluate-tta", "--fold", "0"], ["evaluate-tta", "--fold", "0"]),
+    (["--evaluate-tta", "--ship-folds", "w/a.pt", "--half"], ["evaluate-tta", "--ship-folds", "w/a.pt", "--half"]),
+    (["--full", "--full-epochs", "60", "--resume"], ["full", "--full-epochs", "60", "--resume"]),
+    (["--full", "--ship", "w/a.pt", "--ship-ema", "1"], ["full", "--ship", "w/a.pt", "--ship-ema", "1"]),
+    (["--full", "--ship", "w/a.pt"], ["ship", "w/a.pt", "--full"]),
+    (["--ship", "w/a.pt", "--fold", "2"], ["ship", "w/a.pt", "--fold", "2"]),
+    (["--ship-folds", "w/a.pt"], ["ship-folds", "w/a.pt"]),
+])
+def test_old_flag_spelling_parses_to_its_sub_command(old: list[str], new: list[str]) -> None:
+    """Parsing only: each old command line and its sub-command spelling ask for the same steps."""
+    common = ["--config", "c.yaml", "--out", "cv"]  # an option value spelt like a sub-command stays a value
+    old_args, new_args = tc.parse_args(common + old), tc.parse_args(new + common)
+    assert old_args == new_args and old_args.out == "cv"
+    assert tc.parse_args(common + new) == new_args  # the sub-command after the options (training.lora's order)
+    if sum(flag in old for flag in tc.ACTION_FLAGS.values()) <= 1:  # with two, `command` names the later step
+        assert new_args.command == new[0]
+
+
+def test_help_lists_the_sub_commands_and_the_old_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tc.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("cv", "evaluate-tta", "full", "ship", "ship-folds"):
+        assert re.search(rf"^\s+{name}\s", text, re.MULTILINE), name
+    assert "old spelling" in text and "--ship-folds PATH" in text
+    with pytest.raises(SystemExit) as exit_info:  # a usage error stays argparse's: exit code 2, one line
+        main(["no-such-command"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: unrecognized arguments")
+
+
+@pytest.mark.parametrize("new, old", [
+    (["ship", "--fold", "2", "w/a.pt", "--half"], ["--ship", "w/a.pt", "--fold", "2", "--half"]),
+    (["--config", "c.yaml", "ship-folds", "w/a.pt"], ["--ship-folds", "w/a.pt", "--config", "c.yaml"]),
+    (["full", "--ship", "w/a.pt"], ["--full", "--ship", "w/a.pt"]),
+    (["--fold", "1"], ["--fold", "1"]),
+])
+def test_flag_spelling_gives_the_old_command_line(new: list[str], old: list[str]) -> None:
+    assert tc.flag_spelling(new) == old and tc.parse_args(old) == tc.parse_args(new)
