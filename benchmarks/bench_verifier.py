@@ -1,0 +1,72 @@
+"""Track 1 verification speed: the shipped verifier on candidates of a generated ROI, with and without test-time
+augmentation (`verifier.tta`), timed side by side in one run so the ratio holds on a CPU whose speed drifts.
+
+    python benchmarks/bench_verifier.py [--candidates 2000] [--rounds 3] [--threads 0]
+
+Uses the shipped verifier and its `pipeline.yaml` crop settings (resolved as process.py resolves them): the crops
+are cut once (`Verifier.crops`) and only classification is timed. Prints ms per candidate for each setting and the
+TTA / plain ratio (the compute of 8 views, less what batching amortises). Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from midog.config import resolve_config  # noqa: E402
+from midog.devices import usable_cpus  # noqa: E402
+from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
+from midog.verifier import Verifier  # noqa: E402
+from midog.weights import find_weights  # noqa: E402
+from roi_factory import he_roi  # noqa: E402
+
+
+def candidate_boxes(width: int, height: int, count: int, side: float, seed: int = 0) -> np.ndarray:
+    """`count` square boxes of `side` px at random places inside the image (as the detector's 50 px boxes)."""
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, [width - side, height - side], size=(count, 2))
+    return np.concatenate([corners, corners + side], axis=1).astype(np.float32)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="0: the CPUs this process may use")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads or usable_cpus())
+    config = resolve_config(overrides={"runtime.device": "cpu"})
+    path = find_weights(config.verifier.weights)
+    roi = ArrayRoi(he_roi(2048, 2048, seed=0), PhysicalTransform((0.00025, 0.00025)))
+    boxes = candidate_boxes(roi.width, roi.height, args.candidates, config.merging.box_size_px)
+    settings = {"plain": dataclasses.replace(config.verifier, tta=False),
+                "tta (8 views)": dataclasses.replace(config.verifier, tta=True)}
+    verifiers = {name: Verifier.from_weights(path, cfg, torch.device("cpu")) for name, cfg in settings.items()}
+    crops = verifiers["plain"].crops(roi, boxes)
+    best = {name: float("inf") for name in verifiers}
+    for _ in range(args.rounds):
+        for name, verifier in verifiers.items():
+            started = time.perf_counter()
+            verifier.classifier.predict_proba(crops, tta=verifier.config.tta, batch_size=verifier.config.batch_size)
+            best[name] = min(best[name], time.perf_counter() - started)
+    print(f"{path.name}: {verifiers['plain'].classifier.arch}, crops {config.verifier.crop_size} px "
+          f"(context {config.verifier.context_px} px), {args.candidates} candidates, {torch.get_num_threads()} "
+          f"threads, {platform.processor() or platform.machine()}, fastest of {args.rounds}")
+    for name, seconds in best.items():
+        print(f"{name:14s} {seconds:7.2f} s  {seconds / args.candidates * 1000:6.2f} ms/candidate")
+    print(f"ratio tta/plain={best['tta (8 views)'] / best['plain']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
