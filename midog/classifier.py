@@ -28,6 +28,7 @@ without it importing this one back); `BinaryClassifier` and the resize names are
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from pathlib import Path
@@ -78,6 +79,10 @@ def build_classifier(
                               "reads its own base weights (model_kwargs 'weights')")
         return build_foundation_classifier(arch, input_size, positive=positive, threshold=threshold,
                                            model_kwargs=model_kwargs)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise ConfigError(f"unknown backbone '{arch}': neither a timm model name nor a foundation model"
+                          + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
     model = timm.create_model(arch, pretrained=False, num_classes=1, **model_kwargs)
     card = load_pretrained(model, pretrained) if pretrained else None
     data_config = timm.data.resolve_model_data_config(model)

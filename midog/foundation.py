@@ -34,7 +34,7 @@ from torch import nn
 from midog.binary_classifier import (PLAIN_CROP_PCT, PLAIN_INTERPOLATION, BinaryClassifier, check_resize,
                                      pixel_size_from_state, resize_from_state, tta_threshold_from_state)
 from midog.config import load_config
-from midog.errors import WeightsError, first_line
+from midog.errors import ConfigError, WeightsError, first_line
 from midog.weights import plain, weights_dirs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,12 +203,12 @@ def resolve_spec(arch: str, options: FoundationOptions | None = None) -> Backbon
     if name is not None:
         spec = dataclasses.replace(REGISTRY[name], kwargs=dict(REGISTRY[name].kwargs))
     elif arch.lower().startswith(("hf-hub:", "hf_hub:")):
-        raise ValueError(f"'{arch}' is not in the foundation registry ({', '.join(REGISTRY)}); "
+        raise ConfigError(f"'{arch}' is not in the foundation registry ({', '.join(REGISTRY)}); "
                          "use its timm architecture name with `timm_kwargs` and `pooling` instead")
     elif timm.is_model(arch):
         spec = BackboneSpec(name=arch, arch=arch)
     else:
-        raise ValueError(f"unknown backbone '{arch}': neither a foundation model ({', '.join(REGISTRY)}) "
+        raise ConfigError(f"unknown backbone '{arch}': neither a foundation model ({', '.join(REGISTRY)}) "
                          "nor a timm model name")
     spec.kwargs.update(options.timm_kwargs)
     if options.pooling is not None:

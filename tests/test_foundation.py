@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from midog.classifier import build_classifier, load_classifier
 from midog.config import FoundationConfig, load_config
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.foundation import (REGISTRY, BackboneSpec, PooledClassifier, create_backbone, find_base_weights,
                               options_from_dict, resolve_spec)
 
@@ -43,7 +43,7 @@ def test_hf_hub_names_map_to_the_registry():
     assert resolve_spec("hf-hub:MahmoodLab/UNI2-h").name == "uni2-h"
     assert resolve_spec("hf_hub:paige-ai/Virchow2").pooling == "cls+mean"
     assert resolve_spec("H-optimus-0").mean == pytest.approx((0.707223, 0.578729, 0.703617))
-    with pytest.raises(ValueError, match="not in the foundation registry"):
+    with pytest.raises(ConfigError, match="not in the foundation registry"):  # exit code 5, one line
         build_classifier("hf-hub:someone/unknown", 224)  # never passed on to timm, which would reach for the hub
 
 

@@ -182,3 +182,13 @@ def test_mining_that_finds_nothing_says_why() -> None:
     assert "proposed no candidate on 4 canvases at confidence 0.5" in amibr_detection.nothing_mined(4, 0, 0.5, 30)
     assert "every one of the 7 candidates on 4 canvases lies within 30 px" in \
         amibr_detection.nothing_mined(4, 7, 0.5, 30)
+
+
+
+def test_unknown_backbone_is_a_configuration_error():
+    """A misspelt `arch` in any training config is a ConfigError (exit code 5 through `entry_point`), not an
+    unexpected ValueError (exit code 1): build_classifier refuses it before anything is trained or written."""
+    from midog.classifier import build_classifier
+
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet18x'"):
+        build_classifier("resnet18x", 64)
