@@ -48,6 +48,7 @@ from midog.image_io import ROI_SUFFIXES, STACK_SUFFIXES, find_single_image
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK1_SLUG, TRACK2_IMAGE_FOLDER, TRACK2_SLUG
 from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
                            discard_previous_outputs, write_json_atomic)
+from midog.progress import progress_iter
 
 if TYPE_CHECKING:
     from midog.evaluate.track1 import Track1Evaluation
@@ -307,8 +308,8 @@ def run_cases(cases: Sequence[Case], predict: Predictor, out: Path, progress: bo
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     run = BatchRun()
-    with logging_redirect_tqdm(), tqdm(cases, desc=f"track {cases[0].track}" if cases else "cases", unit="case",
-                                       file=sys.stderr, disable=not progress) as bar:
+    with logging_redirect_tqdm(), progress_iter(cases, len(cases), f"track {cases[0].track}" if cases else "cases",
+                                                "case", enabled=progress) as bar:
         for case in bar:
             layout = TRACKS[case.track]
             folder = job_folder(out, case)
