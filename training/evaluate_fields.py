@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from midog.config import resolve_config, write_config_values
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.outputs import write_json_atomic
+from midog.progress import progress_iter
 from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
                              open_field, score_fields, slide_folds)
 
@@ -111,7 +111,7 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
         if detectors.get(k):
             overrides["proposals.weights"] = str(detectors[k])
         chain = Track1Detector.from_config(resolve_config(config, overrides=overrides), with_atypical=False)
-        for frame in tqdm(frames, desc=f"fold {k}", disable=not progress):
+        for frame in progress_iter(frames, len(frames), f"fold {k}", "field", enabled=progress):
             result = chain.detect(open_field(paths[frame], index.spacing_um), progress=False)
             predictions[frame] = (np.array([[d.x_mm, d.y_mm] for d in result.detections]).reshape(-1, 2),
                                   np.array([d.probability for d in result.detections]))

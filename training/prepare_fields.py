@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from tqdm import tqdm
 
 from midog.config import PipelineConfig, resolve_config
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.image_io import RoiImage
 from midog.pipeline import Track1Detector
+from midog.progress import progress_iter
 from midog.resampling import at_pixel_size, view_scale
 from midog.tiling import has_tissue, tile_origins
 from midog.verifier import candidate_crops
@@ -262,7 +262,7 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     rng = np.random.default_rng(cfg.seed)
     mitoses_by_frame = {f: g[["x", "y"]].to_numpy(np.float64) for f, g in index.mitoses.groupby("frame")}
     tiles, counts, rows = {}, {}, []
-    for row in tqdm(index.frames.itertuples(), total=len(index.frames), desc="fields", disable=not progress):
+    for row in progress_iter(index.frames.itertuples(), len(index.frames), "fields", "field", enabled=progress):
         field, stem = open_field(row.path, index.spacing_um), Path(row.frame).stem
         mitoses = mitoses_by_frame.get(row.frame, np.zeros((0, 2)))
         tiles[row.frame] = write_tiles(field, stem, mitoses, out / "detection", cfg,

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from midog.config import resolve_config
 from midog.errors import InputError
 from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
 from training.evaluate_fields import cross_fold_scores, per_fold_paths
@@ -102,7 +103,9 @@ def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
     crops = out / "verifier" / "crops"
     positives = sorted(crops.glob("*/mitotic_figure/*.png"))
     assert len(positives) == 2 * sum(len(v) for v in FIELDS.values())
-    assert Image.open(positives[0]).size == (64, 64)
+    crop = resolve_config(overrides={"proposals.weights": str(detector)}).verifier.crop_size  # the shipped verifier's
+    assert Image.open(positives[0]).size == (crop, crop)
+    assert json.loads((out / "folds.json").read_text())["crops"]["crop_size"] == crop
     assert list(crops.glob("*/false_positive/*.png")) and list(crops.glob("*/tissue/*.png"))
     fold0 = out / "verifier" / "fold0"
     linked = [p for p in fold0.glob("*/*/*.png")]
