@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 import tifffile
 
+from midog.config import SHIPPED
 from midog.errors import InputError, first_line
 from midog.image_files import (IMAGE_SUFFIXES, TIFF_PHOTOMETRICS, ends_past, open_mha, open_tiff, page_values,
                                photometric_name, read_mha_region, tifffile_errors)
@@ -111,14 +112,20 @@ class ArrayRoi(RoiImage):
         return self.pixels[y0:y1, x0:x1]
 
 
-def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = 0.25,
-             in_memory_max_megapixels: float = 200.0, segment_cache_mb: float = 256.0,
-             max_spacing_um: float = 20.0) -> RoiImage:
+_IMAGE_DEFAULTS = SHIPPED["image"]
+"""`open_roi`'s defaults: the shipped `image` configuration (one home, default.yaml)."""
+
+
+def open_roi(path: str | os.PathLike[str], fallback_spacing_um: float = _IMAGE_DEFAULTS["fallback_spacing_um"],
+             in_memory_max_megapixels: float = _IMAGE_DEFAULTS["in_memory_max_megapixels"],
+             segment_cache_mb: float = _IMAGE_DEFAULTS["segment_cache_mb"],
+             max_spacing_um: float = _IMAGE_DEFAULTS["max_spacing_um"]) -> RoiImage:
     """Open a .tif/.tiff/.mha ROI or an Aperio .svs slide (level 0 of a pyramid); a missing, truncated or
     non-image file → InputError.
 
     A spacing coarser than `max_spacing_um` is a placeholder, not a scanner's (see `_plausible_spacing`), and is
-    replaced by `fallback_spacing_um` with a warning, like a missing one.
+    replaced by `fallback_spacing_um` with a warning, like a missing one. Defaults: the `image` section of
+    midog/configs/default.yaml.
     """
     path = Path(path)
     if not path.is_file():
