@@ -251,8 +251,9 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 """What each annotation of the config dataclasses accepts (a field with another annotation fails the tests)."""
 
 
-def _as_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; a number field takes any text float() reads as a finite number."""
+def as_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a number field takes any text float() reads as a finite number
+    (the pipeline config's and the training configs' rule)."""
     if isinstance(value, str):
         try:
             number = float(value)
@@ -271,7 +272,7 @@ def validate_types(config: PipelineConfig) -> None:
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
             if f.type in ("float", "float | None"):
-                value = _as_float(value)
+                value = as_float(value)
                 setattr(part, f.name, value)
             check, expected = FIELD_TYPES[str(f.type)]
             if not check(value):
@@ -385,15 +386,16 @@ def resolve_config(path: str | Path | None = None, overrides: Mapping[str, Any] 
     return load_config(path, overrides, environ, weights_config=weights_pipeline_values(checkpoints, defaults))
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A partial config file as a mapping; ConfigError when it cannot be read or is not a mapping."""
+def read_config_file(path: str | Path, what: str = "config", entries: str = "sections") -> dict[str, Any]:
+    """A partial config file as a mapping ({} for an empty one); ConfigError naming `what` and the file when it
+    cannot be read or holds anything but a mapping of `entries` (the pipeline's and the training configs' reader)."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {first_line(err)}") from None
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"config {path} must hold a mapping of sections, not {type(values).__name__}")
-    return values
+        raise ConfigError(f"cannot read {what} {path}: {first_line(err)}") from None
+    if not isinstance(values, (Mapping, type(None))):
+        raise ConfigError(f"{what} {path} must hold a mapping of {entries}, not {type(values).__name__}")
+    return dict(values or {})
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

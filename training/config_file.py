@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
-import yaml
-
+from midog.config import as_float, read_config_file
 from midog.errors import ConfigError, first_line
 
 T = TypeVar("T")
@@ -24,14 +21,8 @@ of other names is not checked."""
 
 
 def read_training_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping a config file holds ({} for an empty file)."""
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read training config {path}: {first_line(err)}") from None
-    if not isinstance(values, (dict, type(None))):
-        raise ConfigError(f"training config {path} must hold a mapping of settings, not {type(values).__name__}")
-    return values or {}
+    """The mapping a training config file holds ({} for an empty file): `midog.config.read_config_file`."""
+    return read_config_file(path, "training config", "settings")
 
 
 def load_training_config(path: str | os.PathLike[str] | None, cls: type[T],
@@ -82,7 +73,7 @@ def checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
     if not all(name in SIMPLE_TYPES for name in names):
         return value
     if isinstance(value, str) and "float" in names and "str" not in names:
-        value = _as_number(value)
+        value = as_float(value)
     if not any(isinstance(value, SIMPLE_TYPES[name]) and not (isinstance(value, bool) and name in ("int", "float"))
                for name in names):
         raise ConfigError(f"{source}: {key} is {value!r:.80}; expected {_annotation_text(annotation)}")
@@ -91,14 +82,6 @@ def checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
 
 def _annotation_text(annotation: Any) -> str:
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-
-
-def _as_number(text: str) -> float | str:
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return number if math.isfinite(number) else text
 
 
 def _nested_dataclass(f: dataclasses.Field) -> type | None:
