@@ -3,7 +3,7 @@ pixel size, split by slide.
 
     python -m training.prepare_fields --root ../shared/data/mitos-atypia-14 --out DIR
         [--folds 3] [--detector weights/detector.pt] [--pixel-size 0.25] [--amibr-canvases DIR] [--seed 0]
-        [--config PIPELINE.yaml]
+        [--config PIPELINE.yaml] [--amibr-positives ../shared/data/amibr]
 
     OUT/folds.json                        slide → fold, frames and mitoses per slide, the settings below
     OUT/detection/images/*.jpg, labels/*.txt
@@ -20,11 +20,17 @@ pixel size, split by slide.
                                           `verifier.crop_size` and `verifier.context_px` of --config)
     OUT/verifier/fold{k}/{train,val}/<class>/*.png, OUT/verifier/all/...
                                           symlinks into crops/, split as the detection sets
+    OUT/verifier/crops/amibr/mitotic_figure/*.png
+                                          with --amibr-positives: one crop per AMi-Br mitosis (other scanners and
+                                          labs than the fields'), linked into every set's train split only
 
 Verifier crops: each mitosis `--jitter-copies` times, its 50 px box shifted by the detector's localisation error
 (normal, `--jitter-px` per axis, model pixels); every candidate farther than 7.5 µm (the official matching radius)
 from every mitosis, a hard negative; `--tissue-per-field` random tissue boxes as far from every mitosis. A frame's
-mitoses are all labelled (the dataset's README), so those candidates are true false positives.
+mitoses are all labelled (the dataset's README), so those candidates are true false positives. AMi-Br mitoses
+(`--amibr-positives`) are cut the same way from their 128 px crops, read at `AMIBR_PIXEL_SIZE_UM`: a 50 px box on
+the crop's centre, jittered once, with the verifier's context; they add positives from scanners and labs the
+seven slides lack, never negatives (AMi-Br holds mitoses only) and never validation data.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ from midog.config import PipelineConfig, resolve_config
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.image_io import RoiImage
+from midog.roi_io import ArrayRoi, PhysicalTransform
 from midog.pipeline import Track1Detector
 from midog.progress import progress_iter
 from midog.resampling import at_pixel_size, view_scale
 from midog.tiling import has_tissue, tile_origins
 from midog.verifier import candidate_crops
 from midog.weights import DEFAULT_PIXEL_SIZE_UM
+from training.amibr_detection import read_amibr
 from training.fields import FieldIndex, load_field_index, open_field, slide_folds
 from training.train_verifier import POSITIVE_FOLDER
 from training.verifier_data import far_from
@@ -59,6 +67,10 @@ TISSUE_FOLDER = "tissue"
 MATCH_RADIUS_UM = 7.5
 """The official Track 1 matching radius: a candidate farther than this from every mitosis is a false positive."""
 CANDIDATE_COLUMNS = ("frame", "slide", "x1", "y1", "x2", "y2", "score")
+AMIBR_SLIDE = "amibr"
+"""Folder under verifier/crops/ of the AMi-Br positives (not a field slide: in no fold's validation or test)."""
+AMIBR_PIXEL_SIZE_UM = DEFAULT_PIXEL_SIZE_UM
+"""AMi-Br's crops come without a pixel size; their sources (MIDOG 2021, TUPAC16) were scanned at 0.23-0.26 µm/px."""
 
 
 @dataclass
@@ -200,6 +212,42 @@ def write_crops(field: RoiImage, stem: str, mitoses: np.ndarray, candidates: np.
     }
 
 
+def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: FieldDataConfig,
+                          rng: np.random.Generator, progress: bool = True) -> int:
+    """Every AMi-Br mitosis as a verifier positive in `out` (a class folder), cut by `candidate_crops` from its
+    crop read at `AMIBR_PIXEL_SIZE_UM`: a `box_px` box on the figure (the crop's centre) shifted once by
+    N(0, jitter_px) model pixels, kept inside the crop; returns the count. `rng` is its own generator (seeded
+    apart from the fields'), so adding these positives leaves every field crop as it was."""
+    out.mkdir(parents=True, exist_ok=True)
+    spacing_mm = AMIBR_PIXEL_SIZE_UM / 1000.0
+    crops = read_amibr(amibr)
+    for crop in progress_iter(crops, len(crops), "AMi-Br positives", "crop", enabled=progress):
+        with Image.open(crop.path) as handle:
+            image = ArrayRoi(np.asarray(handle.convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
+        scale = AMIBR_PIXEL_SIZE_UM / cfg.pixel_size_um
+        reach = (cfg.box_px / 2 + config.verifier.context_px) / scale
+        low, high = np.full(2, reach), np.array([image.width, image.height]) - reach
+        centre = np.array([image.width, image.height]) / 2 + rng.normal(0, cfg.jitter_px, 2) / scale
+        centre = np.clip(centre, np.minimum(low, high), np.maximum(low, high))
+        boxes = square_boxes(centre[None], (cfg.box_px / scale, cfg.box_px / scale))
+        cut = candidate_crops(image, boxes, cfg.pixel_size_um, config.image.resample_tolerance,
+                              config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px)
+        Image.fromarray(cut[0]).save(out / f"{Path(crop.uid).stem}.png")
+    return len(crops)
+
+
+def link_amibr_positives(out: Path, sets: dict[str, dict[str, list[str]]]) -> None:
+    """The AMi-Br positives join every set's train split (symlinks into verifier/crops/amibr/)."""
+    source = out / "verifier" / "crops" / AMIBR_SLIDE / POSITIVE_FOLDER
+    for name in sets:
+        target = out / "verifier" / name / "train" / POSITIVE_FOLDER
+        target.mkdir(parents=True, exist_ok=True)
+        for crop in sorted(source.glob("*.png")):
+            link = target / f"{AMIBR_SLIDE}_{crop.name}"
+            if not link.exists():
+                link.symlink_to(os.path.relpath(crop, target))
+
+
 def link_sets(out: Path, sets: dict[str, dict[str, list[str]]], slide_of: dict[str, str]) -> None:
     """verifier/<set>/<split>/<class>/ symlinks into verifier/crops/<slide>/<class>/ (test slides left out)."""
     crops = out / "verifier" / "crops"
@@ -245,8 +293,11 @@ def amibr_canvases(folder: Path | None) -> list[str]:
 
 
 def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataConfig | None = None,
-            amibr: Path | None = None, progress: bool = True, config_path: Path | None = None) -> dict:
-    """`config_path`: a partial pipeline YAML (as for process.py) whose verifier crop settings the crops follow."""
+            amibr: Path | None = None, progress: bool = True, config_path: Path | None = None,
+            amibr_positives: Path | None = None) -> dict:
+    """`config_path`: a partial pipeline YAML (as for process.py) whose verifier crop settings the crops follow.
+    `amibr`: a `training.amibr_detection` output whose canvases join the detection sets; `amibr_positives`: the
+    AMi-Br crops folder, whose mitoses join the verifier's train splits."""
     cfg = cfg or FieldDataConfig()
     if (out / "folds.json").exists():
         raise InputError(f"{out} already holds a prepared dataset; choose an empty --out")
@@ -281,13 +332,18 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
         writer.writerows(rows)
     write_dataset_yamls(out, sets, tiles, extra, cfg.pixel_size_um)
     link_sets(out, sets, dict(zip(index.frames["frame"], index.frames["slide"])))
+    amibr_count = 0
+    if amibr_positives is not None:
+        amibr_count = write_amibr_positives(amibr_positives, out / "verifier" / "crops" / AMIBR_SLIDE / POSITIVE_FOLDER,
+                                            config, cfg, np.random.default_rng([cfg.seed, 1]), progress)
+        link_amibr_positives(out, sets)
     summary = {"root": str(root), "detector": config.proposals.weights, "settings": asdict(cfg),
                "crops": {"crop_size": config.verifier.crop_size, "context_px": config.verifier.context_px},
                "folds": folds, "slides": {s: {"frames": int((index.frames["slide"] == s).sum()),
                                              "mitoses": int((index.mitoses["slide"] == s).sum()), **counts.get(s, {})}
                                          for s in sorted(folds)},
                "sets": {name: {split: len(frames) for split, frames in splits.items()} for name, splits in sets.items()},
-               "amibr_canvases": len(extra)}
+               "amibr_canvases": len(extra), "amibr_positives": amibr_count}
     (out / "folds.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -301,6 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the shipped proposals.weights)")
     parser.add_argument("--amibr-canvases", type=Path, default=None,
                         help="a training.amibr_detection --out folder: its training canvases join every train set")
+    parser.add_argument("--amibr-positives", type=Path, default=None,
+                        help="the AMi-Br crops folder (amibr_train_split.csv): its mitoses join every verifier "
+                        "train split as positives")
     parser.add_argument("--config", type=Path, default=None,
                         help="partial pipeline YAML: the verifier.crop_size / context_px the crops are cut with")
     defaults = FieldDataConfig()
@@ -316,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = FieldDataConfig(**{k: getattr(args, k) for k in ("pixel_size_um", "folds", "val_fraction",
                                                            "jitter_copies", "jitter_px", "tissue_per_field", "seed")})
-    summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases, config_path=args.config)
+    summary = prepare(args.root, args.out, args.detector, cfg, args.amibr_canvases, config_path=args.config,
+                      amibr_positives=args.amibr_positives)
     print(json.dumps({"folds": summary["folds"], "sets": summary["sets"]}, indent=2))
     return 0
 
