@@ -194,17 +194,20 @@ class Track1Detector:
                  "atypical": self.atypical.threshold if self.atypical is not None else None}
         return {stage: float(value) for stage, value in found.items() if value is not None}
 
-    def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True) -> Track1Result:
+    def detect(self, image: str | os.PathLike[str] | RoiImage, progress: bool = True,
+               candidates: Candidates | None = None) -> Track1Result:
         """Every candidate of one ROI, most probable first, labelled; mitotic figures also atypical or normal.
-        `progress`: a bar for each of tiles, verification and atypical labelling (`midog.progress`)."""
+        `progress`: a bar for each of tiles, verification and atypical labelling (`midog.progress`).
+        `candidates`: this image's merged candidates (in its pixels) when they are already known, from this chain's
+        own detector (`candidates()`, e.g. saved by `training.prepare_fields`): the detector is then not run."""
         if self.verifier is None:
             raise ValueError("this Track1Detector was built without a verifier: only candidates() runs")
         if isinstance(image, RoiImage):
-            return self._detect(image, progress)
+            return self._detect(image, progress, candidates)
         cfg = self.config.image
         with open_roi(image, cfg.fallback_spacing_um, cfg.in_memory_max_megapixels, cfg.segment_cache_mb,
                       cfg.max_spacing_um) as roi:
-            return self._detect(roi, progress)
+            return self._detect(roi, progress, candidates)
 
     def candidates(self, image: RoiImage, progress: bool = False) -> tuple[Candidates, ProposalStats]:
         """The detector's merged candidates of one image, before verification: tile → propose → merge, at the
@@ -232,7 +235,7 @@ class Track1Detector:
                 bar.update(chunk.stop - chunk.start)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
-    def _detect(self, image: RoiImage, progress: bool) -> Track1Result:
+    def _detect(self, image: RoiImage, progress: bool, known: Candidates | None = None) -> Track1Result:
         cfg = self.config
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -243,7 +246,7 @@ class Track1Detector:
             timings[stage] = now - clock
             clock = now
 
-        candidates, stats = self.candidates(image, progress)
+        candidates, stats = self.candidates(image, progress) if known is None else (known, ProposalStats())
         lap("proposals")
         verified = self.verify(image, candidates.boxes, progress)
         probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)

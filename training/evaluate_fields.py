@@ -2,7 +2,7 @@
 
     python -m training.evaluate_fields --root ../shared/data/mitos-atypia-14 --out REPORT.json
         [--verifier PATH | --verifier fold0=PATH fold1=PATH fold2=PATH] [--detector PATH | fold0=PATH ...]
-        [--config PIPELINE.yaml] [--floor] [--folds 3]
+        [--config PIPELINE.yaml] [--floor] [--folds 3] [--candidates DIR/candidates.csv]
 
 For each fold k the chain (`Track1Detector.detect`: tile → propose → merge → verify, at the models' pixel size)
 runs on fold k's fields with fold k's models (one path: the same models for every fold, e.g. the shipped ones),
@@ -10,11 +10,16 @@ and is scored with the official Track 1 metrics per slide at the median of the *
 thresholds. `--floor` scores the darkest-blob heuristic the same way instead of a chain. The report holds the
 primary figure (mean F1 over folds), the worst slide with >= 20 mitoses, per-fold and per-slide numbers, and the
 threshold to ship (median of the folds' optimal thresholds).
+
+`--candidates` reuses the merged candidates `training.prepare_fields` saved (its `candidates.csv`) instead of
+running the detector again: the same boxes and scores when the detector is the one prepare_fields used (its
+`folds.json` names it; a different one is refused), so comparing verifiers costs their verification only.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -26,6 +31,7 @@ import numpy as np
 from midog.config import resolve_config, write_config_values
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
+from midog.merging import Candidates
 from midog.outputs import write_json_atomic
 from midog.progress import progress_iter
 from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
@@ -96,11 +102,47 @@ def per_fold_paths(values: Sequence[str] | None, n_folds: int, what: str) -> dic
     return paths
 
 
+def read_candidates(path: Path, index: FieldIndex) -> dict[str, Candidates]:
+    """frame → its merged candidates from a `prepare_fields` candidates.csv (field pixels); a frame without rows
+    had none. Refused: a file without the columns, or naming frames the index does not hold."""
+    from training.prepare_fields import CANDIDATE_COLUMNS
+
+    if not path.is_file():
+        raise InputError(f"--candidates: no such file {path}")
+    rows: dict[str, list[list[float]]] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not set(CANDIDATE_COLUMNS) <= set(reader.fieldnames):
+            raise InputError(f"--candidates: {path} lacks the columns {', '.join(CANDIDATE_COLUMNS)} "
+                             "(a training.prepare_fields candidates.csv)")
+        for row in reader:
+            rows.setdefault(row["frame"], []).append([float(row[k]) for k in ("x1", "y1", "x2", "y2", "score")])
+    unknown = sorted(set(rows) - set(index.frames["frame"]))
+    if unknown:
+        raise InputError(f"--candidates: {path} names {len(unknown)} frame(s) not in the fields, e.g. {unknown[0]}")
+    found = {}
+    for frame in index.frames["frame"]:
+        values = np.asarray(rows.get(frame, []), dtype=np.float32).reshape(-1, 5)
+        found[frame] = Candidates(values[:, :4], values[:, 4], np.zeros(len(values), dtype=np.int64))
+    return found
+
+
+def candidates_detector(path: Path) -> str | None:
+    """The detector that wrote a candidates.csv, as the `folds.json` beside it records it (None: not recorded)."""
+    summary = path.parent / "folds.json"
+    return json.loads(summary.read_text()).get("detector") if summary.is_file() else None
+
+
 def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Mapping[int, str | None],
                       detectors: Mapping[int, str | None], config: Path | None = None,
-                      progress: bool = True) -> dict[str, Prediction]:
-    """Every field run through its fold's chain: frame → (points in mm, output probabilities)."""
+                      progress: bool = True, candidates: Path | None = None) -> dict[str, Prediction]:
+    """Every field run through its fold's chain: frame → (points in mm, output probabilities). `candidates`: a
+    prepare_fields candidates.csv to verify instead of running the detector (only with the detector that wrote it)."""
     from midog.pipeline import Track1Detector
+
+    known = read_candidates(candidates, index) if candidates is not None else {}
+    if candidates is not None and any(detectors.values()):
+        raise InputError("--candidates replaces the detector's run: give either --candidates or --detector")
 
     predictions: dict[str, Prediction] = {}
     paths = dict(zip(index.frames["frame"], index.frames["path"]))
@@ -110,9 +152,15 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
             overrides["verifier.weights"] = str(verifiers[k])
         if detectors.get(k):
             overrides["proposals.weights"] = str(detectors[k])
-        chain = Track1Detector.from_config(resolve_config(config, overrides=overrides), with_atypical=False)
+        resolved = resolve_config(config, overrides=overrides)
+        written_by = candidates_detector(candidates) if candidates is not None else None
+        if written_by is not None and written_by != resolved.proposals.weights:
+            raise InputError(f"--candidates were written with the detector {written_by}, this chain's is "
+                             f"{resolved.proposals.weights}; leave --candidates out to run it")
+        chain = Track1Detector.from_config(resolved, with_atypical=False)
         for frame in progress_iter(frames, len(frames), f"fold {k}", "field", enabled=progress):
-            result = chain.detect(open_field(paths[frame], index.spacing_um), progress=False)
+            result = chain.detect(open_field(paths[frame], index.spacing_um), progress=False,
+                                  candidates=known.get(frame))
             predictions[frame] = (np.array([[d.x_mm, d.y_mm] for d in result.detections]).reshape(-1, 2),
                                   np.array([d.probability for d in result.detections]))
     return predictions
@@ -145,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verifier", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
     parser.add_argument("--detector", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
     parser.add_argument("--config", type=Path, default=None, help="partial pipeline YAML, as for process.py")
+    parser.add_argument("--candidates", type=Path, default=None, metavar="CSV",
+                        help="a prepare_fields candidates.csv: verify these instead of running the detector again")
     parser.add_argument("--floor", action="store_true", help="score the darkest-blob heuristic instead")
     parser.add_argument("--name", default=None, help="what the report calls this chain")
     parser.add_argument("--card", type=Path, default=None, help="a model card (.json) to record the summary and "
@@ -166,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         predictions = blob_predictions(index)
     else:
         predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
-                                        per_fold_paths(args.detector, args.folds, "detector"), args.config)
+                                        per_fold_paths(args.detector, args.folds, "detector"), args.config,
+                                        candidates=args.candidates)
     report = cross_fold_scores(predictions, index, folds)
     report = _finite({"name": args.name or ("darkest-blob floor" if args.floor else "chain"),
                       "verifier": args.verifier, "detector": args.detector, "fold_of_slide": folds,

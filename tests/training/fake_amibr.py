@@ -34,7 +34,7 @@ def write_amibr(root: Path, n_slides: int = 6, per_slide: int = 6, seed: int = 0
             (root / folder).mkdir(parents=True, exist_ok=True)
             Image.fromarray(make_crop(atypical, rng, size)).save(root / folder / name)
             rows.append({"slide": f"{slide:03d}.tiff", "dataset": "FAKE", "uid": len(rows), "final_label": folder,
-                         "dataset_uid": name, "expert1_atypical": atypical, "expert2_atypical": atypical,
+                         "dataset_uid": name, "x": 1000.0 * i, "y": 500.0, "expert1_atypical": atypical, "expert2_atypical": atypical,
                          "expert3_atypical": atypical})
     if with_csv:
         pd.DataFrame(rows).to_csv(root / "amibr_train_split.csv")

@@ -14,6 +14,7 @@ from PIL import Image
 from midog.config import resolve_config
 from midog.errors import InputError
 from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
+from tests.training.fake_amibr import write_amibr
 from training.evaluate_fields import cross_fold_scores, per_fold_paths
 from training.evaluate_fields import main as evaluate_main
 from training.fields import load_field_index, slide_folds
@@ -131,6 +132,66 @@ def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path,
     crops = sorted((out / "verifier" / "crops").glob("*/*/*.png"))
     assert crops and {Image.open(p).size for p in crops} == {(80, 80)}
     assert json.loads((out / "folds.json").read_text())["crops"] == {"crop_size": 80, "context_px": 15}
+
+
+def test_amibr_positives_join_every_train_split_and_leave_field_crops_alone(fields_root: Path, tmp_path: Path):
+    """--amibr-positives: one crop per AMi-Br mitosis, cut at the pipeline's crop size with the figure inside the
+    box, linked into every set's train split (never val), and the field crops are the ones a run without them cuts."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    amibr = write_amibr(tmp_path / "amibr", n_slides=2, per_slide=3, size=128)
+    cfg = FieldDataConfig(jitter_copies=1, tissue_per_field=2)
+    config = tmp_path / "context.yaml"
+    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n")
+    plain, extra = tmp_path / "plain", tmp_path / "extra"
+    prepare(fields_root, plain, str(detector), cfg, progress=False, config_path=config)
+    summary = prepare(fields_root, extra, str(detector), cfg, progress=False, config_path=config,
+                      amibr_positives=amibr)
+    assert summary["amibr_positives"] == 6
+    cut = sorted((extra / "verifier" / "crops" / "amibr" / "mitotic_figure").glob("*.png"))
+    assert len(cut) == 6 and {Image.open(p).size for p in cut} == {(80, 80)}
+    # the fake figure is a centred disc of radius 32 px: dark (atypical) crops stay dark in the middle
+    dark = np.asarray(Image.open(next(p for p in cut if p.stem.endswith("_0"))), dtype=np.float64)
+    assert dark[30:50, 30:50].mean() < 120 < np.asarray(Image.open(next(p for p in cut if p.stem.endswith("_1"))),
+                                                         dtype=np.float64).mean()
+    for name in ("fold0", "fold1", "fold2", "all"):
+        train = list((extra / "verifier" / name / "train" / "mitotic_figure").glob("amibr_*.png"))
+        assert len(train) == 6 and all(p.resolve().is_file() for p in train)
+        assert not list((extra / "verifier" / name / "val").glob("*/amibr_*.png"))
+    field_crops = sorted(p.relative_to(plain) for p in (plain / "verifier" / "crops").glob("S*/*/*.png"))
+    assert field_crops == sorted(p.relative_to(extra) for p in (extra / "verifier" / "crops").glob("S*/*/*.png"))
+    assert all((plain / p).read_bytes() == (extra / p).read_bytes() for p in field_crops)
+
+
+def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]):
+    """--candidates verifies prepare_fields' saved candidates: the report equals a run of the detector; another
+    detector than the one that wrote them, or a file of other fields, is refused in one line."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    verifier = tiny_verifier(tmp_path / "w" / "verifier.pt")
+    out = tmp_path / "out"
+    prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False)
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump({"proposals": {"weights": str(detector)}}))
+    common = ["--root", str(fields_root), "--verifier", str(verifier), "--config", str(config)]
+    assert evaluate_main([*common, "--out", str(tmp_path / "ran.json")]) == 0
+    assert evaluate_main([*common, "--out", str(tmp_path / "saved.json"),
+                          "--candidates", str(out / "candidates.csv")]) == 0
+    ran, saved = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ran", "saved"))
+    assert len(pd.read_csv(out / "candidates.csv")) > 0
+    assert saved["slides"] == ran["slides"] and saved["summary"] == ran["summary"]
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"proposals": {"weights": str(tmp_path / "w" / "elsewhere.pt")}}))
+    capsys.readouterr()
+    assert evaluate_main(["--root", str(fields_root), "--verifier", str(verifier), "--config", str(other),
+                          "--out", str(tmp_path / "x.json"), "--candidates", str(out / "candidates.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "written with the detector" in err and len(err.splitlines()) == 1
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("frame,slide,x1,y1,x2,y2,score\nZ9_a.jpg,Z9,1,1,50,50,0.9\n")
+    assert evaluate_main([*common, "--out", str(tmp_path / "y.json"), "--candidates", str(foreign)]) == 2
+    assert "not in the fields" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 
 def test_cross_fold_scores_use_the_other_folds_threshold(fields_root: Path):
