@@ -32,7 +32,7 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import timm
 import torch
@@ -47,7 +47,7 @@ from midog.pretrained import load_pretrained
 from midog.weights import verify_checksum
 
 __all__ = [  # with the names of midog.binary_classifier that other code imports from here
-    "PLAIN_CROP_PCT", "PLAIN_INTERPOLATION", "BinaryClassifier", "batched", "build_classifier",
+    "PLAIN_CROP_PCT", "PLAIN_INTERPOLATION", "BinaryClassifier", "build_classifier",
     "check_checkpoint_fields", "check_resize", "load_classifier", "preprocess_card", "require_positive",
 ]
 
@@ -181,14 +181,3 @@ def check_checkpoint_fields(state: dict[str, Any], path: Path) -> None:
         raise bad("threshold", "a number in [0, 1]")
     if state.get("tta_threshold") is not None and not is_probability(state["tta_threshold"]):
         raise bad("tta_threshold", "null or a number in [0, 1]")
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from midog.config_file import read_config_file
 from midog.errors import ConfigError, first_line
+from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
 ENV_PREFIX = "MIDOG_"
@@ -248,7 +251,17 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
         "a file name or a list of file names"),
 }
-"""What each annotation of the config dataclasses accepts (a field with another annotation fails the tests)."""
+"""What each annotation of the config dataclasses accepts (a field with another annotation fails the tests); the
+same check for a training config's field of the same annotation (`typed_value`)."""
+
+SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple),
+    "tuple": (list, tuple), "dict": (dict,), "None": (type(None),)}
+"""What a value of each name in an annotation that FIELD_TYPES lacks may be (YAML gives lists for tuples, and ints
+for floats; a bool is never a number): the training configs' other annotations, whose items are not checked."""
+
+NUMBERS = ("int", "float")
+"""The SIMPLE_TYPES names a bool does not pass for, though Python's bool is an int."""
 
 
 def as_float(value: Any) -> Any:
@@ -264,20 +277,40 @@ def as_float(value: Any) -> Any:
     return value
 
 
+def annotation_text(annotation: Any) -> str:
+    """A dataclass field's annotation as written (`"float | None"`), whether it is held as text or as a type."""
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def typed_value(value: Any, annotation: Any) -> tuple[Any, bool]:
+    """`value` (text of a number where the annotation takes a float but no str, see `as_float`) and whether it has
+    the annotated type: the pipeline's and the training configs' one type check. An annotation of FIELD_TYPES is
+    checked by its entry there (list items too), a union of other SIMPLE_TYPES names by those types alone; an
+    annotation with any other name (a dataclass, Path, Literal) is not checked."""
+    text = annotation_text(annotation)
+    names = [part.strip().split("[")[0] for part in text.split("|")]
+    if not all(name in SIMPLE_TYPES for name in names):
+        return value, True
+    if "float" in names and "str" not in names:
+        value = as_float(value)
+    if text in FIELD_TYPES:
+        return value, FIELD_TYPES[text][0](value)
+    return value, any(isinstance(value, SIMPLE_TYPES[name]) and not (isinstance(value, bool) and name in NUMBERS)
+                      for name in names)
+
+
 def validate_types(config: PipelineConfig) -> None:
     """ConfigError naming the first field whose value does not have its annotated type (numbers given as text for
     a number field, e.g. `1e-3`, are converted in place)."""
     for section in dataclasses.fields(config):
         part = getattr(config, section.name)
         for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            if f.type in ("float", "float | None"):
-                value = as_float(value)
-                setattr(part, f.name, value)
-            check, expected = FIELD_TYPES[str(f.type)]
-            if not check(value):
-                expected = RANGES.get(f"{section.name}.{f.name}", (check, expected))[1]
-                raise ConfigError(f"config {section.name}.{f.name} is {value!r}; expected {expected}")
+            value, typed = typed_value(getattr(part, f.name), f.type)
+            setattr(part, f.name, value)
+            if not typed:
+                key = f"{section.name}.{f.name}"
+                expected = RANGES.get(key, FIELD_TYPES[annotation_text(f.type)])[1]
+                raise ConfigError(f"config {key} is {value!r}; expected {expected}")
 
 
 def validate_config(config: PipelineConfig) -> PipelineConfig:
@@ -299,11 +332,24 @@ def _get(config: PipelineConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
+def unknown_keys_message(unknown: Iterable[str], known: Iterable[str], prefix: str = "", what: str = "key") -> str:
+    """"unknown key 'epoch' (did you mean 'epochs'?)", one entry per key: the pipeline's and the training configs'
+    message for keys they do not know (`prefix` names the section they are in, `what` what they are)."""
+    known = list(known)
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=3)
+        hint = f" (did you mean {' or '.join(repr(prefix + name) for name in close)}?)" if close else ""
+        parts.append(f"'{prefix}{key}'{hint}")
+    return f"unknown {what}{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
+
+
 def _merge(base: dict[str, Any], override: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    unknown = [key for key in override if key not in base]
+    if unknown:
+        raise ConfigError(unknown_keys_message(unknown, base, where, "config key"))
     merged = dict(base)
     for key, value in override.items():
-        if key not in base:
-            raise ConfigError(f"unknown config key '{where}{key}'")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config section '{where}{key}' must be a mapping, not {value!r}")
@@ -376,26 +422,12 @@ def resolve_config(path: str | Path | None = None, overrides: Mapping[str, Any] 
 
     `load_config` alone skips the weights' layer: use it only to read or validate a file, never to run the models.
     """
-    from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
-
     chosen = load_config(path, overrides, environ)
     shipped = load_config(environ={})
     defaults = {section: getattr(shipped, section).weights for section in STAGE_SECTIONS}
     checkpoints = claimed_checkpoints({section: getattr(chosen, section).weights for section in STAGE_SECTIONS},
                                       defaults)
     return load_config(path, overrides, environ, weights_config=weights_pipeline_values(checkpoints, defaults))
-
-
-def read_config_file(path: str | Path, what: str = "config", entries: str = "sections") -> dict[str, Any]:
-    """A partial config file as a mapping ({} for an empty one); ConfigError naming `what` and the file when it
-    cannot be read or holds anything but a mapping of `entries` (the pipeline's and the training configs' reader)."""
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} {path}: {first_line(err)}") from None
-    if not isinstance(values, (Mapping, type(None))):
-        raise ConfigError(f"{what} {path} must hold a mapping of {entries}, not {type(values).__name__}")
-    return dict(values or {})
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

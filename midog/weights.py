@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from midog.config import read_config_file
+from midog.config_file import read_config_file
 from midog.errors import WeightsError
 
 DEFAULT_PIXEL_SIZE_UM = 0.25

@@ -58,6 +58,19 @@ def test_unknown_key_is_refused(tmp_path: Path):
         load_config(bad, environ={})
 
 
+def test_an_unknown_key_names_the_closest_known_ones_wherever_it_is_given(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("verifier:\n  treshold: 0.7\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'verifier.treshold' "
+                                          r"\(did you mean 'verifier.threshold'\?\)$"):
+        load_config(bad, environ={})
+    with pytest.raises(ConfigError, match=r"^unknown config key 'verifer' \(did you mean 'verifier'\?\)$"):
+        load_config(environ={"MIDOG_VERIFER__THRESHOLD": "0.5"})
+    with pytest.raises(ConfigError, match=r"^unknown config keys 'tiling.tilesize' \(did you mean 'tiling.tile_size'"
+                                          r"\?\), 'tiling.zzz'$"):
+        load_config(overrides={"tiling.tilesize": 256, "tiling.zzz": 1}, environ={})
+
+
 def test_write_config_values_keeps_other_keys(tmp_path: Path):
     path = tmp_path / "tuned.yaml"
     path.write_text("tiling:\n  tile_size: 256\n")
@@ -109,6 +122,28 @@ def test_every_config_field_has_a_type_check():
     for section, cls in _sections():
         for f in dataclasses.fields(cls):
             assert str(f.type) in FIELD_TYPES, f"{section}.{f.name}: {f.type}"
+
+
+@pytest.mark.parametrize("key, annotation, value", [
+    ("runtime.seed", "int", "thirty"),
+    ("runtime.seed", "int", True),
+    ("proposals.half", "bool", 1),
+    ("foundation.hf_cache", "str | None", 5),
+    ("proposals.classes", "list[int] | None", [-1]),
+])
+def test_a_value_of_the_wrong_type_is_refused_alike_by_the_pipeline_and_the_training_configs(key, annotation, value):
+    from training.config_file import config_from_values
+
+    name = key.split(".")[1]
+    training = dataclasses.make_dataclass("Training", [(name, annotation, dataclasses.field(default=None))])
+    with pytest.raises(ConfigError) as pipeline_error:
+        load_config(overrides={key: value}, environ={})
+    with pytest.raises(ConfigError) as training_error:
+        config_from_values({name: value}, training, "training config")
+    assert re.fullmatch(rf"config {re.escape(key)} is {re.escape(repr(value))}; expected \S.*",
+                        str(pipeline_error.value))
+    assert re.fullmatch(rf"training config: {re.escape(name)} is {re.escape(repr(value))}; expected \S.*",
+                        str(training_error.value))
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-1", 0.5), ("1", 1)])

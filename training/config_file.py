@@ -1,27 +1,22 @@
 """A training command's YAML config read into its dataclass, or one ConfigError (exit code 5) that names the file and
 the key: a file that cannot be read, an unknown key (with the known ones closest to it), a value of the wrong type,
-a value the dataclass refuses."""
+a value the dataclass refuses. The message for unknown keys and the type check are the pipeline config's
+(`midog.config.unknown_keys_message`, `midog.config.typed_value`)."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Mapping, TypeVar
 
-from midog.config import as_float, read_config_file
+from midog.config import annotation_text, typed_value, unknown_keys_message
+from midog.config_file import read_config_file
 from midog.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
-SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple),
-    "tuple": (list, tuple), "dict": (dict,), "None": (type(None),)}
-"""What a value of each annotation may be (YAML gives lists for tuples, and ints for floats); an annotation made
-of other names is not checked."""
-
 
 def read_training_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping a training config file holds ({} for an empty file): `midog.config.read_config_file`."""
+    """The mapping a training config file holds ({} for an empty file): `midog.config_file.read_config_file`."""
     return read_config_file(path, "training config", "settings")
 
 
@@ -55,33 +50,13 @@ def config_from_values(values: Mapping[str, Any], cls: type[T], source: str, pre
         raise ConfigError(f"{source}: {first_line(err)}") from None
 
 
-def unknown_keys_message(unknown: Iterable[str], known: Iterable[str], prefix: str = "", what: str = "key") -> str:
-    """"unknown key 'epoch' (did you mean 'epochs'?)", one entry per key."""
-    known = list(known)
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), known, n=3)
-        hint = f" (did you mean {' or '.join(repr(prefix + name) for name in close)}?)" if close else ""
-        parts.append(f"'{prefix}{key}'{hint}")
-    return f"unknown {what}{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
-
-
 def checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """`value`, or ConfigError when it is not of its field's annotated type (text such as `1e-3`, which YAML 1.1
-    reads as a string, becomes the number of a float field)."""
-    names = [part.strip().split("[")[0] for part in _annotation_text(annotation).split("|")]
-    if not all(name in SIMPLE_TYPES for name in names):
-        return value
-    if isinstance(value, str) and "float" in names and "str" not in names:
-        value = as_float(value)
-    if not any(isinstance(value, SIMPLE_TYPES[name]) and not (isinstance(value, bool) and name in ("int", "float"))
-               for name in names):
-        raise ConfigError(f"{source}: {key} is {value!r:.80}; expected {_annotation_text(annotation)}")
+    """`value`, or ConfigError when it is not of its field's annotated type (`midog.config.typed_value`: text such
+    as `1e-3`, which YAML 1.1 reads as a string, becomes the number of a float field)."""
+    value, typed = typed_value(value, annotation)
+    if not typed:
+        raise ConfigError(f"{source}: {key} is {value!r:.80}; expected {annotation_text(annotation)}")
     return value
-
-
-def _annotation_text(annotation: Any) -> str:
-    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
 def _nested_dataclass(f: dataclasses.Field) -> type | None:

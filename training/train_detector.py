@@ -24,8 +24,9 @@ from typing import Any, Iterator
 import yaml
 
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.config import unknown_keys_message
 from midog.errors import ConfigError, InputError, MidogError, WeightsError, first_line
-from training.config_file import load_training_config, unknown_keys_message
+from training.config_file import load_training_config
 from training.runtime import REPO_ROOT, git_commit
 
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "detector.yaml"
