@@ -1,7 +1,8 @@
 """Check an evaluation run's metrics.json against an expected one: every aggregate of the expected file (nested
 tables included) must be in the run's file and equal within --atol (NaN equals NaN), and the run's per-job `results`
-must be empty, as the evaluation container writes them. Aggregates the expected file lacks are not checked (the
-published Track 1 file predates FROC and the tumour x ROI-type table).
+must be the expected file's in any order (the final Track 1 container keeps per-image results with their ground
+truth emptied; Track 2's are empty). Aggregates the expected file lacks are not checked (the published Track 1 file
+predates FROC and the tumour x ROI-type table).
 
     python check_metrics.py ACTUAL_METRICS_JSON EXPECTED_METRICS_JSON [--atol 1e-6]
 
@@ -29,10 +30,26 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unordered(results: Any) -> list[Any]:
+    """Per-job results sorted by image (then by their JSON text): the container writes them in job order, the
+    published file in the order its jobs completed; an empty list and an empty mapping are the same nothing. Compared
+    as values, so 0 and 0.0 are equal as in the aggregates."""
+    if not results:
+        return []
+    entries = list(results.values() if isinstance(results, dict) else results)
+
+    def key(entry: Any) -> tuple[str, str]:
+        image = entry.get("image") if isinstance(entry, dict) else None
+        return (str(image), "" if image is not None else json.dumps(entry, sort_keys=True))
+
+    return sorted(entries, key=key)
+
+
 def differences(actual: dict[str, Any], expected: dict[str, Any], atol: float) -> list[str]:
     found = []
-    if actual.get("results"):
-        found.append("per-job results are not emptied")
+    if unordered(actual.get("results")) != unordered(expected.get("results")):
+        found.append(f"per-job results differ from the expected file's ({len(actual.get('results') or [])} against "
+                     f"{len(expected.get('results') or [])})")
     mine = flatten(actual.get("aggregates") or {})
     for key, value in flatten(expected.get("aggregates") or {}).items():
         if key not in mine:

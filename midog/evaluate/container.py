@@ -6,9 +6,10 @@ It reads what grand-challenge gives an evaluation method and writes what the pla
   (default input: /input);
 - the ground truth: `ground_truth.json` in the phase's ground-truth folder (default:
   /opt/ml/input/data/ground_truth/, where the platform unpacks the ground-truth tarball; a file is taken as given);
-- it writes `<output>/metrics.json` (default output: /output) with the aggregates only: the per-job `results` are
-  emptied, as the final Track 2 container does, so that no per-image count of the hidden test set reaches a
-  participant's result page.
+- it writes `<output>/metrics.json` (default output: /output) as the final official container of the track writes
+  it: Track 1 with its per-image `results` (each image's points and counts, `gt` emptied), Track 2 with the
+  per-job `results` emptied. `--aggregates-only` empties Track 1's too, for a phase whose organisers want no
+  per-image count of the hidden test set on a participant's result page.
 
 Scoring is `midog.evaluate`'s with the final official containers' settings: Track 1 with the coordinate check,
 FROC and AP; Track 2 with `confidence` read as P(atypical). The track is `--track`, else $MIDOG_EVAL_TRACK (the
@@ -64,8 +65,9 @@ def choose_track(track: str, ground_truth: Any, path: Path) -> int:
 
 
 def evaluate(input_dir: Path, ground_truth_path: Path, track: str = "auto",
-             check_coordinates: bool = True) -> tuple[int, dict[str, Any]]:
-    """(track scored, the metrics.json to write) for grand-challenge's input layout."""
+             check_coordinates: bool = True, aggregates_only: bool = False) -> tuple[int, dict[str, Any]]:
+    """(track scored, the metrics.json to write) for grand-challenge's input layout; `aggregates_only`: Track 1's
+    per-image results emptied as well (Track 2's always are, as in its final container)."""
     ground_truth = read_json(ground_truth_path, GroundTruthError, "ground truth")
     number = choose_track(track, ground_truth, ground_truth_path)
     if not (input_dir / PREDICTIONS_FILENAME).is_file():
@@ -75,7 +77,8 @@ def evaluate(input_dir: Path, ground_truth_path: Path, track: str = "auto",
 
         jobs = iter_jobs(input_dir, 1, set(ground_truth))  # read one at a time, in predictions.json order
         evaluation = track1.evaluate_jobs(jobs, ground_truth, check_coordinates=check_coordinates)
-        return 1, {"results": [], "aggregates": evaluation.aggregates}
+        return 1, {"results": [] if aggregates_only else evaluation.metrics()["results"],
+                   "aggregates": evaluation.aggregates}
     if not check_coordinates:
         raise EvaluationError("--no-coordinate-check applies to Track 1 only")
     from midog.evaluate import track2
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-coordinate-check", action="store_true",
                         help="Track 1: accept points beyond 10 mm or below -7.5 µm (pixel coordinates?), as the "
                              "container's first version did; the published test vectors need it")
+    parser.add_argument("--aggregates-only", action="store_true",
+                        help="Track 1: write no per-image results (the final Track 1 container writes them, with "
+                             "each image's ground truth emptied; Track 2's are always emptied)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if ground_truth.is_dir():
         ground_truth = ground_truth / GROUND_TRUTH_FILENAME
     try:
-        number, metrics = evaluate(args.input, ground_truth, track, not args.no_coordinate_check)
+        number, metrics = evaluate(args.input, ground_truth, track, not args.no_coordinate_check,
+                                   args.aggregates_only)
         written = write_json_atomic(args.output / METRICS_FILENAME, metrics)
     except MidogError as err:
         if args.debug:
