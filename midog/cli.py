@@ -19,7 +19,7 @@ from midog.errors import InputError, MidogError, first_line
 from midog.interfaces import TRACK1_SLUG, TRACK2_SLUG
 from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
                            discard_previous_outputs, write_json_atomic)
-from midog.progress import LOG_INTERVAL_S, set_quiet
+from midog.progress import LOG_INTERVAL_S, is_quiet, set_quiet
 from midog.weights import plain
 
 if TYPE_CHECKING:
@@ -178,14 +178,43 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(DEBUG_FLAG, action="store_true", help="print the traceback of a failure before its error line")
 
 
+QUIET_FLAG = "--quiet"
+QUIET_HELP = ("no progress bars; without it they redraw on a terminal and, when stderr is not one, write a line "
+              f"every {LOG_INTERVAL_S:g} s of a step that lasts longer; log lines and printed results are unchanged")
+
+
+class _QuietAction(argparse.Action):
+    """`--quiet` as a flag that also turns every progress bar off (`midog.progress.set_quiet`) once parsed: the
+    bars deep inside a command need no flag passed down to them."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: bool = False, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True)
+        set_quiet(True)
+
+
+def add_quiet_option(parser: argparse.ArgumentParser, help: str = QUIET_HELP) -> None:
+    """The `--quiet` flag of every command that draws progress bars: `args.quiet`, and the bars off from the
+    moment it is parsed until the `entry_point` command ends."""
+    parser.add_argument(QUIET_FLAG, action=_QuietAction, help=help)
+
+
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Decorate a command's `main(argv)` with `report_errors`, `--debug` read from its arguments (the parser must
     accept it: `add_debug_option`). Usage errors stay argparse's (exit code 2, one line with
-    `OneLineArgumentParser`)."""
+    `OneLineArgumentParser`). The bars' quiet setting (`add_quiet_option`) is put back as it was when `main` ends,
+    so a command run from another (training.lora's train_classifier) or from a test leaves it as it found it."""
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         debug = DEBUG_FLAG in (sys.argv[1:] if argv is None else argv)
-        return report_errors(lambda: main(argv), debug)
+        quiet = is_quiet()
+        try:
+            return report_errors(lambda: main(argv), debug)
+        finally:
+            set_quiet(quiet)
 
     return wrapper
 
@@ -213,10 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write a JSON run record here when the run succeeds: the checkpoints loaded (path, "
                              "sha256), the thresholds in force, the resolved config, package versions, track, image")
     parser.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (tiles, verification, atypical labelling, stack pages); without it "
-                             "they redraw on a terminal and, when stderr is not one, write a line every "
-                             f"{LOG_INTERVAL_S:g} s of a step that lasts longer; log records are unchanged")
+    add_quiet_option(parser, help="no progress bars (tiles, verification, atypical labelling, stack pages); without "
+                                  "it they redraw on a terminal and, when stderr is not one, write a line every "
+                                  f"{LOG_INTERVAL_S:g} s of a step that lasts longer; log records are unchanged")
     args = parser.parse_args(argv)
     if args.record is not None and args.record.resolve() in {(args.output / name).resolve() for name in RESULT_FILES}:
         parser.error(f"--record {args.record} would overwrite a result file")

@@ -3,8 +3,9 @@ epochs, TTA scoring, dataset preparation, canvas building, false-positive mining
 
 On a terminal it redraws in place and goes away when done. Anywhere else (a log file, a container's log) it waits
 `LOG_INTERVAL_S` before its first line and writes at most one line per `LOG_INTERVAL_S`, each ended by a newline,
-plus the final count: a step shorter than that leaves nothing in the log. `set_quiet(True)` (process.py `--quiet`)
-turns every bar off. `progress_iter` is the same bar over an iterable (the training loops, the preparation steps).
+plus the final count: a step shorter than that leaves nothing in the log. `set_quiet(True)` (`--quiet` of process.py
+and of every training command that draws bars: `midog.cli.add_quiet_option`) turns every bar off. `progress_iter`
+is the same bar over an iterable (the training loops, the preparation steps).
 A postfix (`bar.set_postfix(loss=...)`) is shown with the next count the bar writes, never on a line of its own, so
 each line in a log shows the count and the postfix of one moment.
 """
@@ -25,9 +26,15 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """Every bar off (True), whatever its caller asked; process.py sets it from `--quiet` on each run."""
+    """Every bar off (True), whatever its caller asked; process.py sets it from `--quiet` on each run, a training
+    command as it parses `--quiet` (`midog.cli.add_quiet_option`)."""
     global _quiet
     _quiet = bool(quiet)
+
+
+def is_quiet() -> bool:
+    """Whether `set_quiet(True)` holds (`midog.cli.entry_point` puts it back as it was when a command ends)."""
+    return _quiet
 
 
 class _LineEnded:

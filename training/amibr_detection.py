@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.progress import progress_iter
 from training.config_file import load_training_config
@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                              "canvases of OUT to OUT/verifier/<split>/false_positive")
     parser.add_argument("--confidence", type=float, help="detector confidence for mining (default: the pipeline's)")
     add_debug_option(parser)
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     if args.mine_false_positives is not None:
         counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence)

@@ -30,7 +30,7 @@ import torch
 
 from midog.atypical import AtypicalClassifier
 from midog.classifier import load_classifier
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.foundation import resolve_spec
 from midog.progress import progress_iter
@@ -242,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="8-fold dihedral TTA on the test sets")
     parser.add_argument("--resume", action="store_true", help="continue the folds' training from last.pt")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

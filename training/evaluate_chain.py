@@ -28,7 +28,7 @@ import tifffile
 from PIL import Image
 
 from midog.config import PipelineConfig, resolve_config
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.evaluate.track1 import Track1Evaluation, evaluate
 from midog.evaluate.tune import TunedThreshold, tune_detection, write_thresholds
@@ -192,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, help="write the report (JSON) here")
     parser.add_argument("--limit", type=int, help="at most this many canvases per split (quick checks)")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

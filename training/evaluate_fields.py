@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from midog.config import resolve_config, write_config_values
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.merging import Candidates
 from midog.outputs import write_json_atomic
@@ -203,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write the ship threshold (median of the folds' optimal thresholds) as "
                         "verifier.threshold into this pipeline.yaml")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

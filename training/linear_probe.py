@@ -29,7 +29,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
 from midog.classifier import build_classifier, preprocess_card
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
 from midog.progress import progress_iter
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out")
     parser.add_argument("--ship", help="also fit the head on all crops and write it here (.pt + .json card)")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

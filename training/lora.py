@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from midog.classifier import load_classifier
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.foundation import LoraSettings, find_base_weights, options_from_dict, resolve_spec
 from midog.weights import read_model_card, write_model_card
 from training import train_classifier
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", help="output folder (default: the config's, or runs/lora_<backbone>)")
     parser.add_argument("--merged", help="with --ship: also write the adapters merged into the backbone here (.pt)")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_known_args(argv)
 
 

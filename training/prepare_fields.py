@@ -47,7 +47,7 @@ import yaml
 from PIL import Image
 
 from midog.config import PipelineConfig, resolve_config
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.image_io import RoiImage
 from midog.roi_io import ArrayRoi, PhysicalTransform
@@ -367,6 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(defaults, key)
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

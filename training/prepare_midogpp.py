@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.config import TilingConfig
 from training.midogpp import (SPLIT_RATIOS, ConvertConfig, TileConfig, annotation_counts, convert, load_midogpp,
                               split_slides)
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="slides converted in parallel")
     parser.add_argument("--dry-run", action="store_true", help="only print the split and the counts")
     add_debug_option(parser)
+    add_quiet_option(parser)
     args = parser.parse_args(argv)
     if not args.dry_run and args.out is not None and args.images is None:
         parser.error("--out needs --images (the folder of MIDOG++ .tiff images) to write the dataset; without --out "

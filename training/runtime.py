@@ -1,9 +1,10 @@
 """What every training script shares: seeds, the DDP context torchrun sets up, the optimizer and its learning-rate
-schedule, the git commit for model cards, and the run files (metrics CSV, resumable checkpoints) written so that a
-crash never leaves half a file."""
+schedule, the git commit for model cards, the JSON files a command line names, and the run files (metrics CSV,
+resumable checkpoints) written so that a crash never leaves half a file."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from midog.errors import InputError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +109,20 @@ def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`, or an InputError that names `what` and the file: missing, not JSON, not an
+    object (a one-line error and exit code 2 through `midog.cli.entry_point`, never an unexpected failure)."""
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{what} {path} is not valid JSON: {first_line(err)}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} {path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

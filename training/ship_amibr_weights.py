@@ -13,8 +13,8 @@ See docs/shipped-weights.md.
 
 from __future__ import annotations
 
+import argparse
 import csv
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
 from midog.weights import read_model_card, write_model_card
-from training.runtime import REPO_ROOT, git_commit
+from training.runtime import REPO_ROOT, git_commit, read_json_object
 
 
 DATA_CONSTRUCTION = (
@@ -157,6 +158,35 @@ def _data_card(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MANIFEST_KEYS = ("seed", "counts")
+REPORT_KEYS = ("tuned", "val_at_tuned", "test_at_tuned", "figures")
+
+
+def read_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The set's manifest and the chain report, once every input is known to be there: a missing or malformed one
+    is an InputError (exit code 2) before anything is written."""
+    for path, what in ((args.detector_run / "weights" / "best.pt", "detector checkpoint"),
+                       (args.detector_run / "args.yaml", "detector run settings"),
+                       (args.detector_run / "results.csv", "detector run results"),
+                       (args.verifier, "verifier checkpoint")):
+        if not path.is_file():
+            raise InputError(f"{what} not found: {path}")
+    manifest = _read_json_of(args.set / "manifest.json", "--set manifest", MANIFEST_KEYS, "training.amibr_detection")
+    if args.chain_report is None:
+        return manifest, None
+    return manifest, _read_json_of(args.chain_report, "--chain-report", REPORT_KEYS, "training.evaluate_chain")
+
+
+def _read_json_of(path: Path, what: str, keys: tuple[str, ...], writer: str) -> dict[str, Any]:
+    """`path`'s JSON object (`training.runtime.read_json_object`), refused without one of the `keys` `writer` puts
+    in it (a KeyError later would be an unexpected failure)."""
+    value = read_json_object(path, what)
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: not the JSON {writer} writes")
+    return value
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
@@ -167,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain-report", type=Path, help="JSON from training.evaluate_chain on these weights")
     add_debug_option(parser)
     args = parser.parse_args(argv)
-    manifest = json.loads((args.set / "manifest.json").read_text())
-    report = json.loads(args.chain_report.read_text()) if args.chain_report else None
+    manifest, report = read_inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in (ship_detector(args.detector_run, args.out, manifest, report),
                  ship_verifier(args.verifier, args.out, manifest, report)):

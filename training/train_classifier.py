@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from training.classifier_config import (SHIP_EPOCH_CHECKPOINTS, TrainConfig, ema_name, fold_checkpoint_name,
                                         fold_checkpoint_path, fold_report_path, full_checkpoint_name,
@@ -130,6 +130,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             kind: dict[str, Any] = {"metavar": "PATH"} if name.startswith("ship") else {"action": "store_true"}
             parser.add_argument(flag, help=text, **kind)
     add_debug_option(parser)
+    add_quiet_option(parser)
 
 
 def with_command(argv: list[str]) -> list[str]:

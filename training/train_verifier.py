@@ -42,15 +42,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from midog.classifier import BinaryClassifier, build_classifier
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
-from midog.progress import progress_iter
+from midog.progress import progress_bar, progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
 from training.augment import HEDJitter
 from training.config_file import load_training_config
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
-                              same_model_on_every_rank, save_atomic, seed_everything, write_csv)
+                              read_json_object, same_model_on_every_rank, save_atomic, seed_everything,
+                              write_csv)
 
 POSITIVE_FOLDER = "mitotic_figure"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -334,12 +335,16 @@ def train_epoch(clf: BinaryClassifier, net: torch.nn.Module, loader: DataLoader,
 
 
 @torch.inference_mode()
-def predict_folder(clf: BinaryClassifier, dataset: CropFolder, batch_size: int) -> np.ndarray:
-    """P(mitotic figure) of every crop in `dataset`, in order (read in chunks, never all at once)."""
+def predict_folder(clf: BinaryClassifier, dataset: CropFolder, batch_size: int, desc: str = "validation",
+                   progress: bool = True) -> np.ndarray:
+    """P(mitotic figure) of every crop in `dataset`, in order (read in chunks, never all at once), under a bar of
+    `desc` counting crops (`progress` False: none)."""
     out = []
-    for start in range(0, len(dataset), batch_size):
-        crops = torch.stack([read_crop(p, dataset.size) for p in dataset.paths[start:start + batch_size]])
-        out.append(clf.predict_proba(crops.permute(0, 2, 3, 1), batch_size=batch_size))
+    with progress_bar(len(dataset), desc, "crop", progress) as bar:
+        for start in range(0, len(dataset), batch_size):
+            crops = torch.stack([read_crop(p, dataset.size) for p in dataset.paths[start:start + batch_size]])
+            out.append(clf.predict_proba(crops.permute(0, 2, 3, 1), batch_size=batch_size))
+            bar.update(len(crops))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -447,7 +452,8 @@ def train(cfg: VerifierTrainConfig, data: Path, out: Path, ctx: Dist | None = No
                                     desc=f"verifier ep{epoch}")
         state["steps"] += steps
         same_model_on_every_rank(net, ctx)
-        probs = rank0_array(predict_folder(clf, val_set, cfg.eval_batch_size), ctx)
+        probs = predict_folder(clf, val_set, cfg.eval_batch_size, f"verifier val ep{epoch}", ctx.main)
+        probs = rank0_array(probs, ctx)
         threshold, f1 = f1_threshold(val_labels, probs)
         metrics = binary_metrics(val_labels, probs, threshold)
         row: dict[str, Any] = {"epoch": epoch, "steps": state["steps"], "lr": optimizer.param_groups[0]["lr"],
@@ -521,6 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--card-extra", type=Path, help="JSON object merged into the model card (data notes)")
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 
@@ -531,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": args.run_dir, "epochs": args.epochs, "max_steps": args.max_steps, "arch": args.arch,
         "batch_size": args.batch_size}.items() if value is not None}
     cfg = load_verifier_config(args.config, overrides)
-    extra = json.loads(args.card_extra.read_text()) if args.card_extra else None
+    extra = read_json_object(args.card_extra, "--card-extra") if args.card_extra else None
     ctx = init_distributed()
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)

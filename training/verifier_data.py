@@ -39,7 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from midog.config import PipelineConfig, VerifierConfig, resolve_config
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
 from midog.image_io import open_roi
 from midog.pipeline import Track1Detector
@@ -209,6 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-score", type=float, default=CropConfig.min_score)
     parser.add_argument("--max-fp-per-slide", type=int, default=0)
     add_debug_option(parser)
+    add_quiet_option(parser)
     return parser.parse_args(argv)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -41,10 +41,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+def _fmt(value: float | None) -> str:
+    """A summary.md cell: "n/a" for an undefined value (a `GroupRow`'s None), as the figures mark it."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ---- Track 1 -------------------------------------------------------------------------------------------------
@@ -141,6 +140,11 @@ class GroupRow:
 
 TRACK1_BARS = ("f1", "precision", "recall", "AP")
 TRACK2_BARS = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
+TRACK1_COLUMNS = (*TRACK1_BARS, "froc_auc")
+TRACK2_COLUMNS = ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc")
+"""The metrics of summary.md's tables: the figures' bars and the rest of the official ones, n/a by the same rule."""
+TRACK1_OVERALL_KEYS = {"f1": "f1_score"}
+"""The aggregates' names of the overall Track 1 metrics that differ from the groups' (`tumor_0_f1`: `f1_score`)."""
 
 
 def _defined(value: Any) -> float | None:
@@ -187,25 +191,28 @@ def _track1_domains(agg: dict[str, Any]) -> list[str]:
     return [k[len("tumor_"):-len("_f1")] for k in agg if k.startswith("tumor_") and k.endswith("_f1")]
 
 
-def _track1_row(name: str, prefix: str, agg: dict[str, Any], results: Sequence[ImageResult]) -> GroupRow:
-    """F1, recall and AP are undefined without ground truth, precision without detections: None, not the
+def _track1_row(name: str, prefix: str | None, agg: dict[str, Any], results: Sequence[ImageResult],
+                metrics: Sequence[str] = TRACK1_BARS) -> GroupRow:
+    """F1, recall, AP and FROC AUC are undefined without ground truth, precision without detections: None, not the
     official 0 (or -1, or eps-driven) value. Detections where there is no ground truth are all false positives:
-    precision 0, a real figure."""
+    precision 0, a real figure. `prefix` None: the overall aggregates."""
     tp = sum(r.score.true_positives for r in results)
     gt = tp + sum(r.score.false_negatives for r in results)
     det = tp + sum(r.score.false_positives for r in results)
-    defined = {"f1": gt > 0, "precision": det > 0, "recall": gt > 0, "AP": gt > 0}
-    values = {m: _defined(agg[f"{prefix}_{m}"]) if defined[m] else None for m in TRACK1_BARS}
+    defined = {"f1": gt > 0, "precision": det > 0, "recall": gt > 0, "AP": gt > 0, "froc_auc": gt > 0}
+    keys = {m: f"{prefix}_{m}" if prefix else TRACK1_OVERALL_KEYS.get(m, m) for m in metrics}
+    values = {m: _defined(agg.get(keys[m], math.nan)) if defined[m] else None for m in metrics}
     return GroupRow(name, f"GT {gt}, det {det}, TP {tp}", values)
 
 
-def track1_group_rows(evaluation: Track1Evaluation) -> tuple[list[GroupRow], list[GroupRow]]:
-    """The per-tumour-domain and per-ROI-type rows `per_domain.png` draws."""
+def track1_group_rows(evaluation: Track1Evaluation, metrics: Sequence[str] = TRACK1_BARS
+                      ) -> tuple[list[GroupRow], list[GroupRow]]:
+    """The per-tumour-domain and per-ROI-type rows `per_domain.png` draws (summary.md: with `TRACK1_COLUMNS`)."""
     agg, images = evaluation.aggregates, evaluation.images
     domains = [_track1_row(f"domain {d}", f"tumor_{d}", agg,
-                           [r for r in images if _domain_key(r.truth.tumor_domain) == d])
+                           [r for r in images if _domain_key(r.truth.tumor_domain) == d], metrics)
                for d in _track1_domains(agg)]
-    rois = [_track1_row(t, f"roi_type_{t}", agg, [r for r in images if r.truth.roi_type == t])
+    rois = [_track1_row(t, f"roi_type_{t}", agg, [r for r in images if r.truth.roi_type == t], metrics)
             for t in ROI_TYPES if any(r.truth.roi_type == t for r in images)]
     return domains, rois
 
@@ -295,32 +302,32 @@ def plot_overlay(result: ImageResult, image_path: Path, path: Path, spacing_um: 
     return _save(overlay_figure(result, image_path, spacing_um), path)
 
 
+def _table_row(label: str, row: GroupRow, metrics: Sequence[str]) -> str:
+    """One line of a summary.md table: `row`'s values, "n/a" where the figures say n/a."""
+    return f"| {label} | " + " | ".join(_fmt(row.values[m]) for m in metrics) + " |"
+
+
 def _track1_summary(evaluation: Track1Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:
     agg = evaluation.aggregates
     tp = sum(r.score.true_positives for r in evaluation.images)
     fp = sum(r.score.false_positives for r in evaluation.images)
     fn = sum(r.score.false_negatives for r in evaluation.images)
+    overall = _track1_row("overall", None, agg, evaluation.images, TRACK1_COLUMNS)
+    domains, rois = track1_group_rows(evaluation, TRACK1_COLUMNS)
     lines = ["# Track 1 evaluation", "",
              f"{len(evaluation.images)} images; TP {tp}, FP {fp}, FN {fn} (points named \"mitotic figure\", "
              "7.5 µm matching).", "",
              "| group | F1 | precision | recall | AP | FROC AUC (0-8) |", "|---|---|---|---|---|---|",
-             f"| overall | {_fmt(agg['f1_score'])} | {_fmt(agg['precision'])} | {_fmt(agg['recall'])} | "
-             f"{_fmt(agg['AP'])} | {_fmt(agg.get('froc_auc', float('nan')))} |"]
-    for d in _track1_domains(agg):
-        lines.append(f"| domain {d} | {_fmt(agg[f'tumor_{d}_f1'])} | {_fmt(agg[f'tumor_{d}_precision'])} | "
-                     f"{_fmt(agg[f'tumor_{d}_recall'])} | {_fmt(agg[f'tumor_{d}_AP'])} | "
-                     f"{_fmt(agg.get(f'tumor_{d}_froc_auc', float('nan')))} |")
-    for r in ROI_TYPES:
-        if any(img.truth.roi_type == r for img in evaluation.images):
-            lines.append(f"| ROI {r} | {_fmt(agg[f'roi_type_{r}_f1'])} | {_fmt(agg[f'roi_type_{r}_precision'])} | "
-                         f"{_fmt(agg[f'roi_type_{r}_recall'])} | {_fmt(agg[f'roi_type_{r}_AP'])} | "
-                         f"{_fmt(agg.get(f'roi_type_{r}_froc_auc', float('nan')))} |")
+             _table_row("overall", overall, TRACK1_COLUMNS)]
+    lines += [_table_row(row.name, row, TRACK1_COLUMNS) for row in domains]
+    lines += [_table_row(f"ROI {row.name}", row, TRACK1_COLUMNS) for row in rois]
     best = (f"Best F1 over all candidates by probability: {tuned.value:.4f} at `{tuned.key}: "
             f"{tuned.threshold:.4f}` (the names in the outputs give F1 {agg['f1_score']:.4f})." if tuned else
             "No predicted point in any image: no threshold to choose.")
     lines += ["", best, "",
-              "AP is -1 for a group without ground truth and F1 is 1 for a group without any point (the official "
-              "formulas).", "", "## Figures", ""]
+              "n/a: undefined for the group, as in the figures (F1, recall, AP and FROC AUC without ground truth, "
+              "precision without detections); metrics.json keeps the official values (AP -1 without ground truth, "
+              "F1 1 for a group without any point).", "", "## Figures", ""]
     lines += [f"- ![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 
@@ -396,20 +403,23 @@ def plot_confusion(evaluation: Track2Evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def track2_domain_rows(evaluation: Track2Evaluation) -> list[GroupRow]:
-    """The rows `per_domain.png` draws: sensitivity is undefined (None) without atypical pages, specificity
-    without normal ones, balanced accuracy and ROC AUC when either is (the official values say 0 or NaN)."""
+def _track2_row(name: str, labels: np.ndarray, official: Mapping[str, Any],
+                metrics: Sequence[str] = TRACK2_BARS) -> GroupRow:
+    """Sensitivity is undefined (None) without atypical pages, specificity without normal ones, balanced accuracy
+    and ROC AUC when either is (the official values say 0 or NaN), accuracy without pages."""
+    positives, negatives = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    both = positives > 0 and negatives > 0
+    defined = {"sensitivity": positives > 0, "specificity": negatives > 0, "balanced_accuracy": both,
+               "roc_auc": both, "accuracy": len(labels) > 0}
+    values = {m: _defined(official.get(m, math.nan)) if defined[m] else None for m in metrics}
+    return GroupRow(name, f"{len(labels)} pages, {positives} atypical", values)
+
+
+def track2_domain_rows(evaluation: Track2Evaluation, metrics: Sequence[str] = TRACK2_BARS) -> list[GroupRow]:
+    """The rows `per_domain.png` draws (summary.md: with `TRACK2_COLUMNS`), n/a by `_track2_row`'s rule."""
     y_true, domains, agg = evaluation.y_true, evaluation.domains, evaluation.aggregates
-    rows = []
-    for domain in np.sort(np.unique(domains)):
-        labels = y_true[domains == domain]
-        positives, negatives = int(np.sum(labels == 1)), int(np.sum(labels == 0))
-        official = agg[f"domain_{domain}"]
-        defined = {"sensitivity": positives > 0, "specificity": negatives > 0,
-                   "balanced_accuracy": positives > 0 and negatives > 0, "roc_auc": positives > 0 and negatives > 0}
-        values = {m: _defined(official[m]) if defined[m] else None for m in TRACK2_BARS}
-        rows.append(GroupRow(f"domain {domain}", f"{len(labels)} pages, {positives} atypical", values))
-    return rows
+    return [_track2_row(f"domain {domain}", y_true[domains == domain], agg[f"domain_{domain}"], metrics)
+            for domain in np.sort(np.unique(domains))]
 
 
 def track2_domain_figure(evaluation: Track2Evaluation) -> Any:
@@ -426,19 +436,18 @@ def plot_track2_domains(evaluation: Track2Evaluation, path: Path) -> Path:
 
 def _track2_summary(evaluation: Track2Evaluation, tuned: TunedThreshold, figures: list[Path]) -> str:
     agg = evaluation.aggregates
+    overall = _track2_row("overall", evaluation.y_true, {m: agg.get(f"overall_{m}", math.nan) for m in TRACK2_COLUMNS},
+                          TRACK2_COLUMNS)
     lines = ["# Track 2 evaluation", "", f"{len(evaluation.stacks)} stacks, {len(evaluation.y_true)} pages "
              f"({int(evaluation.y_true.sum())} atypical).", "",
              "| group | balanced accuracy | sensitivity | specificity | accuracy | ROC AUC |",
-             "|---|---|---|---|---|---|",
-             f"| overall | {_fmt(agg['overall_balanced_accuracy'])} | {_fmt(agg['overall_sensitivity'])} | "
-             f"{_fmt(agg['overall_specificity'])} | {_fmt(agg['overall_accuracy'])} | {_fmt(agg['overall_roc_auc'])} |"]
-    for key, values in agg.items():
-        if key.startswith("domain_"):
-            lines.append(f"| {key.replace('_', ' ')} | {_fmt(values['balanced_accuracy'])} | "
-                         f"{_fmt(values['sensitivity'])} | {_fmt(values['specificity'])} | "
-                         f"{_fmt(values['accuracy'])} | {_fmt(values['roc_auc'])} |")
+             "|---|---|---|---|---|---|", _table_row("overall", overall, TRACK2_COLUMNS)]
+    lines += [_table_row(row.name, row, TRACK2_COLUMNS) for row in track2_domain_rows(evaluation, TRACK2_COLUMNS)]
     lines += ["", f"Best balanced accuracy over P(atypical) thresholds: {tuned.value:.4f} at "
                   f"`{tuned.key}: {tuned.threshold:.4f}`.", "",
+              "n/a: undefined for the group, as in the figures (sensitivity without atypical pages, specificity "
+              "without normal ones, balanced accuracy and ROC AUC without either); metrics.json keeps the official "
+              "values.", "",
               "P(atypical) is read as the official evaluator reads it: `confidence` when the class is atypical, "
               "`1 - confidence` when it is normal.", "", "## Figures", ""]
     lines += [f"- ![{p.stem}]({p.name})" for p in figures]

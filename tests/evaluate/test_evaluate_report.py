@@ -185,3 +185,36 @@ def test_overlay_legend_sits_outside_the_image(tmp_path: Path) -> None:
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["non-mitotic candidates (1)", "TP (1)", "FP (1)", "FN (1)"]
     assert _legend_outside_axes(fig, ax)
+
+
+def _table(summary: str) -> dict[str, list[str]]:
+    """summary.md's table: each row's cells by its group label."""
+    rows = [line.strip("|").split("|") for line in summary.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+
+
+def test_track1_summary_reads_na_where_the_figure_does(tmp_path: Path) -> None:
+    gt = {**GT1, "roi_c.tiff": truth([], domain=2, roi="hotspot")}  # domain 2: no ground truth, two detections
+    pred = {**PRED1, "roi_c.tiff": payload([point(30, 30, 0.8), point(90, 90, 0.8)])}
+    evaluation = track1.evaluate(pred, gt)
+    assert evaluation.aggregates["tumor_2_AP"] == -1  # the official value the table used to print
+    write_track1_report(evaluation, tmp_path / "report")
+    table = _table((tmp_path / "report" / "summary.md").read_text())
+    # F1 | precision | recall | AP | FROC AUC: precision is 0 (two false positives), a real figure
+    assert table["domain 2"] == ["n/a", "0.0000", "n/a", "n/a", "n/a"]
+    assert table["domain 1"][2] == "0.0000"  # recall: defined, just zero
+    assert table["domain 0"][2] == "0.5000" and table["overall"][2] == "0.3333"  # recall: 1 of 2, 1 of 3
+
+
+def test_track2_summary_reads_na_where_the_figure_does(tmp_path: Path) -> None:
+    gt = [{"image": "s.tiff", "labels": ["atypical", "normal", "normal", "normal"], "tumordomains": [0, 0, 1, 1]}]
+    pred = {"s.tiff": [{"class": "atypical", "confidence": 0.9}, {"class": "normal", "confidence": 0.2},
+                       {"class": "atypical", "confidence": 0.55}, {"class": "normal", "confidence": 0.4}]}
+    evaluation = track2.evaluate(pred, gt)
+    assert evaluation.aggregates["domain_1"]["sensitivity"] == 0.0  # the official value the table used to print
+    write_track2_report(evaluation, tmp_path / "r2")
+    table = _table((tmp_path / "r2" / "summary.md").read_text())
+    # balanced accuracy | sensitivity | specificity | accuracy | ROC AUC: domain 1 has no atypical page
+    assert table["domain 1"] == ["n/a", "n/a", "0.5000", "0.5000", "n/a"]
+    assert table["domain 0"] == ["1.0000", "1.0000", "1.0000", "1.0000", "1.0000"]
+    assert table["overall"][1] == "1.0000"

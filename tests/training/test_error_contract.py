@@ -92,6 +92,20 @@ def test_train_verifier_config_typo(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
 
 
+@pytest.mark.parametrize("text, part", [(None, "--card-extra not found"), ("{'data': 1}", "is not valid JSON"),
+                                        ('["notes"]', "must hold a JSON object, not list")])
+def test_train_verifier_bad_card_extra(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None,
+                                       part: str) -> None:
+    extra = tmp_path / "notes.json"
+    if text is not None:
+        extra.write_text(text)
+    args = ["--data", str(tmp_path / "crops"), "--out", str(tmp_path / "v.pt"), "--run-dir", str(tmp_path / "run"),
+            "--card-extra", str(extra)]
+    assert train_verifier.main(args) == InputError.exit_code
+    one_error_line(capsys.readouterr().err, part, str(extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if text is None else ["notes.json"])
+
+
 def test_a_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         train_verifier.main(["--config", "x.yaml"])  # no --data

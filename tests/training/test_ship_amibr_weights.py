@@ -11,6 +11,7 @@ import yaml
 from roi_factory import tiny_detector, tiny_verifier
 
 from midog.classifier import load_classifier
+from midog.errors import InputError
 from midog.proposals import load_detector
 from midog.weights import sha256_of
 from training import ship_amibr_weights as ship
@@ -59,3 +60,30 @@ def test_cards_load_and_carry_the_numbers(inputs):
     assert load_classifier(verifier).arch == "test_resnet"
     assert ship.main(args) == 0  # shipping again (e.g. with a new report) keeps the checkpoints' sha256
     assert json.loads(detector.with_suffix(".json").read_text())["sha256"] == det_card["sha256"]
+
+
+
+@pytest.mark.parametrize("broken, text, message", [
+    ("manifest", None, "--set manifest not found: {manifest}"),
+    ("manifest", "{not json", "--set manifest {manifest} is not valid JSON"),
+    ("manifest", "[]", "--set manifest {manifest} must hold a JSON object, not list"),
+    ("manifest", '{"seed": 0}', "{manifest} lacks counts: not the JSON training.amibr_detection writes"),
+    ("report", "{not json", "--chain-report {report} is not valid JSON"),
+    ("report", '{"tuned": {}}', "{report} lacks val_at_tuned, test_at_tuned, figures"),
+    ("results", None, "detector run results not found: {results}"),
+])
+def test_a_bad_input_is_one_line_and_exit_code_2(inputs, capsys: pytest.CaptureFixture[str], broken: str,
+                                                 text: str | None, message: str) -> None:
+    files = {"manifest": inputs["set"] / "manifest.json", "report": inputs["report"],
+             "results": inputs["run"] / "results.csv"}
+    if text is None:
+        files[broken].unlink()
+    else:
+        files[broken].write_text(text)
+    args = ["--set", str(inputs["set"]), "--detector-run", str(inputs["run"]), "--verifier", str(inputs["verifier"]),
+            "--out", str(inputs["out"]), "--chain-report", str(inputs["report"])]
+    assert ship.main(args) == InputError.exit_code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "unexpected" not in err, err
+    assert message.format(**files) in err
+    assert not inputs["out"].exists()  # nothing written
