@@ -2,16 +2,21 @@
 end to end (run_track2) with its peak resident memory.
 
     python benchmarks/bench_track2.py [--large-pages 2000] [--repeats 5] [--threads 0]
+        [--compare-weights atypical.pt atypical_lite0.pt]
 
 Target on the development CPU: classifying a 16-page stack takes under 1 s once the model is loaded.
 Uses the shipped atypical weights (found like the container finds them) when present; otherwise a randomly
 initialised stand-in with the architecture and input size of training/configs/atypical.yaml, and says so.
-Numbers are printed, never asserted (the machine may be shared).
+Numbers are printed, never asserted (the machine may be shared). `--compare-weights` also loads another weights list
+(e.g. a candidate ensemble) and times both on the same 16-page stack in alternating runs, one thread, printing the
+ratio of their medians: the form a speed budget such as "at most 2x the shipped model" is checked in, since the
+development CPU's speed varies between hours.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import platform
@@ -90,6 +95,33 @@ class PeakRss:
         self._thread.join()
 
 
+def time_stack(classifier, stack_path: Path, config) -> float:
+    """Seconds to read and classify every page of the stack once."""
+    started = time.perf_counter()
+    with open_stack(stack_path) as stack:
+        for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
+            classifier.predict_proba(batch)
+    return time.perf_counter() - started
+
+
+def compare_weights(config, shipped, weights: list[str], stack_path: Path, repeats: int) -> None:
+    """The shipped classifier and `weights` (found as the container finds them) timed on one stack, runs
+    alternating so a change in the machine's speed hits both; prints both medians and their ratio."""
+    other_config = dataclasses.replace(config.atypical, weights=[str(find_weights(w)) for w in weights])
+    other = load_atypical(other_config, foundation=config.foundation)
+    torch.set_num_threads(1)
+    timings: dict[str, list[float]] = {"shipped": [], "compared": []}
+    for run in range(repeats + 1):
+        for name, classifier in (("shipped", shipped), ("compared", other)):
+            seconds = time_stack(classifier, stack_path, config)
+            if run:  # the first run of each warms up
+                timings[name].append(seconds)
+    shipped_s, other_s = (statistics.median(timings[k]) for k in ("shipped", "compared"))
+    print(f"compared with {', '.join(weights)} ({len(other.models)} member(s), threshold {other.threshold:.3f}): "
+          f"16 pages, 1 thread, median of {repeats} alternating runs: shipped {shipped_s:.3f} s, compared "
+          f"{other_s:.3f} s -> ratio {other_s / shipped_s:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--large-pages", type=int, default=2000)
@@ -97,6 +129,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for the large run (0: torch's default). 1 by default: on a shared "
                              "machine more threads than free cores make every OpenMP barrier wait")
+    parser.add_argument("--compare-weights", nargs="+", default=None, metavar="WEIGHTS",
+                        help="also time this atypical weights list (one file, or an ensemble's files) against the "
+                             "shipped one on the 16-page stack, alternating runs, and print the ratio")
     args = parser.parse_args()
     factory = stack_factory()
     config = resolve_config()
@@ -122,17 +157,13 @@ def main() -> int:
         default_threads = torch.get_num_threads()
         for threads in sorted({1, default_threads}):
             torch.set_num_threads(threads)
-            timings = []
-            for _ in range(args.repeats + 1):
-                started = time.perf_counter()
-                with open_stack(small) as stack:
-                    for batch in stack.iter_batches(config.atypical.batch_size, config.atypical.max_batch_pixels):
-                        classifier.predict_proba(batch)
-                timings.append(time.perf_counter() - started)
+            timings = [time_stack(classifier, small, config) for _ in range(args.repeats + 1)]
             median = statistics.median(timings[1:])
             print(f"16 pages, {threads} thread(s) (read + classify, after load): first {timings[0]:.3f} s, then "
                   f"median {median:.3f} s (min {min(timings[1:]):.3f}) over {args.repeats} runs "
                   f"-> target < 1 s: {'MET' if median < 1 else 'NOT MET'}")
+        if args.compare_weights:
+            compare_weights(config, classifier, args.compare_weights, small, args.repeats)
         torch.set_num_threads(args.threads or default_threads)
 
         large_input = scratch / "large"

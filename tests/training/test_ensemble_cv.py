@@ -1,0 +1,69 @@
+"""training.ensemble_cv: an ensemble's cross-validated figures from its members' kept out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from tests.training.fake_amibr import write_amibr
+from training.amibr import assign_folds, load_index
+from training.classifier_cv import crop_names, other_folds_thresholds
+from training.classifier_fold import balanced_accuracy, best_threshold
+from training.ensemble_cv import main
+
+FOLDS = 3
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, list[Path], list[np.ndarray], list[np.ndarray]]:
+    """A config on generated AMi-Br crops and two runs whose fold reports hold known probabilities."""
+    root = write_amibr(tmp_path / "amibr", n_slides=6, per_slide=6)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"data_root": str(root), "folds": FOLDS, "fold_seed": 0}))
+    index = load_index(root)
+    fold_of = assign_folds(index, "slide", FOLDS, 0)
+    rng = np.random.default_rng(0)
+    labels, run_dirs, probs = [], [tmp_path / "run_a", tmp_path / "run_b"], {0: [], 1: []}
+    for k in range(FOLDS):
+        val = np.flatnonzero(fold_of == k)
+        y = index["label"].to_numpy()[val]
+        labels.append(y)
+        for r, run in enumerate(run_dirs):
+            p = np.clip(0.5 * y + rng.uniform(0, 0.7, len(y)), 0, 1).round(6)  # informative, imperfect
+            probs[r].append(p)
+            (run / f"fold{k}").mkdir(parents=True)
+            (run / f"fold{k}" / "tta_report.json").write_text(json.dumps(
+                {"files": crop_names(index, val), "tta": {"probs": p.tolist()}}))
+    return config, run_dirs, labels, [(a + b) / 2 for a, b in zip(probs[0], probs[1])]
+
+
+def test_the_ensemble_is_scored_on_the_mean_of_its_members(runs, tmp_path: Path):
+    config, run_dirs, labels, mean = runs
+    out = tmp_path / "report.json"
+    assert main(["--config", str(config), "--runs", *map(str, run_dirs), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    own = [best_threshold(y, p)[0] for y, p in zip(labels, mean)]
+    expected = [balanced_accuracy(y, p, t) for y, p, t in zip(labels, mean, other_folds_thresholds(own))]
+    ensemble = report["ensemble"]
+    assert ensemble["balanced_accuracy_at_other_folds_threshold"]["folds"] == [round(v, 4) for v in expected]
+    assert ensemble["roc_auc"]["folds"] == [round(roc_auc_score(y, p), 4) for y, p in zip(labels, mean)]
+    assert ensemble["ship_threshold"] == pytest.approx(float(np.median(own)))
+    assert set(report["members"]) == {str(run) for run in run_dirs}
+
+
+def test_runs_of_other_folds_or_one_run_are_refused_in_one_line(runs, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]):
+    config, run_dirs, _, _ = runs
+    report = run_dirs[1] / "fold1" / "tta_report.json"
+    data = json.loads(report.read_text())
+    report.write_text(json.dumps({**data, "files": data["files"][::-1]}))
+    assert main(["--config", str(config), "--runs", *map(str, run_dirs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scored other crops than fold 1" in err[0]
+    assert main(["--config", str(config), "--runs", str(run_dirs[0])]) == 2
+    assert "two or more" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Cross-validated figures of an ensemble of Track 2 recipes, from the out-of-fold probabilities their runs kept.
+
+    python -m training.ensemble_cv --config training/configs/atypical_lite0.yaml \
+        --runs docs/results/atypical-gpu60 docs/results/atypical-lite0 --out docs/results/atypical-pair/cv.json
+
+Each run is a cross-validation on the same folds (the config's data, split, folds and fold seed) scored with
+`train_classifier evaluate-tta`, which keeps every fold's TTA P(atypical) per crop (`fold{k}/tta_report.json`). For
+every fold the members were trained without it, so the ensemble's out-of-fold probability is the mean of the
+members' (what `midog.atypical` computes for an ensemble). Every member and the ensemble are then scored as one run
+is: per fold the balanced-accuracy-optimal threshold (`best_threshold`), balanced accuracy at the median of the
+other folds' thresholds (`other_folds_thresholds`: the honest estimate), ROC AUC per fold and pooled, and the
+threshold to ship with the ensemble (the median of its fold thresholds). No model is run, nothing is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.errors import InputError
+from midog.outputs import write_json_atomic
+from training.amibr import assign_folds, load_index
+from training.classifier_config import TrainConfig, load_train_config, resolve_data_root
+from training.classifier_cv import crop_names, mean_std, other_folds_thresholds
+from training.classifier_fold import balanced_accuracy, best_threshold
+
+
+def fold_probabilities(run: Path, k: int, files: list[str]) -> np.ndarray:
+    """A run's fold-k TTA P(atypical), checked to be of the same crops in the same order as `files`."""
+    path = run / f"fold{k}" / "tta_report.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: score the run with `train_classifier evaluate-tta` first")
+    report = json.loads(path.read_text())
+    if report.get("files") != files:
+        raise InputError(f"{path} scored other crops than fold {k} of the config's split (another split, "
+                         "fold seed or data?)")
+    return np.asarray(report["tta"]["probs"], dtype=np.float64)
+
+
+def score_out_of_fold(labels: list[np.ndarray], probs: list[np.ndarray]) -> dict[str, Any]:
+    """One recipe's out-of-fold figures, as `classifier_cv.out_of_fold` reports them."""
+    own = [best_threshold(y, p)[0] for y, p in zip(labels, probs)]
+    transferred = other_folds_thresholds(own)
+    return {
+        "balanced_accuracy_at_other_folds_threshold": mean_std(
+            [balanced_accuracy(y, p, t) for y, p, t in zip(labels, probs, transferred)]),
+        "roc_auc": mean_std([roc_auc_score(y, p) for y, p in zip(labels, probs)]),
+        "pooled_roc_auc": round(float(roc_auc_score(np.concatenate(labels), np.concatenate(probs))), 4),
+        "fold_thresholds": [round(float(t), 6) for t in own],
+        "ship_threshold": float(np.median(own)),
+    }
+
+
+def ensemble_cv(cfg: TrainConfig, runs: list[Path]) -> dict[str, Any]:
+    """Every run alone and the mean of all, scored on the config's folds."""
+    if len(runs) < 2:
+        raise InputError("--runs needs two or more cross-validation runs to average")
+    index = load_index(resolve_data_root(cfg), cfg.csv)
+    labels = index["label"].to_numpy()
+    fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
+    vals = [np.flatnonzero(fold_of == k) for k in range(cfg.folds)]
+    per_run = {str(run): [fold_probabilities(run, k, crop_names(index, val)) for k, val in enumerate(vals)]
+               for run in runs}
+    fold_labels = [labels[val] for val in vals]
+    mean = [np.mean([per_run[str(run)][k] for run in runs], axis=0) for k in range(cfg.folds)]
+    return {"folds": cfg.folds, "fold_seed": cfg.fold_seed, "split": cfg.split, "crops": int(len(labels)),
+            "members": {name: score_out_of_fold(fold_labels, probs) for name, probs in per_run.items()},
+            "ensemble": score_out_of_fold(fold_labels, mean)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True,
+                        help="a training config of the runs: its data, split, folds and fold seed define the folds")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True,
+                        help="cross-validation run folders, each with fold{k}/tta_report.json")
+    parser.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
+    add_debug_option(parser)
+    return parser.parse_args(argv)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = ensemble_cv(load_train_config(args.config), args.runs)
+    if args.out is not None:
+        write_json_atomic(args.out, report)
+    for name, scores in [*report["members"].items(), ("ensemble (mean P(atypical))", report["ensemble"])]:
+        accuracy, auc = scores["balanced_accuracy_at_other_folds_threshold"], scores["roc_auc"]
+        print(f"{name}: balanced accuracy at the other folds' threshold {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
+              f"{accuracy['folds']}, ROC AUC {auc['mean']:.4f} {auc['folds']}, ship threshold "
+              f"{scores['ship_threshold']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
