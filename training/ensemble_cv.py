@@ -1,7 +1,8 @@
 """Cross-validated figures of an ensemble of Track 2 recipes, from the out-of-fold probabilities their runs kept.
 
     python -m training.ensemble_cv --config training/configs/atypical_lite0.yaml \
-        --runs docs/results/atypical-gpu60 docs/results/atypical-lite0 --out docs/results/atypical-pair/cv.json
+        --runs docs/results/atypical-gpu60 docs/results/atypical-lite0 --out docs/results/atypical-pair/cv.json \
+        [--card weights/atypical_ensemble.json --members weights/atypical.pt weights/atypical_lite0.pt]
 
 Each run is a cross-validation on the same folds (the config's data, split, folds and fold seed) scored with
 `train_classifier evaluate-tta`, which keeps every fold's TTA P(atypical) per crop (`fold{k}/tta_report.json`). For
@@ -10,12 +11,17 @@ members' (what `midog.atypical` computes for an ensemble). Every member and the 
 is: per fold the balanced-accuracy-optimal threshold (`best_threshold`), balanced accuracy at the median of the
 other folds' thresholds (`other_folds_thresholds`: the honest estimate), ROC AUC per fold and pooled, and the
 threshold to ship with the ensemble (the median of its fold thresholds). No model is run, nothing is trained.
+
+`--card` writes the shipped ensemble's card: its members (the full-data checkpoints trained by the same recipes as
+the runs, in the same order, each named with its sha256 and its own card), the threshold, the cross-validated
+figures of the ensemble and of each member, and this command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError
 from midog.outputs import write_json_atomic
+from midog.weights import model_card_path, sha256_of
 from training.amibr import assign_folds, load_index
 from training.classifier_config import TrainConfig, load_train_config, resolve_data_root
 from training.classifier_cv import crop_names, mean_std, other_folds_thresholds
@@ -74,6 +81,23 @@ def ensemble_cv(cfg: TrainConfig, runs: list[Path]) -> dict[str, Any]:
             "ensemble": score_out_of_fold(fold_labels, mean)}
 
 
+def ensemble_card(report: dict[str, Any], members: list[Path], runs: list[Path], command: str) -> dict[str, Any]:
+    """The shipped ensemble's card: members by file, sha256 and card, the threshold and the CV figures."""
+    if len(members) != len(runs):
+        raise InputError(f"--members names {len(members)} checkpoint(s) for {len(runs)} run(s): one per run, in order")
+    entries = []
+    for member, run in zip(members, runs):
+        if not member.is_file():
+            raise InputError(f"--members: no such checkpoint {member}")
+        card = model_card_path(member)
+        entries.append({"file": member.name, "sha256": sha256_of(member), "card": card.name if card.is_file() else None,
+                        "cross_validated_run": str(run), "cross_validation": report["members"][str(run)]})
+    return {"task": "Track 2: atypical vs normal mitotic figure; output the members' mean P(atypical)",
+            "members": entries, "threshold": report["ensemble"]["ship_threshold"],
+            "threshold_rule": "the median of the ensemble's per-fold balanced-accuracy-optimal thresholds",
+            "cross_validation": {k: v for k, v in report.items() if k != "members"}, "command": command}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, nargs="+", required=True,
                         help="cross-validation run folders, each with fold{k}/tta_report.json")
     parser.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
+    parser.add_argument("--card", type=Path, default=None,
+                        help="write the shipped ensemble's card here (needs --members)")
+    parser.add_argument("--members", type=Path, nargs="+", default=None,
+                        help="with --card: the shipped checkpoints, one per run, in the order of --runs")
     add_debug_option(parser)
     return parser.parse_args(argv)
 
@@ -89,9 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (args.card is None) != (args.members is None):
+        raise InputError("--card and --members go together")
     report = ensemble_cv(load_train_config(args.config), args.runs)
+    card = None
+    if args.card is not None:
+        command = "python -m training.ensemble_cv " + " ".join(argv if argv is not None else sys.argv[1:])
+        card = ensemble_card(report, args.members, args.runs, command)
     if args.out is not None:
         write_json_atomic(args.out, report)
+    if card is not None:
+        write_json_atomic(args.card, card)
     for name, scores in [*report["members"].items(), ("ensemble (mean P(atypical))", report["ensemble"])]:
         accuracy, auc = scores["balanced_accuracy_at_other_folds_threshold"], scores["roc_auc"]
         print(f"{name}: balanced accuracy at the other folds' threshold {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -67,3 +68,22 @@ def test_runs_of_other_folds_or_one_run_are_refused_in_one_line(runs, tmp_path: 
     assert len(err) == 1 and "scored other crops than fold 1" in err[0]
     assert main(["--config", str(config), "--runs", str(run_dirs[0])]) == 2
     assert "two or more" in capsys.readouterr().err
+
+
+def test_the_card_names_each_member_with_its_checksum_and_figures(runs, tmp_path: Path):
+    config, run_dirs, _, _ = runs
+    members = []
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(name.encode())
+        members.append(tmp_path / name)
+    card_path, out = tmp_path / "ensemble.json", tmp_path / "report.json"
+    args = ["--config", str(config), "--runs", *map(str, run_dirs), "--out", str(out), "--card", str(card_path),
+            "--members", *map(str, members)]
+    assert main(args) == 0
+    card, report = json.loads(card_path.read_text()), json.loads(out.read_text())
+    assert [m["file"] for m in card["members"]] == ["a.pt", "b.pt"]
+    assert card["members"][0]["sha256"] == hashlib.sha256(b"a.pt").hexdigest()
+    assert card["threshold"] == report["ensemble"]["ship_threshold"]
+    assert card["cross_validation"]["ensemble"] == report["ensemble"]
+    assert card["command"].startswith("python -m training.ensemble_cv --config")
+    assert main(args[:-1]) == 2 and main(args[:-3]) == 2  # one member for two runs; --card without --members
