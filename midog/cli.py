@@ -61,16 +61,28 @@ RECORDED_PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "numpy", "Si
 """The installed packages whose versions a run record keeps, beside Python's and midog's."""
 
 
+JSON_TYPE_NAMES = {dict: "object", list: "list"}
+
+
+def read_json_file(path: Path, what: str, expected: type = dict) -> Any:
+    """The JSON value in `path`, which must be a `expected` (dict: an object, or list), or an InputError that names
+    `what` and the file: missing, not JSON, another type (one error line and exit code 2 through `entry_point` or
+    process.py, never an unexpected failure)."""
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{what} {path} is not valid JSON: {first_line(err)}") from None
+    if not isinstance(value, expected):
+        raise InputError(f"{what} {path} must hold a JSON {JSON_TYPE_NAMES.get(expected, expected.__name__)}, "
+                         f"not {type(value).__name__}")
+    return value
+
+
 def read_interface_slugs(input_dir: Path) -> list[str]:
     inputs_json = input_dir / "inputs.json"
-    if not inputs_json.is_file():
-        raise InputError(f"missing {inputs_json}")
-    try:
-        inputs = json.loads(inputs_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise InputError(f"{inputs_json} is not valid JSON: {first_line(err)}") from None
-    if not isinstance(inputs, list):
-        raise InputError(f"{inputs_json} must hold a list of inputs")
+    inputs = read_json_file(inputs_json, "inputs.json", list)
     slugs = []
     for entry in inputs:
         interface = entry.get("interface") if isinstance(entry, dict) else None

@@ -442,7 +442,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, home: Path):
     assert "Traceback" not in quiet.stderr and quiet.returncode == EXIT_INPUT
     assert debug.returncode == EXIT_INPUT  # the documented code, with or without --debug
     assert "Traceback (most recent call last)" in debug.stderr
-    assert "midog.errors.InputError: missing" in debug.stderr and "inputs.json" in debug.stderr
+    assert "midog.errors.InputError: inputs.json not found" in debug.stderr
     assert output_files(tmp_path / "out") == []
 
 

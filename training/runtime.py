@@ -4,7 +4,6 @@ resumable checkpoints) written so that a crash never leaves half a file."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from midog.errors import InputError, first_line
+from midog.cli import read_json_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,16 +112,8 @@ def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in `path`, or an InputError that names `what` and the file: missing, not JSON, not an
-    object (a one-line error and exit code 2 through `midog.cli.entry_point`, never an unexpected failure)."""
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise InputError(f"{what} {path} is not valid JSON: {first_line(err)}") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{what} {path} must hold a JSON object, not {type(value).__name__}")
-    return value
+    object (`midog.cli.read_json_file`)."""
+    return read_json_file(path, what, dict)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
