@@ -40,15 +40,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from midog.cli import OneLineArgumentParser, read_interface_slugs, report_errors
+from midog.cli import OneLineArgumentParser, add_quiet_option, entry_point, read_interface_slugs, report_errors
 from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError, OutputError, first_line
 from midog.evaluate.io import (TRACK1_OUTPUT_SLUG, TRACK2_OUTPUT_SLUG, GroundTruthError, iter_jobs, read_json)
-from midog.image_io import ROI_SUFFIXES, STACK_SUFFIXES, find_single_image
+from midog.image_files import find_single_image
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK1_SLUG, TRACK2_IMAGE_FOLDER, TRACK2_SLUG
 from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
                            discard_previous_outputs, write_json_atomic)
 from midog.progress import progress_iter
+from midog.roi_io import ROI_SUFFIXES
+from midog.stack_io import STACK_SUFFIXES
 
 if TYPE_CHECKING:
     from midog.evaluate.track1 import Track1Evaluation
@@ -244,9 +246,9 @@ def track1_predictor(config: PipelineConfig) -> Predictor:
 
 def track2_predictor(config: PipelineConfig) -> Predictor:
     """process.py's Track 2 (`midog.pipeline.run_track2`) with the classifier loaded once."""
-    from midog.image_io import open_stack
     from midog.outputs import track2_classification
     from midog.pipeline import classify_pages, load_track2
+    from midog.stack_io import open_stack
 
     classifier, _ = load_track2(config)
 
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-coordinate-check", action="store_true",
                         help="Track 1, with --ground-truth: accept points beyond 10 mm or below -7.5 µm, as the "
                              "evaluation container's first version did")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs; stop at the first "
                                                              "failing case")
     return parser
@@ -443,6 +445,7 @@ def batch(args: argparse.Namespace) -> int:
     return 0
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,

@@ -276,7 +276,7 @@ def test_a_failing_case_is_one_line_the_others_run_and_no_predictions_json_is_wr
     (cases / "broken" / "images").mkdir(parents=True)
     code, stdout, errors = batch(capsys, "--cases", cases, "--out", out)
     assert code == 2
-    assert len(errors) == 1 and errors[0].startswith("error: case broken: missing "), errors
+    assert len(errors) == 1 and errors[0].startswith("error: case broken: inputs.json not found: "), errors
     assert not (out / "predictions.json").exists()
 
 
