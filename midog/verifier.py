@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
-from midog.image_io import RoiImage
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
+from midog.roi_io import RoiImage
 
 PROBABILITY_MODES = CHOICES["verifier.probability"]
 

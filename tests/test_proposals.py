@@ -9,8 +9,8 @@ from roi_factory import he_roi, tiny_detector
 
 from midog.config import ProposalConfig, TilingConfig
 from midog.errors import WeightsError
-from midog.image_io import ArrayRoi, PhysicalTransform
 from midog.proposals import YoloProposer, load_detector
+from midog.roi_io import ArrayRoi, PhysicalTransform
 from midog.tiling import tile_origins
 
 SPACING = PhysicalTransform((0.00025, 0.00025))
@@ -216,7 +216,7 @@ def test_custom_lsconv_ema_detector_gives_ultralytics_boxes(tmp_path: Path, tile
 def test_glass_tiles_of_a_pyramidal_slide_are_skipped_without_decoding(tmp_path: Path, proposer: YoloProposer):
     from roi_factory import write_tiff
 
-    from midog.image_io import open_roi
+    from midog.roi_io import open_roi
 
     pixels = he_roi(1500, 1000, seed=2, background=0.45)
     path = write_tiff(tmp_path / "slide.tif", pixels, tile=128, pyramid_levels=2, compression="zlib")

@@ -458,8 +458,8 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     verifier cuts them). Returns the number of crops per split; an InputError saying why when it writes none.
     `progress`: a bar of the canvases done (`midog.progress`)."""
     from midog.config import resolve_config
-    from midog.image_io import ArrayRoi, PhysicalTransform
     from midog.pipeline import Track1Detector
+    from midog.roi_io import ArrayRoi, PhysicalTransform
     from midog.verifier import box_crops
     from midog.weights import DEFAULT_PIXEL_SIZE_UM
     from training.verifier_data import far_from

@@ -202,6 +202,21 @@ class FoldResult:
     """The last epoch's validation threshold, stored in `final.pt` with that epoch's weights."""
 
 
+@dataclass
+class _FoldTraining:
+    """What one fold trains with (`_start_fold`)."""
+    clf: BinaryClassifier
+    model: torch.nn.Module
+    """`clf.model`, or its DDP wrapper when there are several processes: what the training steps call."""
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    emas: dict[float, ModelEmaV3]
+    val_set: CropDataset
+    """Empty when the fold has no validation crops."""
+
+
 def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
                val_idx: np.ndarray | None, out_dir: Path, ctx: Dist, resume: bool = False,
                fixed_epochs: int | None = None, name: str = "fold", meta: dict[str, Any] | None = None,
@@ -211,9 +226,35 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
     `labels` are the 0/1 labels (validation, class weight); `train_targets` what the loss fits, default `labels`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    epochs = fixed_epochs if fixed_epochs is not None else cfg.epochs
+    run = _start_fold(cfg, crops, labels, train_idx, val_idx, ctx, epochs, train_targets)
+    meta = {**(meta or {}), **({"pretrained": run.clf.meta["pretrained"]} if "pretrained" in run.clf.meta else {})}
+    last_path = out_dir / "last.pt"
+    state = _resumed_state(cfg, run, last_path, ctx, name) if resume and last_path.is_file() else _fresh_state()
+    validated = val_idx is not None
+    # with ship_epoch 'last' the full model trains the whole schedule, so every fold does too: no early stopping
+    early_stopping = validated and cfg.ship_epoch == "best"
+    while _keeps_training(cfg, state, epochs, early_stopping):
+        row, improved = _train_and_score_epoch(cfg, run, state, ctx, validated, name)
+        if ctx.main:
+            _save_epoch(run, state, row, improved, out_dir, meta, name)
+    last_threshold = _last_epoch_threshold(state)
+    if ctx.main:
+        _save_final(run, state, last_threshold, out_dir, meta, validated)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return FoldResult(fold=-1, best_epoch=state["best_epoch"], threshold=state["best_threshold"],
+                      metrics=state["best_metrics"], checkpoint=str(out_dir / "best.pt"), last_epoch=state["epoch"],
+                      last_threshold=last_threshold)
+
+
+def _start_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                val_idx: np.ndarray | None, ctx: Dist, epochs: int, train_targets: np.ndarray | None
+                ) -> _FoldTraining:
+    """Seeded by `cfg.seed`: the model (DDP-wrapped on several processes), the datasets and training loader, the
+    optimizer with its schedule over `epochs`, the loss and the moving averages."""
     seed_everything(cfg.seed)
     clf = build_model(cfg).to(ctx.device)
-    meta = {**(meta or {}), **({"pretrained": clf.meta["pretrained"]} if "pretrained" in clf.meta else {})}
     train_set, val_set = make_datasets(cfg, crops, labels, train_idx,
                                        val_idx if val_idx is not None else np.zeros(0, dtype=int), train_targets)
     loader = make_train_loader(cfg, train_set, ctx, cfg.seed)
@@ -221,100 +262,135 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
     if ctx.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             clf.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    epochs = fixed_epochs if fixed_epochs is not None else cfg.epochs
     optimizer, scheduler = make_optimizer(dataclasses.replace(cfg, epochs=epochs), clf.model, len(loader))
     loss_fn = make_loss(cfg, labels[train_idx], ctx.device)
     emas = make_emas(cfg, clf.model, len(loader))
+    return _FoldTraining(clf, model, loader, optimizer, scheduler, loss_fn, emas, val_set)
 
-    last_path, best_path, csv_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.csv"
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_threshold": 0.5, "best_metrics": {},
-             "stale": 0, "history": []}
-    if resume and last_path.is_file():
-        # on the CPU: the RNG states must stay CPU byte tensors (on CUDA, set_rng_state refuses them), and
-        # load_state_dict moves the weights and optimizer state to the model's device itself
-        saved = torch.load(last_path, map_location="cpu", weights_only=False)
-        clf.model.load_state_dict(saved["model"], strict=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        np.random.set_state(saved["numpy_rng"])
-        random.setstate(saved["python_rng"])
-        loader.generator.set_state(saved["loader_rng"])
-        for horizon, ema in emas.items():
-            if horizon not in saved.get("emas", {}):
-                raise ConfigError(f"{last_path} has no moving average over {horizon:g} epochs: it was trained with "
-                                 f"ema_epochs {sorted(saved.get('emas', {}))}, not {cfg.ema_epochs}")
-            ema.module.load_state_dict(saved["emas"][horizon], strict=True)
-        state = saved["state"]
-        if ctx.main:
-            print(f"[{name}] resumed after epoch {state['epoch']}", flush=True)
 
-    # with ship_epoch 'last' the full model trains the whole schedule, so every fold does too: no early stopping
-    early_stopping = val_idx is not None and cfg.ship_epoch == "best"
-    while state["epoch"] < epochs and (not early_stopping or state["stale"] < cfg.patience
-                                       or state["epoch"] < cfg.min_epochs):
-        epoch = state["epoch"] + 1
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        t0 = time.time()
-        loss = train_epoch(clf, model, loader, optimizer, scheduler, loss_fn, ctx, desc=f"{name} ep{epoch}",
-                           emas=emas)
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": optimizer.param_groups[0]["lr"]}
-        improved = val_idx is None
-        if val_idx is not None:
-            same_model_on_every_rank(clf.model, ctx)
-            probs = rank0_array(predict(clf, val_set, cfg.eval_batch_size), ctx)
-            threshold, score = best_threshold(val_set.labels.numpy(), probs)
-            metrics = binary_metrics(val_set.labels.numpy(), probs, threshold)
-            metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(val_set.labels.numpy(), probs, 0.5)
-            row.update({"threshold": round(threshold, 4), **{k: round(v, 4) for k, v in metrics.items()}})
-            state.update(last_threshold=threshold, last_metrics=metrics)
-            for horizon, ema in emas.items():
-                ema_probs = rank0_array(predict(averaged(clf, ema), val_set, cfg.eval_batch_size), ctx)
-                ema_threshold, _ = best_threshold(val_set.labels.numpy(), ema_probs)
-                ema_metrics = binary_metrics(val_set.labels.numpy(), ema_probs, ema_threshold)
-                state.setdefault("ema_last", {})[horizon] = {"threshold": ema_threshold, "metrics": ema_metrics}
-                row.update({f"{ema_name(horizon)}_threshold": round(ema_threshold, 4),
-                            **{f"{ema_name(horizon)}_{k}": round(v, 4) for k, v in ema_metrics.items()
-                               if k in ("balanced_accuracy", "roc_auc")}})
-            improved = score > state["best_score"]
-            if improved:
-                state.update(best_score=score, best_epoch=epoch, best_threshold=threshold, best_metrics=metrics,
-                             stale=0)
-            else:
-                state["stale"] += 1
-        else:
-            state.update(best_epoch=epoch)
-        row["seconds"] = round(time.time() - t0, 1)
-        state["epoch"] = epoch
-        state["history"].append(row)
-        if ctx.main:
-            print(f"[{name}] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-            if improved:
-                clf.threshold = state["best_threshold"]
-                clf.save(best_path, meta={**(meta or {}), "epoch": epoch, "val": state["best_metrics"]})
-            write_csv(csv_path, state["history"])
-            _save_resume(last_path, clf, optimizer, scheduler, loader, state, emas)
-    last_threshold = _last_epoch_threshold(state)
-    if val_idx is not None and ctx.main:
-        # the end of the schedule with its own validation threshold, for `ship_epoch: last`
-        clf.threshold = last_threshold
-        clf.save(out_dir / "final.pt", meta={**(meta or {}), "epoch": state["epoch"],
-                                              "val": state.get("last_metrics") or state["history"][-1]})
+def _fresh_state() -> dict[str, Any]:
+    """The fold's bookkeeping before its first epoch (saved in `last.pt` after every epoch)."""
+    return {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "best_threshold": 0.5, "best_metrics": {},
+            "stale": 0, "history": []}
+
+
+def _resumed_state(cfg: TrainConfig, run: _FoldTraining, last_path: Path, ctx: Dist, name: str) -> dict[str, Any]:
+    """Put the weights, optimizer, schedule, moving averages and every RNG back as `last_path` saved them; returns
+    the saved bookkeeping."""
+    # on the CPU: the RNG states must stay CPU byte tensors (on CUDA, set_rng_state refuses them), and
+    # load_state_dict moves the weights and optimizer state to the model's device itself
+    saved = torch.load(last_path, map_location="cpu", weights_only=False)
+    run.clf.model.load_state_dict(saved["model"], strict=True)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    random.setstate(saved["python_rng"])
+    run.loader.generator.set_state(saved["loader_rng"])
+    for horizon, ema in run.emas.items():
+        if horizon not in saved.get("emas", {}):
+            raise ConfigError(f"{last_path} has no moving average over {horizon:g} epochs: it was trained with "
+                              f"ema_epochs {sorted(saved.get('emas', {}))}, not {cfg.ema_epochs}")
+        ema.module.load_state_dict(saved["emas"][horizon], strict=True)
+    state: dict[str, Any] = saved["state"]
     if ctx.main:
-        for horizon, ema in emas.items():  # the moving averages at the end of the schedule
-            scored = state.get("ema_last", {}).get(horizon, {"threshold": 0.5, "metrics": {}})
-            ema_clf = averaged(clf, ema)
-            ema_clf.threshold = scored["threshold"]
-            ema_clf.save(out_dir / (f"final_{ema_name(horizon)}.pt" if val_idx is not None
-                                    else f"{ema_name(horizon)}.pt"),
-                         meta={**(meta or {}), "epoch": state["epoch"], "ema_epochs": horizon,
-                               "ema_decay": ema.decay, "val": scored["metrics"]})
-    if ctx.world_size > 1:
-        dist.barrier()
-    return FoldResult(fold=-1, best_epoch=state["best_epoch"], threshold=state["best_threshold"],
-                      metrics=state["best_metrics"], checkpoint=str(best_path), last_epoch=state["epoch"],
-                      last_threshold=last_threshold)
+        print(f"[{name}] resumed after epoch {state['epoch']}", flush=True)
+    return state
+
+
+def _keeps_training(cfg: TrainConfig, state: dict[str, Any], epochs: int, early_stopping: bool) -> bool:
+    """Whether another epoch follows: until `epochs`, or with `early_stopping` until `cfg.patience` epochs in a row
+    did not improve (never before `cfg.min_epochs`)."""
+    return state["epoch"] < epochs and (not early_stopping or state["stale"] < cfg.patience
+                                        or state["epoch"] < cfg.min_epochs)
+
+
+def _train_and_score_epoch(cfg: TrainConfig, run: _FoldTraining, state: dict[str, Any], ctx: Dist,
+                           validated: bool, name: str) -> tuple[dict[str, Any], bool]:
+    """Train the next epoch, score it on the validation crops if `validated`, and note it in `state`. Returns its
+    metrics.csv row and whether it is the best epoch so far (without validation every epoch is)."""
+    epoch = state["epoch"] + 1
+    if isinstance(run.loader.sampler, DistributedSampler):
+        run.loader.sampler.set_epoch(epoch)
+    t0 = time.time()
+    loss = train_epoch(run.clf, run.model, run.loader, run.optimizer, run.scheduler, run.loss_fn, ctx,
+                       desc=f"{name} ep{epoch}", emas=run.emas)
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": run.optimizer.param_groups[0]["lr"]}
+    if validated:
+        threshold, score, metrics = _validate(cfg, run, state, ctx, row)
+        improved = _note_score(state, epoch, score, threshold, metrics)
+    else:
+        improved = True
+        state.update(best_epoch=epoch)
+    row["seconds"] = round(time.time() - t0, 1)
+    state["epoch"] = epoch
+    state["history"].append(row)
+    return row, improved
+
+
+def _validate(cfg: TrainConfig, run: _FoldTraining, state: dict[str, Any], ctx: Dist, row: dict[str, Any]
+              ) -> tuple[float, float, dict[str, float]]:
+    """Score the model, then each moving average, on the validation crops at their own best thresholds; the
+    figures go into `row`, the last epoch's thresholds and metrics into `state`. Returns the model's threshold,
+    its balanced accuracy there, and its metrics."""
+    same_model_on_every_rank(run.clf.model, ctx)
+    labels = run.val_set.labels.numpy()
+    probs = rank0_array(predict(run.clf, run.val_set, cfg.eval_batch_size), ctx)
+    threshold, score = best_threshold(labels, probs)
+    metrics = binary_metrics(labels, probs, threshold)
+    metrics["balanced_accuracy_at_0.5"] = balanced_accuracy(labels, probs, 0.5)
+    row.update({"threshold": round(threshold, 4), **{k: round(v, 4) for k, v in metrics.items()}})
+    state.update(last_threshold=threshold, last_metrics=metrics)
+    for horizon, ema in run.emas.items():
+        ema_probs = rank0_array(predict(averaged(run.clf, ema), run.val_set, cfg.eval_batch_size), ctx)
+        ema_threshold, _ = best_threshold(labels, ema_probs)
+        ema_metrics = binary_metrics(labels, ema_probs, ema_threshold)
+        state.setdefault("ema_last", {})[horizon] = {"threshold": ema_threshold, "metrics": ema_metrics}
+        row.update({f"{ema_name(horizon)}_threshold": round(ema_threshold, 4),
+                    **{f"{ema_name(horizon)}_{k}": round(v, 4) for k, v in ema_metrics.items()
+                       if k in ("balanced_accuracy", "roc_auc")}})
+    return threshold, score, metrics
+
+
+def _note_score(state: dict[str, Any], epoch: int, score: float, threshold: float, metrics: dict[str, float]
+                ) -> bool:
+    """Keep `epoch` as the best one if its `score` beats the best so far (and reset the patience count), else
+    count it as stale. Returns whether it improved."""
+    if score > state["best_score"]:
+        state.update(best_score=score, best_epoch=epoch, best_threshold=threshold, best_metrics=metrics, stale=0)
+        return True
+    state["stale"] += 1
+    return False
+
+
+def _save_epoch(run: _FoldTraining, state: dict[str, Any], row: dict[str, Any], improved: bool, out_dir: Path,
+                meta: dict[str, Any], name: str) -> None:
+    """Rank 0, after each epoch: print its row; `best.pt` if it `improved`; `metrics.csv`; the resumable
+    `last.pt`."""
+    print(f"[{name}] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if improved:
+        run.clf.threshold = state["best_threshold"]
+        run.clf.save(out_dir / "best.pt", meta={**meta, "epoch": state["epoch"], "val": state["best_metrics"]})
+    write_csv(out_dir / "metrics.csv", state["history"])
+    _save_resume(out_dir / "last.pt", run, state)
+
+
+def _save_final(run: _FoldTraining, state: dict[str, Any], last_threshold: float, out_dir: Path,
+                meta: dict[str, Any], validated: bool) -> None:
+    """Rank 0, at the end of the schedule: `final.pt` with the last epoch's validation threshold (for
+    `ship_epoch: last`; a validated fold only), and each moving average, `final_ema{h}.pt` (`ema{h}.pt` without
+    validation) at its own last threshold."""
+    if validated:
+        run.clf.threshold = last_threshold
+        run.clf.save(out_dir / "final.pt", meta={**meta, "epoch": state["epoch"],
+                                                  "val": state.get("last_metrics") or state["history"][-1]})
+    for horizon, ema in run.emas.items():
+        scored = state.get("ema_last", {}).get(horizon, {"threshold": 0.5, "metrics": {}})
+        ema_clf = averaged(run.clf, ema)
+        ema_clf.threshold = scored["threshold"]
+        ema_clf.save(out_dir / (f"final_{ema_name(horizon)}.pt" if validated else f"{ema_name(horizon)}.pt"),
+                     meta={**meta, "epoch": state["epoch"], "ema_epochs": horizon, "ema_decay": ema.decay,
+                           "val": scored["metrics"]})
 
 
 def _last_epoch_threshold(state: dict[str, Any]) -> float:
@@ -329,11 +405,11 @@ def averaged(clf: BinaryClassifier, ema: ModelEmaV3) -> BinaryClassifier:
     return dataclasses.replace(clf, model=ema.module, meta=dict(clf.meta))
 
 
-def _save_resume(path: Path, clf: BinaryClassifier, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: DataLoader, state: dict[str, Any],
-                 emas: dict[float, ModelEmaV3]) -> None:
-    save_atomic({"model": clf.model.state_dict(), "emas": {h: ema.module.state_dict() for h, ema in emas.items()},
-                 "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+def _save_resume(path: Path, run: _FoldTraining, state: dict[str, Any]) -> None:
+    """`last.pt`: the weights, moving averages, optimizer, schedule, every RNG and the bookkeeping."""
+    save_atomic({"model": run.clf.model.state_dict(),
+                 "emas": {h: ema.module.state_dict() for h, ema in run.emas.items()},
+                 "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                 "loader_rng": loader.generator.get_state(), "state": state}, path)
+                 "loader_rng": run.loader.generator.get_state(), "state": state}, path)

@@ -90,9 +90,9 @@ def pipeline_predictor(config: PipelineConfig, work_dir: Path) -> Predictor:
     """The pipeline's own Track 1 chain (`midog.pipeline.Track1Detector`, models loaded once) on one image at a
     time; its output payload is exactly what `run_track1` writes. Images the ROI reader does not take (the PNG
     canvases) are first written as TIFF regions of interest with their spacing."""
-    from midog.image_io import ROI_SUFFIXES
     from midog.outputs import track1_outputs
     from midog.pipeline import Track1Detector
+    from midog.roi_io import ROI_SUFFIXES
 
     detector = Track1Detector.from_config(config, with_atypical=False)
 

@@ -27,8 +27,8 @@ from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.errors import InputError, first_line
 from midog.evaluate.track1 import (ImagePrediction, ImageTruth, ThresholdSweep, average_precision, froc_curve,
                                    precision_recall_f1, score_detection, threshold_curve)
-from midog.image_io import ArrayRoi, PhysicalTransform
 from midog.outputs import write_json_atomic
+from midog.roi_io import ArrayRoi, PhysicalTransform
 
 FIELD_SPACING_UM = (0.2273, 0.2275)
 """MITOS-ATYPIA-14 x40 (Hamamatsu NanoZoomer 2.0-HT) pixel size in µm, x then y."""

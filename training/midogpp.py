@@ -14,7 +14,7 @@ The conversion is four steps, each testable alone:
 3. `plan_tiles`: a pure function of the image size and its boxes → tile origins (the pipeline's own
    `midog.tiling` layout: 20 % overlap, the last tile ends on the border) and each tile's boxes, clipped at the
    tile border.
-4. `convert`: reads each image one band of tile rows at a time (`midog.image_io.open_roi`, the pipeline's reader,
+4. `convert`: reads each image one band of tile rows at a time (`midog.roi_io.open_roi`, the pipeline's reader,
    streaming TIFF strips/tiles: never more than one image, and by default only a band of it, in memory) and writes `images/{split}/*.png`, `labels/{split}/*.txt`,
    `data.yaml`, `slides.csv` and `summary.json`.
 
@@ -41,8 +41,8 @@ import pandas as pd
 from PIL import Image
 
 from midog.errors import InputError
-from midog.image_io import RoiImage, open_roi
 from midog.progress import progress_iter
+from midog.roi_io import RoiImage, open_roi
 from midog.tiling import axis_origins
 
 MITOTIC_FIGURE, HARD_NEGATIVE = 1, 2
@@ -280,7 +280,7 @@ class ConvertConfig:
     """Slides converted in parallel (one process each)."""
     in_memory_max_megapixels: float = 0.0
     """Images up to this size are decoded whole (faster); larger ones (all, by default) are streamed by TIFF
-    strip/tile through `midog.image_io.open_roi`, so memory stays bounded whatever the image size."""
+    strip/tile through `midog.roi_io.open_roi`, so memory stays bounded whatever the image size."""
 
 
 def _slide_tiles(task: tuple[dict, np.ndarray, np.ndarray, str, Path, Path, ConvertConfig]) -> dict[str, int]:

@@ -49,8 +49,7 @@ from PIL import Image
 from midog.config import PipelineConfig, resolve_config
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
-from midog.image_io import RoiImage
-from midog.roi_io import ArrayRoi, PhysicalTransform
+from midog.roi_io import ArrayRoi, PhysicalTransform, RoiImage
 from midog.pipeline import Track1Detector
 from midog.progress import progress_iter
 from midog.resampling import at_pixel_size, view_scale

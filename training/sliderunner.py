@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from midog.errors import InputError
-from midog.image_io import open_roi
+from midog.roi_io import open_roi
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, MidogppIndex
 
 SPOT = 1

@@ -41,9 +41,9 @@ from PIL import Image
 from midog.config import PipelineConfig, VerifierConfig, resolve_config
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
-from midog.image_io import open_roi
 from midog.pipeline import Track1Detector
 from midog.progress import progress_iter
+from midog.roi_io import open_roi
 from midog.verifier import box_crops
 from training.midogpp import HARD_NEGATIVE, MITOTIC_FIGURE, SPLIT_RATIOS, MidogppIndex, load_midogpp, split_slides
 from training.train_verifier import POSITIVE_FOLDER
