@@ -48,6 +48,7 @@ from midog.pipeline import Track1Detector  # noqa: E402
 from midog.proposals import YoloProposer  # noqa: E402
 from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.tiling import tile_origins  # noqa: E402
+from midog.weights import checkpoint_names  # noqa: E402
 
 WIDTH, HEIGHT = 7215, 5412
 SAME_MERGE = MergingConfig(strategy="nms", iou=0.5, class_agnostic=False, tile_edge_px=0)
@@ -76,10 +77,12 @@ def random_detector(path: Path, class_bias: float, model_yaml: str = "yolo11n.ya
     return path
 
 
-def classifier_weights(name: str, folder: Path, input_size: int, positive: str, random: bool = False) -> Path:
-    shipped = REPO / "weights" / name
-    if shipped.is_file() and not random:
-        return shipped
+def classifier_weights(name: str, folder: Path, input_size: int, positive: str, random: bool = False) -> Path | None:
+    """None when the shipped checkpoint is there (the pipeline then runs as shipped: its `weights/pipeline.yaml`
+    sections, e.g. the verifier's crops, TTA and threshold and the atypical pair, apply only to the shipped names),
+    else a random ConvNeXt-Tiny stand-in saved in `folder`."""
+    if (REPO / "weights" / name).is_file() and not random:
+        return None
     torch.manual_seed(0)
     return build_classifier("convnext_tiny", input_size, positive=positive).save(folder / name)
 
@@ -267,8 +270,13 @@ def main() -> int:
         if not args.skip_pipeline:
             verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure", args.random_classifiers)
             atypical = classifier_weights("atypical.pt", folder, 128, "atypical", args.random_classifiers)
-            config = resolve_config(overrides={"runtime.device": str(device), "proposals.weights": str(detector),
-                                            "verifier.weights": str(verifier), "atypical.weights": str(atypical)})
+            overrides = {"runtime.device": str(device), "proposals.weights": str(detector)}
+            overrides |= {f"{stage}.weights": str(path) for stage, path in (("verifier", verifier),
+                                                                            ("atypical", atypical)) if path}
+            config = resolve_config(overrides=overrides)
+            print(f"pipeline: verifier {'stand-in' if verifier else 'shipped'} (crop {config.verifier.crop_size} px, "
+                  f"tta {config.verifier.tta}, threshold {config.verifier.threshold:.3f}), atypical "
+                  f"{'stand-in' if atypical else ', '.join(checkpoint_names(config.atypical.weights))}")
             pipeline, load = timed("pipeline model load", Track1Detector.from_config, config, device)
             runs = []
             for run in range(args.pipeline_runs):
