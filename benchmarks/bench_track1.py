@@ -155,7 +155,7 @@ def tile_loop(yolo, pixels: np.ndarray, device: str) -> np.ndarray:
     return boxes_t[keep].numpy()
 
 
-def process_py(folder: Path, pixels: np.ndarray, detector: Path, verifier: Path, atypical: Path,
+def process_py(folder: Path, pixels: np.ndarray, detector: Path, verifier: Path | None, atypical: Path | None,
                device: str) -> None:
     """process.py end to end in a fresh process (imports, model load, ONNX export if not cached, the ROI, both
     files): its wall time and its own peak RSS."""
@@ -167,7 +167,7 @@ def process_py(folder: Path, pixels: np.ndarray, detector: Path, verifier: Path,
     weights = folder / "weights"
     weights.mkdir(exist_ok=True)
     for source, name in ((detector, "detector.pt"), (verifier, "verifier.pt"), (atypical, "atypical.pt")):
-        shutil.copyfile(source, weights / name)
+        shutil.copyfile(source or REPO / "weights" / name, weights / name)  # None: the shipped checkpoint
     track1_input(folder / "input", pixels, tile=512, compression="zlib")
     env = {**os.environ, "MIDOG_WEIGHTS_DIR": str(weights), "MIDOG_RUNTIME__DEVICE": device, "YOLO_OFFLINE": "1"}
     import psutil
