@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from midog.cli import OneLineArgumentParser, add_quiet_option, entry_point, read_interface_slugs, report_errors
+from midog.cli import OneLineArgumentParser, add_quiet_option, entry_point, read_interface_slugs
 from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError, OutputError, first_line
 from midog.evaluate.io import (TRACK1_OUTPUT_SLUG, TRACK2_OUTPUT_SLUG, GroundTruthError, iter_jobs, read_json)
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return report_errors(lambda: batch(args), args.debug)  # the run as a whole: one line, the traceback with --debug
+    return batch(args)  # entry_point: the run as a whole gives one line, the traceback with --debug
 
 
 if __name__ == "__main__":
