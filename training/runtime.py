@@ -1,5 +1,5 @@
 """What every training script shares: seeds, the DDP context torchrun sets up, the optimizer and its learning-rate
-schedule, the git commit for model cards, the JSON files a command line names, and the run files (metrics CSV,
+schedule, the git commit for model cards, and the run files (metrics CSV,
 resumable checkpoints) written so that a crash never leaves half a file."""
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from midog.cli import read_json_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,12 +106,6 @@ def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in `path`, or an InputError that names `what` and the file: missing, not JSON, not an
-    object (`midog.cli.read_json_file`)."""
-    return read_json_file(path, what, dict)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.weights import read_model_card, write_model_card
-from training.runtime import REPO_ROOT, git_commit, read_json_object
+from training.runtime import REPO_ROOT, git_commit
 
 
 DATA_CONSTRUCTION = (
@@ -178,9 +178,9 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
 
 
 def _read_json_of(path: Path, what: str, keys: tuple[str, ...], writer: str) -> dict[str, Any]:
-    """`path`'s JSON object (`training.runtime.read_json_object`), refused without one of the `keys` `writer` puts
+    """`path`'s JSON object (`midog.cli.read_json_file`), refused without one of the `keys` `writer` puts
     in it (a KeyError later would be an unexpected failure)."""
-    value = read_json_object(path, what)
+    value = read_json_file(path, what)
     missing = [key for key in keys if key not in value]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: not the JSON {writer} writes")

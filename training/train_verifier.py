@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from midog.classifier import BinaryClassifier, build_classifier
-from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.progress import progress_bar, progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
@@ -50,8 +50,7 @@ from training.augment import HEDJitter
 from training.config_file import load_training_config
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
-                              read_json_object, same_model_on_every_rank, save_atomic, seed_everything,
-                              write_csv)
+                              same_model_on_every_rank, save_atomic, seed_everything, write_csv)
 
 POSITIVE_FOLDER = "mitotic_figure"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -538,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": args.run_dir, "epochs": args.epochs, "max_steps": args.max_steps, "arch": args.arch,
         "batch_size": args.batch_size}.items() if value is not None}
     cfg = load_verifier_config(args.config, overrides)
-    extra = read_json_object(args.card_extra, "--card-extra") if args.card_extra else None
+    extra = read_json_file(args.card_extra, "--card-extra") if args.card_extra else None
     ctx = init_distributed()
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
