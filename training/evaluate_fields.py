@@ -143,6 +143,7 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
     known = read_candidates(candidates, index) if candidates is not None else {}
     if candidates is not None and any(detectors.values()):
         raise InputError("--candidates replaces the detector's run: give either --candidates or --detector")
+    written_by = candidates_detector(candidates) if candidates is not None else None
 
     predictions: dict[str, Prediction] = {}
     paths = dict(zip(index.frames["frame"], index.frames["path"]))
@@ -153,7 +154,6 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
         if detectors.get(k):
             overrides["proposals.weights"] = str(detectors[k])
         resolved = resolve_config(config, overrides=overrides)
-        written_by = candidates_detector(candidates) if candidates is not None else None
         if written_by is not None and written_by != resolved.proposals.weights:
             raise InputError(f"--candidates were written with the detector {written_by}, this chain's is "
                              f"{resolved.proposals.weights}; leave --candidates out to run it")

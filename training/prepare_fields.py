@@ -219,12 +219,12 @@ def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: F
     apart from the fields'), so adding these positives leaves every field crop as it was."""
     out.mkdir(parents=True, exist_ok=True)
     spacing_mm = AMIBR_PIXEL_SIZE_UM / 1000.0
+    scale = AMIBR_PIXEL_SIZE_UM / cfg.pixel_size_um
+    reach = (cfg.box_px / 2 + config.verifier.context_px) / scale  # the crop's half side, in AMi-Br pixels
     crops = read_amibr(amibr)
     for crop in progress_iter(crops, len(crops), "AMi-Br positives", "crop", enabled=progress):
         with Image.open(crop.path) as handle:
             image = ArrayRoi(np.asarray(handle.convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
-        scale = AMIBR_PIXEL_SIZE_UM / cfg.pixel_size_um
-        reach = (cfg.box_px / 2 + config.verifier.context_px) / scale
         low, high = np.full(2, reach), np.array([image.width, image.height]) - reach
         centre = np.array([image.width, image.height]) / 2 + rng.normal(0, cfg.jitter_px, 2) / scale
         centre = np.clip(centre, np.minimum(low, high), np.maximum(low, high))
@@ -242,9 +242,13 @@ def link_amibr_positives(out: Path, sets: dict[str, dict[str, list[str]]]) -> No
         target = out / "verifier" / name / "train" / POSITIVE_FOLDER
         target.mkdir(parents=True, exist_ok=True)
         for crop in sorted(source.glob("*.png")):
-            link = target / f"{AMIBR_SLIDE}_{crop.name}"
-            if not link.exists():
-                link.symlink_to(os.path.relpath(crop, target))
+            link_crop(crop, target / f"{AMIBR_SLIDE}_{crop.name}")
+
+
+def link_crop(crop: Path, link: Path) -> None:
+    """`link` → `crop` as a relative symlink (kept if it is there already)."""
+    if not link.exists():
+        link.symlink_to(os.path.relpath(crop, link.parent))
 
 
 def link_sets(out: Path, sets: dict[str, dict[str, list[str]]], slide_of: dict[str, str]) -> None:
@@ -258,9 +262,7 @@ def link_sets(out: Path, sets: dict[str, dict[str, list[str]]], slide_of: dict[s
                     target = out / "verifier" / name / split / folder.name
                     target.mkdir(parents=True, exist_ok=True)
                     for crop in folder.glob(f"{stem}_*.png"):
-                        link = target / crop.name
-                        if not link.exists():
-                            link.symlink_to(os.path.relpath(crop, target))
+                        link_crop(crop, target / crop.name)
 
 
 # ---- the whole dataset ------------------------------------------------------------------------------------------
