@@ -33,14 +33,15 @@ from midog.errors import InputError
 from midog.outputs import write_json_atomic
 from midog.weights import model_card_path, sha256_of
 from training.amibr import assign_folds, load_index
-from training.classifier_config import TrainConfig, load_train_config, resolve_data_root
+from training.classifier_config import TrainConfig, fold_report_path, load_train_config, resolve_data_root
 from training.classifier_cv import crop_names, mean_std, other_folds_thresholds
 from training.classifier_fold import balanced_accuracy, best_threshold
 
 
-def fold_probabilities(run: Path, k: int, files: list[str]) -> np.ndarray:
-    """A run's fold-k TTA P(atypical), checked to be of the same crops in the same order as `files`."""
-    path = run / f"fold{k}" / "tta_report.json"
+def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) -> np.ndarray:
+    """A run's fold-k TTA P(atypical) (its report at `fold_report_path`), checked to be of the same crops in the
+    same order as `files`."""
+    path = fold_report_path(cfg, run, k)
     if not path.is_file():
         raise InputError(f"{path} not found: score the run with `train_classifier evaluate-tta` first")
     report = json.loads(path.read_text())
@@ -72,7 +73,7 @@ def ensemble_cv(cfg: TrainConfig, runs: list[Path]) -> dict[str, Any]:
     labels = index["label"].to_numpy()
     fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
     vals = [np.flatnonzero(fold_of == k) for k in range(cfg.folds)]
-    per_run = {str(run): [fold_probabilities(run, k, crop_names(index, val)) for k, val in enumerate(vals)]
+    per_run = {str(run): [fold_probabilities(cfg, run, k, crop_names(index, val)) for k, val in enumerate(vals)]
                for run in runs}
     fold_labels = [labels[val] for val in vals]
     mean = [np.mean([per_run[str(run)][k] for run in runs], axis=0) for k in range(cfg.folds)]
