@@ -27,7 +27,7 @@ from midog.config import resolve_config  # noqa: E402
 from midog.devices import usable_cpus  # noqa: E402
 from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.verifier import Verifier  # noqa: E402
-from midog.weights import find_weights  # noqa: E402
+from midog.weights import checkpoint_names, find_weights  # noqa: E402
 from roi_factory import he_roi  # noqa: E402
 
 
@@ -46,20 +46,22 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads or usable_cpus())
     config = resolve_config(overrides={"runtime.device": "cpu"})
-    path = find_weights(config.verifier.weights)
+    paths = [find_weights(name) for name in checkpoint_names(config.verifier.weights)]
     roi = ArrayRoi(he_roi(2048, 2048, seed=0), PhysicalTransform((0.00025, 0.00025)))
     boxes = candidate_boxes(roi.width, roi.height, args.candidates, config.merging.box_size_px)
     settings = {"plain": dataclasses.replace(config.verifier, tta=False),
                 "tta (8 views)": dataclasses.replace(config.verifier, tta=True)}
-    verifiers = {name: Verifier.from_weights(path, cfg, torch.device("cpu")) for name, cfg in settings.items()}
+    verifiers = {name: Verifier.from_weights(paths, cfg, torch.device("cpu")) for name, cfg in settings.items()}
     crops = verifiers["plain"].crops(roi, boxes)
     best = {name: float("inf") for name in verifiers}
     for _ in range(args.rounds):
         for name, verifier in verifiers.items():
             started = time.perf_counter()
-            verifier.classifier.predict_proba(crops, tta=verifier.config.tta, batch_size=verifier.config.batch_size)
+            for member in verifier.classifiers:                   # an ensemble: every member on the same crops
+                member.predict_proba(crops, tta=verifier.config.tta, batch_size=verifier.config.batch_size)
             best[name] = min(best[name], time.perf_counter() - started)
-    print(f"{path.name}: {verifiers['plain'].classifier.arch}, crops {config.verifier.crop_size} px "
+    members = ", ".join(f"{p.name} ({c.arch})" for p, c in zip(paths, verifiers["plain"].classifiers))
+    print(f"{members}: crops {config.verifier.crop_size} px "
           f"(context {config.verifier.context_px} px), {args.candidates} candidates, {torch.get_num_threads()} "
           f"threads, {platform.processor() or platform.machine()}, fastest of {args.rounds}")
     for name, seconds in best.items():

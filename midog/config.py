@@ -98,7 +98,7 @@ class MergingConfig:
 
 @dataclass
 class VerifierConfig:
-    weights: str = _default("verifier.weights")
+    weights: str | list[str] = _default("verifier.weights")
     crop_size: int = _default("verifier.crop_size")
     threshold: float = _default("verifier.threshold")
     batch_size: int = _default("verifier.batch_size")

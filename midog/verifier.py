@@ -1,5 +1,8 @@
 """Verification stage: each candidate's box crop, resized to `verifier.crop_size`, → P(mitotic figure).
 
+One checkpoint, or a list of them (`verifier.weights`, an ensemble): the ensemble's P(mitotic figure) is the mean
+of its members' on the same crops, so its members must be trained at one pixel size.
+
 The crop is the candidate's box (grown by `verifier.context_px` on each side, clipped to the image) resized to a
 square with antialiased bilinear interpolation, the same resize `BinaryClassifier.preprocess` applies. A degenerate
 box (no area left after clipping) is replaced by a `merging.box_size_px` square around its centre.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
+from midog.errors import WeightsError
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.roi_io import RoiImage
@@ -113,21 +118,37 @@ def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -
 
 @dataclass
 class Verifier:
-    classifier: BinaryClassifier
+    classifiers: list[BinaryClassifier]
+    """One classifier, or an ensemble's members (their mean P(mitotic figure) is the verifier's)."""
     config: VerifierConfig
     fallback_box_px: int = 50
     """Side of the square cut for a degenerate box, in the verifier's pixels (`merging.box_size_px`)."""
     resample_tolerance: float = 0.02
-    """`image.resample_tolerance`: crops are cut at the classifier's `pixel_size_um` beyond it."""
+    """`image.resample_tolerance`: crops are cut at the classifiers' `pixel_size_um` beyond it."""
+
+    def __post_init__(self) -> None:
+        if not self.classifiers:
+            raise WeightsError("no verifier weights configured (verifier.weights is empty)")
+        sizes = sorted({c.pixel_size_um for c in self.classifiers})
+        if len(sizes) > 1:
+            raise WeightsError(f"verifier.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} "
+                               "µm/px: an ensemble averages crops of one scale")
 
     @classmethod
-    def from_weights(cls, path: str | os.PathLike[str], config: VerifierConfig, device: torch.device,
-                     fallback_box_px: int = 50, foundation: FoundationConfig | None = None,
+    def from_weights(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], config: VerifierConfig,
+                     device: torch.device, fallback_box_px: int = 50, foundation: FoundationConfig | None = None,
                      resample_tolerance: float = 0.02) -> "Verifier":
-        """`foundation`: where a foundation-model verifier's base weights are (see midog.foundation)."""
-        classifier = require_positive(load_classifier(path, device, foundation=foundation), MITOTIC_FIGURE,
-                                      Path(path).name, "a verifier")
-        return cls(classifier, config, fallback_box_px, resample_tolerance)
+        """One checkpoint file, or a list of them (an ensemble). `foundation`: where a foundation-model verifier's
+        base weights are (see midog.foundation)."""
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        classifiers = [require_positive(load_classifier(path, device, foundation=foundation), MITOTIC_FIGURE,
+                                        Path(path).name, "a verifier") for path in paths]
+        return cls(classifiers, config, fallback_box_px, resample_tolerance)
+
+    @property
+    def pixel_size_um(self) -> float:
+        """µm/px the crops are cut at: the members' own (one value, checked at construction)."""
+        return self.classifiers[0].pixel_size_um
 
     @property
     def threshold(self) -> float:
@@ -136,15 +157,17 @@ class Verifier:
     def crops(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
         """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes (`image` pixels), at the classifier's
         pixel size."""
-        return candidate_crops(image, boxes, self.classifier.pixel_size_um, self.resample_tolerance,
+        return candidate_crops(image, boxes, self.pixel_size_um, self.resample_tolerance,
                                self.config.crop_size, self.config.context_px, self.fallback_box_px)
 
     def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
-        """P(mitotic figure) per box, in order."""
+        """P(mitotic figure) per box, in order (an ensemble's: the mean of its members')."""
         if len(boxes) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.classifier.predict_proba(self.crops(image, boxes), tta=self.config.tta,
-                                             batch_size=self.config.batch_size)
+        crops = self.crops(image, boxes)
+        per_member = [c.predict_proba(crops, tta=self.config.tta, batch_size=self.config.batch_size)
+                      for c in self.classifiers]
+        return np.mean(per_member, axis=0).astype(np.float32)
 
     def labels(self, probabilities: np.ndarray) -> list[str]:
         return [MITOTIC_FIGURE if p >= self.threshold else NON_MITOTIC_FIGURE for p in probabilities]

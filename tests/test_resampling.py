@@ -87,7 +87,7 @@ class DarknessClassifier:
 
 def chain() -> Track1Detector:
     config = load_config()
-    verifier = Verifier(DarknessClassifier(), config.verifier, config.merging.box_size_px,
+    verifier = Verifier([DarknessClassifier()], config.verifier, config.merging.box_size_px,
                         config.image.resample_tolerance)
     return Track1Detector(config, BlobProposer(), verifier, None)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from roi_factory import he_roi, tiny_verifier
 
 from midog.config import VerifierConfig
+from midog.errors import WeightsError
 from midog.roi_io import ArrayRoi, PhysicalTransform
 import midog.verifier as verifier_module
 from midog.verifier import Verifier, combine_probability, crop_boxes, region_crops, resize_crop
@@ -33,7 +35,7 @@ def test_crops_are_resized_boxes(verifier: Verifier):
     np.testing.assert_array_equal(crops[0], pixels[50:114, 100:164])  # already 64 px: untouched
     np.testing.assert_array_equal(crops[1], resize_crop(pixels[0:16, 0:32], 64))
     probabilities = verifier.probabilities(roi, np.array([[100, 50, 164, 114]], np.float32))
-    np.testing.assert_allclose(probabilities, verifier.classifier.predict_proba(crops[:1]), rtol=1e-6)
+    np.testing.assert_allclose(probabilities, verifier.classifiers[0].predict_proba(crops[:1]), rtol=1e-6)
     assert verifier.probabilities(roi, np.zeros((0, 4), np.float32)).shape == (0,)
 
 
@@ -72,10 +74,31 @@ def test_tta_averages_the_eight_views_of_each_crop(verifier: Verifier):
     roi = ArrayRoi(pixels, PhysicalTransform((0.00025, 0.00025)))
     mirrored = ArrayRoi(np.ascontiguousarray(pixels[:, ::-1]), PhysicalTransform((0.00025, 0.00025)))
     box, mirror_box = np.array([[40, 30, 104, 94]], np.float32), np.array([[196, 30, 260, 94]], np.float32)
-    with_tta = Verifier(verifier.classifier, VerifierConfig(threshold=0.5, tta=True))
+    with_tta = Verifier(verifier.classifiers, VerifierConfig(threshold=0.5, tta=True))
     crops = verifier.crops(roi, box)
-    views = [verifier.classifier.predict_proba(np.ascontiguousarray(np.rot90(c, k, axes=(1, 2))))
+    views = [verifier.classifiers[0].predict_proba(np.ascontiguousarray(np.rot90(c, k, axes=(1, 2))))
              for c in (crops, crops[:, :, ::-1]) for k in range(4)]
     np.testing.assert_allclose(with_tta.probabilities(roi, box), np.mean(views, axis=0), rtol=1e-5)
     np.testing.assert_allclose(with_tta.probabilities(mirrored, mirror_box), with_tta.probabilities(roi, box), rtol=1e-5)
     assert not np.allclose(verifier.probabilities(roi, box), with_tta.probabilities(roi, box), rtol=1e-4)
+
+
+def test_an_ensemble_averages_its_members_on_the_same_crops(tmp_path, verifier: Verifier):
+    """`verifier.weights` as a list: the probability is the mean of the members', each on the crops cut once."""
+    other = tiny_verifier(tmp_path / "other.pt", seed=1)
+    first = tiny_verifier(tmp_path / "first.pt")
+    ensemble = Verifier.from_weights([first, other], VerifierConfig(threshold=0.5), torch.device("cpu"))
+    alone = Verifier.from_weights(other, VerifierConfig(threshold=0.5), torch.device("cpu"))
+    roi = ArrayRoi(he_roi(300, 200, seed=4), PhysicalTransform((0.00025, 0.00025)))
+    boxes = np.array([[40, 30, 104, 94], [150, 100, 190, 150]], np.float32)
+    members = [verifier.probabilities(roi, boxes), alone.probabilities(roi, boxes)]
+    assert not np.allclose(*members, rtol=1e-3)                                # two different members
+    np.testing.assert_allclose(ensemble.probabilities(roi, boxes), np.mean(members, axis=0), rtol=1e-5)
+
+
+def test_an_ensemble_of_two_pixel_sizes_is_refused(verifier: Verifier):
+    coarse = dataclasses.replace(verifier.classifiers[0], pixel_size_um=0.5)
+    with pytest.raises(WeightsError, match="mix checkpoints trained at 0.25, 0.5"):
+        Verifier([verifier.classifiers[0], coarse], VerifierConfig(threshold=0.5))
+    with pytest.raises(WeightsError, match="verifier.weights is empty"):
+        Verifier([], VerifierConfig(threshold=0.5))

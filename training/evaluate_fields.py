@@ -2,6 +2,7 @@
 
     python -m training.evaluate_fields --root ../shared/data/mitos-atypia-14 --out REPORT.json
         [--verifier PATH | --verifier fold0=PATH fold1=PATH fold2=PATH] [--detector PATH | fold0=PATH ...]
+        (a verifier ensemble: PATH,PATH in place of PATH)
         [--config PIPELINE.yaml] [--floor] [--folds 3] [--candidates DIR/candidates.csv]
 
 For each fold k the chain (`Track1Detector.detect`: tile → propose → merge → verify, at the models' pixel size)
@@ -102,6 +103,14 @@ def per_fold_paths(values: Sequence[str] | None, n_folds: int, what: str) -> dic
     return paths
 
 
+def verifier_weights(value: str) -> str | list[str]:
+    """`--verifier`'s PATH, or PATH,PATH,... for an ensemble → `verifier.weights`."""
+    paths = [part for part in value.split(",") if part]
+    if not paths:
+        raise InputError(f"--verifier names no checkpoint in {value!r}")
+    return paths[0] if len(paths) == 1 else paths
+
+
 def read_candidates(path: Path, index: FieldIndex) -> dict[str, Candidates]:
     """frame → its merged candidates from a `prepare_fields` candidates.csv (field pixels); a frame without rows
     had none. Refused: a file without the columns, or naming frames the index does not hold."""
@@ -150,7 +159,7 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
     for k, frames in fold_frames(index, folds).items():
         overrides = {"runtime.device": "cpu"}
         if verifiers.get(k):
-            overrides["verifier.weights"] = str(verifiers[k])
+            overrides["verifier.weights"] = verifier_weights(str(verifiers[k]))
         if detectors.get(k):
             overrides["proposals.weights"] = str(detectors[k])
         resolved = resolve_config(config, overrides=overrides)
@@ -190,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="report JSON")
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--verifier", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
+    parser.add_argument("--verifier", nargs="+", default=None,
+                        help="PATH, or fold<k>=PATH per fold; PATH,PATH,... for an ensemble (mean probability)")
     parser.add_argument("--detector", nargs="+", default=None, help="PATH, or fold<k>=PATH per fold")
     parser.add_argument("--config", type=Path, default=None, help="partial pipeline YAML, as for process.py")
     parser.add_argument("--candidates", type=Path, default=None, metavar="CSV",

@@ -15,7 +15,7 @@ from midog.config import resolve_config
 from midog.errors import InputError
 from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
 from tests.training.fake_amibr import write_amibr
-from training.evaluate_fields import cross_fold_scores, per_fold_paths
+from training.evaluate_fields import cross_fold_scores, per_fold_paths, verifier_weights
 from training.evaluate_fields import main as evaluate_main
 from training.fields import load_field_index, slide_folds
 from training.prepare_fields import (FieldDataConfig, far_from, frame_splits, positive_boxes, prepare, tile_labels)
@@ -179,6 +179,10 @@ def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path
     ran, saved = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ran", "saved"))
     assert len(pd.read_csv(out / "candidates.csv")) > 0
     assert saved["slides"] == ran["slides"] and saved["summary"] == ran["summary"]
+    twice = ["--verifier", f"{verifier},{verifier}"]                # an ensemble of one model twice: the same figures
+    assert evaluate_main([*common, *twice, "--out", str(tmp_path / "pair.json"),
+                          "--candidates", str(out / "candidates.csv")]) == 0
+    assert json.loads((tmp_path / "pair.json").read_text())["summary"] == saved["summary"]
 
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"proposals": {"weights": str(tmp_path / "w" / "elsewhere.pt")}}))
@@ -219,6 +223,7 @@ def test_per_fold_paths():
     assert per_fold_paths(["a.pt"], 2, "verifier") == {0: "a.pt", 1: "a.pt"}
     assert per_fold_paths(["fold1=b.pt", "fold0=a.pt"], 2, "verifier") == {0: "a.pt", 1: "b.pt"}
     assert per_fold_paths(None, 2, "verifier") == {0: None, 1: None}
+    assert verifier_weights("a.pt") == "a.pt" and verifier_weights("a.pt,b.pt") == ["a.pt", "b.pt"]
     with pytest.raises(InputError, match="fold"):
         per_fold_paths(["fold0=a.pt"], 2, "verifier")
 
