@@ -155,21 +155,30 @@ def tile_loop(yolo, pixels: np.ndarray, device: str) -> np.ndarray:
     return boxes_t[keep].numpy()
 
 
+def process_py_environment(detector: Path, verifier: Path | None, atypical: Path | None, device: str,
+                           threads: int = 0) -> dict[str, str]:
+    """process.py's environment for `process_py`: the shipped weights as shipped, as the pipeline timed in this
+    process loads them. $MIDOG_WEIGHTS_DIR is the repository's weights/ itself, not a copy, so the model cards are
+    checked and weights/pipeline.yaml is in force with every checkpoint it names (the verifier's crops, TTA and
+    threshold, the atypical pair); each stand-in (None: the shipped checkpoint) is named by its path, which no
+    pipeline.yaml section is tuned for, so it runs with the default settings."""
+    stand_ins = {"proposals": None if detector == REPO / "weights" / "detector.pt" else detector,
+                 "verifier": verifier, "atypical": atypical}
+    return {**os.environ, "MIDOG_WEIGHTS_DIR": str(REPO / "weights"), "MIDOG_RUNTIME__DEVICE": device,
+            "MIDOG_RUNTIME__NUM_THREADS": str(threads), "YOLO_OFFLINE": "1",
+            **{f"MIDOG_{section.upper()}__WEIGHTS": str(path.resolve()) for section, path in stand_ins.items() if path}}
+
+
 def process_py(folder: Path, pixels: np.ndarray, detector: Path, verifier: Path | None, atypical: Path | None,
-               device: str) -> None:
+               device: str, threads: int = 0) -> None:
     """process.py end to end in a fresh process (imports, model load, ONNX export if not cached, the ROI, both
-    files): its wall time and its own peak RSS."""
-    import shutil
+    files), with the weights of `process_py_environment`: its wall time and its own peak RSS."""
     import subprocess
 
     from roi_factory import track1_input
 
-    weights = folder / "weights"
-    weights.mkdir(exist_ok=True)
-    for source, name in ((detector, "detector.pt"), (verifier, "verifier.pt"), (atypical, "atypical.pt")):
-        shutil.copyfile(source or REPO / "weights" / name, weights / name)  # None: the shipped checkpoint
     track1_input(folder / "input", pixels, tile=512, compression="zlib")
-    env = {**os.environ, "MIDOG_WEIGHTS_DIR": str(weights), "MIDOG_RUNTIME__DEVICE": device, "YOLO_OFFLINE": "1"}
+    env = process_py_environment(detector, verifier, atypical, device, threads)
     import psutil
 
     started = time.perf_counter()
@@ -192,7 +201,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=None, help="detector checkpoint (default: the shipped one)")
     parser.add_argument("--class-bias", type=float, default=1.0, help="for the random detector only")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads, in this process and process.py's (0: the CPUs this process may use)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the fastest counts")
     parser.add_argument("--skip-pipeline", action="store_true")
@@ -270,7 +280,8 @@ def main() -> int:
         if not args.skip_pipeline:
             verifier = classifier_weights("verifier.pt", folder, 64, "mitotic figure", args.random_classifiers)
             atypical = classifier_weights("atypical.pt", folder, 128, "atypical", args.random_classifiers)
-            overrides = {"runtime.device": str(device), "proposals.weights": str(detector)}
+            overrides = {"runtime.device": str(device), "proposals.weights": str(detector),
+                         "runtime.num_threads": args.threads}  # the pipeline sets torch's threads from this
             overrides |= {f"{stage}.weights": str(path) for stage, path in (("verifier", verifier),
                                                                             ("atypical", atypical)) if path}
             config = resolve_config(overrides=overrides)
@@ -288,7 +299,7 @@ def main() -> int:
                       f"figures; {stages}")
                 runs.append(run_seconds)
             seconds = min(runs[1:] or runs)
-            process_py(folder, pixels, detector, verifier, atypical, str(device))
+            process_py(folder, pixels, detector, verifier, atypical, str(device), args.threads)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"peak RSS of this benchmark process (all methods, SAHI's slices included): {peak:.2f} GB")
     print(f"seconds_per_roi={seconds:.2f} speedup_vs_sahi={t_b / t_a:.2f} speedup_vs_tile_loop={t_c / t_a:.2f} "

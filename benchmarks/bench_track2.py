@@ -164,7 +164,9 @@ def main() -> int:
                   f"-> target < 1 s: {'MET' if median < 1 else 'NOT MET'}")
         if args.compare_weights:
             compare_weights(config, classifier, args.compare_weights, small, args.repeats)
-        torch.set_num_threads(args.threads or default_threads)
+        # run_track2 sets torch's threads from runtime.num_threads (midog.devices.configure_torch), whatever was
+        # set here before: --threads goes through the config, or the run would use the config's count
+        config.runtime.num_threads = args.threads or default_threads
 
         large_input = scratch / "large"
         size_mb = large_stack_input(large_input, args.large_pages).stat().st_size / 2**20

@@ -64,19 +64,20 @@ RECORDED_PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "numpy", "Si
 JSON_TYPE_NAMES = {dict: "object", list: "list"}
 
 
-def read_json_file(path: Path, what: str, expected: type = dict) -> Any:
-    """The JSON value in `path`, which must be a `expected` (dict: an object, or list), or an InputError that names
-    `what` and the file: missing, not JSON, another type (one error line and exit code 2 through `entry_point` or
-    process.py, never an unexpected failure)."""
+def read_json_file(path: Path, what: str, expected: type = dict, *, error: type[InputError] = InputError) -> Any:
+    """The JSON value in `path`, which must be an `expected` (dict: a JSON object; list; object: any JSON value), or
+    an `error` that names `what` and the file: missing, not JSON, another type (one error line and exit code 2
+    through `entry_point`, process.py or the evaluation, never an unexpected failure). The evaluation passes its own
+    InputError subclasses (GroundTruthError, PredictionError), so that every JSON file reads and fails alike."""
     if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise InputError(f"{what} {path} is not valid JSON: {first_line(err)}") from None
+        raise error(f"{what} {path} is not valid JSON: {first_line(err)}") from None
     if not isinstance(value, expected):
-        raise InputError(f"{what} {path} must hold a JSON {JSON_TYPE_NAMES.get(expected, expected.__name__)}, "
-                         f"not {type(value).__name__}")
+        raise error(f"{what} {path} must hold a JSON {JSON_TYPE_NAMES.get(expected, expected.__name__)}, "
+                    f"not {type(value).__name__}")
     return value
 
 

@@ -520,7 +520,7 @@ def _pixel_coordinates(run: Path) -> tuple[str, ...]:
 def _missing_output(run: Path) -> tuple[str, ...]:
     (run / "input" / "bf330895-59cf-4c19-8065-edc60c1deafe" / "output" /
      "multiple-mitotic-figure-classification.json").unlink()
-    return "job bf330895-59cf-4c19-8065-edc60c1deafe: missing file", "multiple-mitotic-figure-classification.json"
+    return "job bf330895-59cf-4c19-8065-edc60c1deafe output not found: ", "multiple-mitotic-figure-classification.json"
 
 
 def _confidence(value: Any):

@@ -9,12 +9,12 @@ Every failure is an `EvaluationError` with one line that names the job (its pk, 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from midog.cli import read_json_file
 from midog.errors import InputError
 
 TRACK1_INPUT_SLUG = "histopathology-region-of-interest-cropout"
@@ -45,15 +45,6 @@ class Job:
     payload: Any
 
 
-def read_json(path: Path, error: type[EvaluationError], what: str) -> Any:
-    if not path.is_file():
-        raise error(f"{what}: missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{what}: {path} is not valid JSON ({err})") from None
-
-
 def is_number(value: Any) -> bool:
     """A JSON number that the official scorers can use: int or float, not bool, finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -70,9 +61,7 @@ def _interface_value(values: Any, slug: str, pk: str, field: str) -> dict[str, A
 
 
 def _container_jobs(folder: Path, input_slug: str, output_slug: str) -> Iterator[Job]:
-    jobs_json = read_json(folder / "predictions.json", PredictionError, "predictions.json")
-    if not isinstance(jobs_json, list):
-        raise PredictionError(f"{folder / 'predictions.json'} must hold a list of jobs")
+    jobs_json = read_json_file(folder / "predictions.json", "predictions.json", list, error=PredictionError)
     for index, job in enumerate(jobs_json):
         if not isinstance(job, dict) or not isinstance(job.get("pk"), str):
             raise PredictionError(f"predictions.json entry {index}: field 'pk' is missing")
@@ -84,7 +73,8 @@ def _container_jobs(folder: Path, input_slug: str, output_slug: str) -> Iterator
         relative = (output.get("interface") or {}).get("relative_path")
         if not isinstance(relative, str):
             raise PredictionError(f"job {pk}: field 'outputs[{output_slug}].interface.relative_path' is missing")
-        payload = read_json(folder / pk / "output" / relative, PredictionError, f"job {pk}")
+        payload = read_json_file(folder / pk / "output" / relative, f"job {pk} output", object,
+                                 error=PredictionError)
         yield Job(pk=pk, image=image["name"], payload=payload)
 
 
@@ -114,7 +104,8 @@ def _plain_jobs(folder: Path, known_images: set[str]) -> Iterator[Job]:
             continue  # the evaluation's own output, written into the folder by an earlier run
         if image is None:
             raise PredictionError(f"job {path.name}: no ground truth for an image named like '{path.stem}'")
-        yield Job(pk=path.name, image=image, payload=read_json(path, PredictionError, f"job {path.name}"))
+        payload = read_json_file(path, f"job {path.name}", object, error=PredictionError)
+        yield Job(pk=path.name, image=image, payload=payload)
 
 
 def iter_jobs(folder: str | Path, track: int, known_images: set[str]) -> Iterator[Job]:

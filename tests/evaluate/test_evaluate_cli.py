@@ -58,7 +58,7 @@ def test_the_first_bad_job_in_predictions_json_order_is_the_one_named(tmp_path: 
     assert err.startswith("error: job job-0: points[0]: field 'name' is 'mitosis'") and err.count("\n") == 1
     (folder / "job-0" / "output" / "mitotic-figures.json").write_text(json.dumps(payload([])))
     assert main(args) == 2
-    assert capsys.readouterr().err.startswith("error: job job-1: missing file")
+    assert capsys.readouterr().err.startswith("error: job job-1 output not found: ")
 
 
 def test_track2_names_the_first_bad_job_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,7 +96,7 @@ def test_a_plain_folder_can_hold_its_own_metrics_json(tmp_path: Path) -> None:
 def test_missing_job_output_names_the_job(tmp_path: Path) -> None:
     folder = container_folder(tmp_path / "pred", {"007.tiff": payload([])})
     (folder / "job-0" / "output" / "mitotic-figures.json").unlink()
-    with pytest.raises(PredictionError, match="job job-0: missing file"):
+    with pytest.raises(PredictionError, match="job job-0 output not found: "):
         load_jobs(folder, 1, set(GT1))
 
 
@@ -146,4 +146,4 @@ def test_cli_track2_wrong_number_of_entries(tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_missing_ground_truth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["track2", "--ground-truth", str(tmp_path / "nope.json"), "--predictions", str(tmp_path)])
-    assert code == 2 and "missing file" in capsys.readouterr().err
+    assert code == 2 and "ground truth not found: " in capsys.readouterr().err
