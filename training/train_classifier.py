@@ -41,6 +41,7 @@ from timm.utils import ModelEmaV3
 
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
+from training.amibr import FOLD_SPLITS
 from training.classifier_config import (SHIP_EPOCH_CHECKPOINTS, TrainConfig, ema_name, fold_checkpoint_name,
                                         fold_checkpoint_path, fold_report_path, full_checkpoint_name,
                                         load_train_config, resolve_data_root, resolve_out_dir, tta_report_name)
@@ -83,7 +84,7 @@ ACTION_FLAGS: dict[str, str] = {"evaluate-tta": "--evaluate-tta", "full": "--ful
 """Each sub-command (but `cv`, which has none) and the flag that did the same before sub-commands."""
 
 VALUE_OPTIONS = ("--config", "--folds", "--fold", "--out", "--epochs", "--full-epochs", "--ship", "--ship-folds",
-                 "--ship-ema")
+                 "--ship-ema", "--split")
 """The options that take a value (which may spell like a sub-command: `--out cv`)."""
 
 HELP_FLAGS = ("-h", "--help")
@@ -114,6 +115,9 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     """The options of every sub-command, and the action flags of the others (which add their step)."""
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/atypical.yaml"))
     parser.add_argument("--folds", type=int, help="number of slide-grouped folds (overrides the config)")
+    parser.add_argument("--split", choices=FOLD_SPLITS,
+                        help="how crops are split into folds (overrides the config): 'dataset' leaves one source "
+                             "dataset out per fold, with --folds the number of datasets (AMi-Br: 2)")
     parser.add_argument("--fold", type=int, help="train (or with evaluate-tta score, or ship) only this fold")
     parser.add_argument("--out", help="output folder (overrides the config)")
     parser.add_argument("--resume", action="store_true", help="continue from each fold's (and full's) last.pt")
@@ -184,6 +188,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.folds:
         overrides["folds"] = args.folds
+    if args.split:
+        overrides["split"] = args.split
     if args.out:
         overrides["out"] = args.out
     if args.epochs:

@@ -579,3 +579,12 @@ def test_help_lists_the_sub_commands_and_the_old_spelling(capsys: pytest.Capture
 ])
 def test_flag_spelling_gives_the_old_command_line(new: list[str], old: list[str]) -> None:
     assert tc.flag_spelling(new) == old and tc.parse_args(old) == tc.parse_args(new)
+
+
+def test_split_on_the_command_line_overrides_the_config() -> None:
+    """`--split dataset --folds 2`: leave one source out from the same config file, no copy of it."""
+    args = tc.parse_args(["--config", "c.yaml", "--split", "dataset", "--folds", "2", "--fold", "1"])
+    assert tc.config_overrides(args) == {"split": "dataset", "folds": 2}
+    assert "split" not in tc.config_overrides(tc.parse_args(["--config", "c.yaml"]))
+    with pytest.raises(SystemExit):
+        tc.parse_args(["--split", "source"])
