@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 
-from midog.errors import InputError
+from midog.errors import ConfigError, InputError
 
 CSV_NAME = "amibr_train_split.csv"
 CLASS_FOLDERS = {"Atypical": 1, "Normal": 0}
@@ -59,7 +59,7 @@ def load_index(root: str | os.PathLike[str], csv: str | os.PathLike[str] | None 
 def slide_folds(index: pd.DataFrame, n_folds: int, seed: int = 0) -> np.ndarray:
     """Fold number (0..n_folds-1) of every row: stratified by label, grouped by slide (no slide in two folds)."""
     if n_folds < 2:
-        raise ValueError(f"need at least 2 folds, got {n_folds}")
+        raise ConfigError(f"need at least 2 folds, got {n_folds}")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(len(index), -1, dtype=int)
     for k, (_, val) in enumerate(splitter.split(np.zeros(len(index)), index["label"], index["group"])):
@@ -73,7 +73,7 @@ def dataset_folds(index: pd.DataFrame) -> np.ndarray:
     domain it never saw (other scanners, labs, tumour types), which slide folds mixing both sources cannot."""
     names = sorted(set(index["dataset"]))
     if len(names) < 2:
-        raise ValueError(f"leave-one-dataset-out needs at least 2 source datasets, got {names}")
+        raise ConfigError(f"leave-one-dataset-out needs at least 2 source datasets, got {names}")
     return index["dataset"].map({name: k for k, name in enumerate(names)}).to_numpy(dtype=int)
 
 
@@ -88,10 +88,10 @@ def assign_folds(index: pd.DataFrame, split: str, n_folds: int, seed: int = 0) -
     if split == "dataset":
         fold = dataset_folds(index)
         if fold.max() + 1 != n_folds:
-            raise ValueError(f"split 'dataset' makes one fold per source dataset ({fold.max() + 1}), "
+            raise ConfigError(f"split 'dataset' makes one fold per source dataset ({fold.max() + 1}), "
                              f"but folds is {n_folds}")
         return fold
-    raise ValueError(f"split must be one of {FOLD_SPLITS}, got {split!r}")
+    raise ConfigError(f"split must be one of {FOLD_SPLITS}, got {split!r}")
 
 
 def load_crops(paths: list[str] | pd.Series) -> np.ndarray:

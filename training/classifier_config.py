@@ -7,6 +7,7 @@ and shipping (training/classifier_ship.py); the command is training/train_classi
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,20 @@ SHIP_EPOCH_CHECKPOINTS = {"best": "best.pt", "last": "final.pt"}
 def load_train_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The YAML at `path` (partial is fine) then `overrides`; ConfigError for an unknown key or a bad value."""
     return load_training_config(path, TrainConfig, overrides)
+
+
+def add_split_options(parser: argparse.ArgumentParser) -> None:
+    """`--folds` and `--split`, the fold layout's command-line overrides (`split_overrides`): the same options
+    wherever a command trains or scores the folds of a config, e.g. leave one source out with the config as it is."""
+    parser.add_argument("--folds", type=int, help="number of folds (overrides the config)")
+    parser.add_argument("--split", choices=FOLD_SPLITS,
+                        help="how crops are split into folds (overrides the config): 'dataset' leaves one source "
+                             "dataset out per fold, with --folds the number of datasets (AMi-Br: 2)")
+
+
+def split_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values `add_split_options`' options set."""
+    return {key: value for key, value in (("folds", args.folds), ("split", args.split)) if value}
 
 
 def resolve_data_root(cfg: TrainConfig) -> Path:

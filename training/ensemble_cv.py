@@ -33,7 +33,8 @@ from midog.errors import InputError
 from midog.outputs import write_json_atomic
 from midog.weights import model_card_path, sha256_of
 from training.amibr import assign_folds, load_index
-from training.classifier_config import TrainConfig, fold_report_path, load_train_config, resolve_data_root
+from training.classifier_config import (TrainConfig, add_split_options, fold_report_path, load_train_config,
+                                        resolve_data_root, split_overrides)
 from training.classifier_cv import crop_names, mean_std, other_folds_thresholds
 from training.classifier_fold import balanced_accuracy, best_threshold
 
@@ -104,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True,
                         help="a training config of the runs: its data, split, folds and fold seed define the folds")
+    add_split_options(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True,
                         help="cross-validation run folders, each with fold{k}/tta_report.json")
     parser.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (args.card is None) != (args.members is None):
         raise InputError("--card and --members go together")
-    report = ensemble_cv(load_train_config(args.config), args.runs)
+    report = ensemble_cv(load_train_config(args.config, split_overrides(args)), args.runs)
     card = None
     if args.card is not None:
         command = "python -m training.ensemble_cv " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -41,10 +41,10 @@ from timm.utils import ModelEmaV3
 
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
 from midog.errors import InputError
-from training.amibr import FOLD_SPLITS
-from training.classifier_config import (SHIP_EPOCH_CHECKPOINTS, TrainConfig, ema_name, fold_checkpoint_name,
-                                        fold_checkpoint_path, fold_report_path, full_checkpoint_name,
-                                        load_train_config, resolve_data_root, resolve_out_dir, tta_report_name)
+from training.classifier_config import (SHIP_EPOCH_CHECKPOINTS, TrainConfig, add_split_options, ema_name,
+                                        fold_checkpoint_name, fold_checkpoint_path, fold_report_path,
+                                        full_checkpoint_name, load_train_config, resolve_data_root, resolve_out_dir,
+                                        split_overrides, tta_report_name)
 from training.classifier_cv import (crop_names, cross_validate, cv_summary_path, data_description,
                                     evaluate_one_fold, evaluate_tta, fold_scores, fold_sources, fold_thresholds,
                                     load_cv_summary, load_tta_report, mean_std, other_folds_thresholds,
@@ -114,10 +114,7 @@ def build_parser() -> OneLineArgumentParser:
 def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     """The options of every sub-command, and the action flags of the others (which add their step)."""
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/atypical.yaml"))
-    parser.add_argument("--folds", type=int, help="number of slide-grouped folds (overrides the config)")
-    parser.add_argument("--split", choices=FOLD_SPLITS,
-                        help="how crops are split into folds (overrides the config): 'dataset' leaves one source "
-                             "dataset out per fold, with --folds the number of datasets (AMi-Br: 2)")
+    add_split_options(parser)
     parser.add_argument("--fold", type=int, help="train (or with evaluate-tta score, or ship) only this fold")
     parser.add_argument("--out", help="output folder (overrides the config)")
     parser.add_argument("--resume", action="store_true", help="continue from each fold's (and full's) last.pt")
@@ -185,11 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config values the command line sets."""
-    overrides: dict[str, Any] = {}
-    if args.folds:
-        overrides["folds"] = args.folds
-    if args.split:
-        overrides["split"] = args.split
+    overrides: dict[str, Any] = split_overrides(args)
     if args.out:
         overrides["out"] = args.out
     if args.epochs:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from midog.errors import ConfigError
 from tests.training.fake_amibr import write_amibr
 from training.amibr import assign_folds, load_index
 from training.classifier_cv import crop_names, other_folds_thresholds
@@ -87,3 +88,13 @@ def test_the_card_names_each_member_with_its_checksum_and_figures(runs, tmp_path
     assert card["cross_validation"]["ensemble"] == report["ensemble"]
     assert card["command"].startswith("python -m training.ensemble_cv --config")
     assert main(args[:-1]) == 2 and main(args[:-3]) == 2  # one member for two runs; --card without --members
+
+
+def test_split_options_override_the_configs_folds(runs, capsys: pytest.CaptureFixture[str]):
+    """`--split dataset --folds 2` scores the runs on the source folds: the generated crops have one source, so the
+    split is refused in one line (as a config's `split: dataset` would be), not scored on the config's slide folds."""
+    config, run_dirs, _, _ = runs
+    code = main(["--config", str(config), "--runs", *map(str, run_dirs), "--split", "dataset", "--folds", "2"])
+    assert code == ConfigError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least 2 source datasets, got ['FAKE']" in err[0]
