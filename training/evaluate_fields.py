@@ -12,6 +12,11 @@ thresholds. `--floor` scores the darkest-blob heuristic the same way instead of 
 primary figure (mean F1 over folds), the worst slide with >= 20 mitoses, per-fold and per-slide numbers, and the
 threshold to ship (median of the folds' optimal thresholds).
 
+`--keep-predictions FILE.npz` keeps every field's output (points, probabilities); `--mean-of A.npz B.npz ...` scores
+the mean probability of kept outputs of the same candidates instead of running a chain: with the same saved
+candidates, that is a verifier ensemble's output (in product mode detector confidence x the mean of the verifiers'
+is the mean of the products), for the cost of reading the files.
+
 `--candidates` reuses the merged candidates `training.prepare_fields` saved (its `candidates.csv`) instead of
 running the detector again: the same boxes and scores when the detector is the one prepare_fields used (its
 `folds.json` names it; a different one is refused), so comparing verifiers costs their verification only.
@@ -175,6 +180,50 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
     return predictions
 
 
+def keep_predictions(path: Path, predictions: Mapping[str, Prediction]) -> None:
+    """Every field's output points (mm) and probabilities, in one .npz (frames, per-frame counts, concatenated)."""
+    frames = sorted(predictions)
+    points = [np.asarray(predictions[f][0], dtype=np.float64).reshape(-1, 2) for f in frames]
+    probabilities = [np.asarray(predictions[f][1], dtype=np.float64).reshape(-1) for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, frames=np.array(frames), counts=np.array([len(p) for p in points]),
+                            points=np.concatenate(points) if points else np.zeros((0, 2)),
+                            probabilities=np.concatenate(probabilities) if probabilities else np.zeros(0))
+
+
+def read_kept_predictions(path: Path) -> dict[str, Prediction]:
+    """A `keep_predictions` file → frame → (points sorted by x then y, their probabilities)."""
+    if not path.is_file():
+        raise InputError(f"--mean-of: no such file {path}")
+    try:
+        with np.load(path) as data:
+            frames, counts = data["frames"].tolist(), data["counts"]
+            points, probabilities = data["points"], data["probabilities"]
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"--mean-of: {path} is not an evaluate_fields --keep-predictions file ({err})") from None
+    found = {}
+    for frame, start, count in zip(frames, np.cumsum(counts) - counts, counts):
+        xy, p = points[start:start + count], probabilities[start:start + count]
+        order = np.lexsort((xy[:, 1], xy[:, 0]))
+        found[frame] = (xy[order], p[order])
+    return found
+
+
+def mean_of_kept(paths: Sequence[Path]) -> dict[str, Prediction]:
+    """The mean probability of several kept outputs of the same candidates (same frames, same points to 1 nm)."""
+    runs = [read_kept_predictions(path) for path in paths]
+    if len(runs) < 2:
+        raise InputError("--mean-of needs two or more --keep-predictions files")
+    for path, run in zip(paths[1:], runs[1:]):
+        same = run.keys() == runs[0].keys() and all(
+            run[f][0].shape == xy.shape and np.allclose(run[f][0], xy, rtol=0, atol=1e-6)
+            for f, (xy, _) in runs[0].items())
+        if not same:
+            raise InputError(f"--mean-of: {path} holds other fields or candidates than {paths[0]}")
+    return {frame: (xy, np.mean([run[frame][1] for run in runs], axis=0)) for frame, (xy, _) in runs[0].items()}
+
+
 def record_in_card(card_path: Path, report: dict[str, Any], argv: list[str] | None) -> None:
     """The report's summary, folds and slides under `real_fields_evaluation` of a model card, with the command."""
     if not card_path.is_file():
@@ -206,6 +255,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=Path, default=None, metavar="CSV",
                         help="a prepare_fields candidates.csv: verify these instead of running the detector again")
     parser.add_argument("--floor", action="store_true", help="score the darkest-blob heuristic instead")
+    parser.add_argument("--keep-predictions", type=Path, default=None, metavar="NPZ",
+                        help="also write every field's output points and probabilities here")
+    parser.add_argument("--mean-of", type=Path, nargs="+", default=None, metavar="NPZ",
+                        help="score the mean probability of these --keep-predictions files (the same candidates) "
+                             "instead of running a chain")
     parser.add_argument("--name", default=None, help="what the report calls this chain")
     parser.add_argument("--card", type=Path, default=None, help="a model card (.json) to record the summary and "
                         "per-slide numbers in, under 'real_fields_evaluation' (the shipped model's)")
@@ -223,15 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     index = load_field_index(args.root)
     folds = slide_folds(index, args.folds)
-    if args.floor:
+    if args.mean_of and (args.floor or args.verifier or args.detector or args.candidates):
+        raise InputError("--mean-of scores kept outputs: leave out --floor, --verifier, --detector and --candidates")
+    if args.mean_of:
+        predictions = mean_of_kept(args.mean_of)
+    elif args.floor:
         predictions = blob_predictions(index)
     else:
         predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
                                         per_fold_paths(args.detector, args.folds, "detector"), args.config,
                                         candidates=args.candidates)
+    if args.keep_predictions is not None:
+        keep_predictions(args.keep_predictions, predictions)
     report = cross_fold_scores(predictions, index, folds)
     report = _finite({"name": args.name or ("darkest-blob floor" if args.floor else "chain"),
-                      "verifier": args.verifier, "detector": args.detector, "fold_of_slide": folds,
+                      "verifier": args.verifier, "detector": args.detector,
+                      "mean_of": [str(p) for p in args.mean_of] if args.mean_of else None, "fold_of_slide": folds,
                       "seconds": round(time.perf_counter() - started, 1), **report})
     write_json_atomic(args.out, report)
     if args.card is not None:

@@ -184,6 +184,24 @@ def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path
                           "--candidates", str(out / "candidates.csv")]) == 0
     assert json.loads((tmp_path / "pair.json").read_text())["summary"] == saved["summary"]
 
+    # the mean of two kept outputs of the same candidates scores as the ensemble of their verifiers
+    second = tiny_verifier(tmp_path / "w" / "second.pt", seed=1)
+    saved_candidates = ["--candidates", str(out / "candidates.csv")]
+    for name, path in (("a", verifier), ("b", second)):
+        assert evaluate_main([*common, "--verifier", str(path), *saved_candidates, "--out",
+                              str(tmp_path / f"{name}.json"), "--keep-predictions", str(tmp_path / f"{name}.npz")]) == 0
+    assert evaluate_main([*common, "--verifier", f"{verifier},{second}", *saved_candidates,
+                          "--out", str(tmp_path / "ensemble.json")]) == 0
+    assert evaluate_main(["--root", str(fields_root), "--out", str(tmp_path / "mean.json"),
+                          "--mean-of", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    ensemble, mean, alone = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ensemble", "mean", "a"))
+    assert mean["slides"].keys() == ensemble["slides"].keys()
+    for slide, scores in ensemble["slides"].items():
+        assert mean["slides"][slide]["AP"] == pytest.approx(scores["AP"], abs=1e-6)
+    assert any(ensemble["slides"][s]["AP"] != alone["slides"][s]["AP"] for s in alone["slides"])  # a real mean
+    assert evaluate_main(["--root", str(fields_root), "--out", str(tmp_path / "z.json"),
+                          "--mean-of", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--floor"]) == 2
+
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"proposals": {"weights": str(tmp_path / "w" / "elsewhere.pt")}}))
     capsys.readouterr()
