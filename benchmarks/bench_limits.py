@@ -313,8 +313,8 @@ def main() -> int:
                         help="share of the slide covered by tissue (the run time follows it)")
     parser.add_argument("--regions", type=int, default=4, help="tissue regions on the slide")
     parser.add_argument("--threads", type=int, default=1,
-                        help="runtime.num_threads for process.py (0: torch's default); 1 on a shared machine, where "
-                             "more threads than free cores make every OpenMP barrier wait")
+                        help="runtime.num_threads for process.py (0: the CPUs this process may use); 1 on a shared "
+                             "machine, where more threads than free cores make every OpenMP barrier wait")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/midog-bench-limits"))
     parser.add_argument("--keep", action="store_true",

@@ -127,8 +127,9 @@ def main() -> int:
     parser.add_argument("--large-pages", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for the large run (0: torch's default). 1 by default: on a shared "
-                             "machine more threads than free cores make every OpenMP barrier wait")
+                        help="torch CPU threads for the large run (0: the CPUs this process may use, as "
+                             "runtime.num_threads). 1 by default: on a shared machine more threads than free cores "
+                             "make every OpenMP barrier wait")
     parser.add_argument("--compare-weights", nargs="+", default=None, metavar="WEIGHTS",
                         help="also time this atypical weights list (one file, or an ensemble's files) against the "
                              "shipped one on the 16-page stack, alternating runs, and print the ratio")

@@ -75,6 +75,8 @@ def read_json_file(path: Path, what: str, expected: type = dict, *, error: type[
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise error(f"{what} {path} is not valid JSON: {first_line(err)}") from None
+    except OSError as err:                                   # e.g. no permission to read it
+        raise error(f"{what} {path} cannot be read: {err.strerror or err}") from None
     if not isinstance(value, expected):
         raise error(f"{what} {path} must hold a JSON {JSON_TYPE_NAMES.get(expected, expected.__name__)}, "
                     f"not {type(value).__name__}")
