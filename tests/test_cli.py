@@ -18,8 +18,9 @@ def test_a_json_file_is_read_or_refused_in_one_line(tmp_path: Path):
     listed.write_text("[1, 2]")
     assert read_json_file(good, "inputs") == {"a": 1}
     assert read_json_file(listed, "inputs", object) == [1, 2]
-    for path, expected, message in ((tmp_path / "none.json", dict, "inputs not found: "), (bad, dict, "is not valid JSON"),
-                                    (listed, dict, "must hold a JSON object, not list")):
+    cases = ((tmp_path / "none.json", dict, "inputs not found: "), (bad, dict, "is not valid JSON"),
+             (listed, dict, "must hold a JSON object, not list"))
+    for path, expected, message in cases:
         with pytest.raises(InputError, match=message) as raised:
             read_json_file(path, "inputs", expected)
         assert "\n" not in str(raised.value)
