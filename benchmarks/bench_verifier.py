@@ -27,7 +27,7 @@ from midog.config import resolve_config  # noqa: E402
 from midog.devices import usable_cpus  # noqa: E402
 from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
 from midog.verifier import Verifier  # noqa: E402
-from midog.weights import checkpoint_names, find_weights  # noqa: E402
+from midog.weights import find_stage_weights  # noqa: E402
 from roi_factory import he_roi  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads or usable_cpus())
     config = resolve_config(overrides={"runtime.device": "cpu"})
-    paths = [find_weights(name) for name in checkpoint_names(config.verifier.weights)]
+    paths = find_stage_weights(config.verifier.weights)
     roi = ArrayRoi(he_roi(2048, 2048, seed=0), PhysicalTransform((0.00025, 0.00025)))
     boxes = candidate_boxes(roi.width, roi.height, args.candidates, config.merging.box_size_px)
     settings = {"plain": dataclasses.replace(config.verifier, tta=False),

@@ -40,10 +40,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from midog.cli import OneLineArgumentParser, add_quiet_option, entry_point, read_interface_slugs, read_json_file
+from midog.cli import OneLineArgumentParser, add_quiet_option, entry_point, read_interface_slugs
 from midog.config import PipelineConfig, resolve_config
 from midog.errors import InputError, MidogError, OutputError, first_line
-from midog.evaluate.io import TRACK1_OUTPUT_SLUG, TRACK2_OUTPUT_SLUG, GroundTruthError, iter_jobs
+from midog.evaluate.io import (TRACK1_OUTPUT_SLUG, TRACK2_OUTPUT_SLUG, GroundTruthError, iter_jobs,
+                               read_ground_truth_json)
 from midog.image_files import find_single_image
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK1_SLUG, TRACK2_IMAGE_FOLDER, TRACK2_SLUG
 from midog.outputs import (TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME, check_output_folder,
@@ -205,7 +206,7 @@ def check_cases(cases: Sequence[Case], track: int | None) -> int | None:
 def read_ground_truth(path: Path, track: int, cases: Sequence[Case]) -> Any:
     """The official ground truth of `track` (checked as the evaluation checks it), with an entry for every case's
     image: read before any model is loaded, so that a wrong file costs seconds, not a whole run."""
-    ground_truth = read_json_file(path, "ground truth", object, error=GroundTruthError)
+    ground_truth = read_ground_truth_json(path)
     if track == 1:
         from midog.evaluate.track1 import parse_ground_truth
     else:

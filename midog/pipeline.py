@@ -27,7 +27,7 @@ from midog.roi_io import ROI_SUFFIXES, RoiImage, open_roi
 from midog.stack_io import PageStack, open_stack
 from midog.tiling import tile_origins
 from midog.verifier import Verifier, combine_probability
-from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, checkpoint_names, find_weights, log_loaded,
+from midog.weights import (STAGE_SECTIONS, LoadedCheckpoint, find_stage_weights, find_weights, log_loaded,
                            require_in_given_dir, stage_checkpoints)
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,7 @@ class Track1Detector:
         checkpoints = stage_checkpoints("proposals", config.proposals.weights)
         verifier = atypical = None
         if with_verifier:
-            verifier = Verifier.from_weights([find_weights(name) for name in checkpoint_names(config.verifier.weights)],
-                                             config.verifier, device,
+            verifier = Verifier.from_weights(find_stage_weights(config.verifier.weights), config.verifier, device,
                                              config.merging.box_size_px, foundation=config.foundation,
                                              resample_tolerance=config.image.resample_tolerance)
             checkpoints += stage_checkpoints("verifier", config.verifier.weights)

@@ -241,9 +241,14 @@ class LoadedCheckpoint:
                 "architecture": self.architecture}
 
 
+def find_stage_weights(names: str | Sequence[str]) -> list[Path]:
+    """The files of a stage's `weights` value (one name, or an ensemble's list), each found by `find_weights`."""
+    return [find_weights(name) for name in checkpoint_names(names)]
+
+
 def stage_checkpoints(stage: str, names: str | Sequence[str]) -> list[LoadedCheckpoint]:
     """`LoadedCheckpoint`s of a stage's `weights` value (one name, or a fold ensemble's list), once it has loaded."""
-    return [LoadedCheckpoint.of(stage, find_weights(name)) for name in checkpoint_names(names)]
+    return [LoadedCheckpoint.of(stage, path) for path in find_stage_weights(names)]
 
 
 def log_loaded(checkpoints: Sequence[LoadedCheckpoint], thresholds: Mapping[str, float]) -> None:

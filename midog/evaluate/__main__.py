@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from midog.cli import read_json_file
 from midog.errors import MidogError
-from midog.evaluate.io import GroundTruthError, iter_jobs
+from midog.evaluate.io import GroundTruthError, iter_jobs, read_ground_truth_json
 from midog.outputs import write_json_atomic
 
 
 def _track1(args: argparse.Namespace) -> Any:
     from midog.evaluate import track1
 
-    gt = read_json_file(args.ground_truth, "ground truth", object, error=GroundTruthError)
+    gt = read_ground_truth_json(args.ground_truth)
     jobs = iter_jobs(args.predictions, 1, set(gt) if isinstance(gt, dict) else set())  # read as they are scored
     return track1.evaluate_jobs(jobs, gt, with_froc=not args.no_froc, ap_backend=args.ap_backend,
                                 check_coordinates=not args.no_coordinate_check)
@@ -25,7 +24,7 @@ def _track1(args: argparse.Namespace) -> Any:
 def _track2(args: argparse.Namespace) -> Any:
     from midog.evaluate import track2
 
-    gt = read_json_file(args.ground_truth, "ground truth", object, error=GroundTruthError)
+    gt = read_ground_truth_json(args.ground_truth)
     known = {e.get("image") for e in gt if isinstance(e, dict)} if isinstance(gt, list) else set()
     evaluation = track2.evaluate_jobs(iter_jobs(args.predictions, 2, known), gt, args.confidence)
     if args.confidence == track2.PRE_2025_07_27 and evaluation.looks_like_p_atypical():

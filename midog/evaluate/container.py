@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from midog.cli import read_json_file
 from midog.errors import MidogError
-from midog.evaluate.io import EvaluationError, GroundTruthError, PredictionError, iter_jobs
+from midog.evaluate.io import (EvaluationError, GroundTruthError, PredictionError, iter_jobs,
+                               read_ground_truth_json)
 from midog.outputs import write_json_atomic
 
 TRACK_VARIABLE = "MIDOG_EVAL_TRACK"
@@ -69,7 +69,7 @@ def evaluate(input_dir: Path, ground_truth_path: Path, track: str = "auto",
              check_coordinates: bool = True, aggregates_only: bool = False) -> tuple[int, dict[str, Any]]:
     """(track scored, the metrics.json to write) for grand-challenge's input layout; `aggregates_only`: Track 1's
     per-image results emptied as well (Track 2's always are, as in its final container)."""
-    ground_truth = read_json_file(ground_truth_path, "ground truth", object, error=GroundTruthError)
+    ground_truth = read_ground_truth_json(ground_truth_path)
     number = choose_track(track, ground_truth, ground_truth_path)
     if not (input_dir / PREDICTIONS_FILENAME).is_file():
         raise PredictionError(f"{input_dir}: no {PREDICTIONS_FILENAME} (the platform's list of the algorithm's jobs)")

@@ -45,6 +45,12 @@ class Job:
     payload: Any
 
 
+def read_ground_truth_json(path: Path) -> Any:
+    """The official ground-truth file's JSON value (Track 1: an object by image; Track 2: a list), or a one-line
+    GroundTruthError; its format is checked by the track's own parser."""
+    return read_json_file(path, "ground truth", object, error=GroundTruthError)
+
+
 def is_number(value: Any) -> bool:
     """A JSON number that the official scorers can use: int or float, not bool, finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
