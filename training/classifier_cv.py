@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from midog.classifier import load_classifier
+from midog.cli import read_json_file
 from midog.errors import InputError
 from training.amibr import assign_folds, load_crops, load_index
 from training.classifier_config import (TrainConfig, fold_checkpoint_name, fold_checkpoint_path, fold_report_path,
@@ -78,7 +79,7 @@ def summarise(out_dir: Path, n_folds: int) -> dict[str, Any] | None:
     files = [out_dir / f"fold{k}" / "result.json" for k in range(n_folds)]
     if not all(f.is_file() for f in files):
         return None
-    results = [json.loads(f.read_text()) for f in files]
+    results = [read_json_file(f, f"fold {k} result") for k, f in enumerate(files)]
     cv = {key: mean_std([r["metrics"][key] for r in results]) for key in results[0]["metrics"]}
     summary = {"cv": cv, "best_epochs": [r["best_epoch"] for r in results],
                "thresholds": [round(r["threshold"], 4) for r in results]}
@@ -160,8 +161,8 @@ def fold_scores(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.n
     path, report_path = fold_sources(cfg, out_dir, k)
     if path is not None:
         return score_fold(cfg, out_dir, k, index, crops, labels, val)
-    report = json.loads(report_path.read_text())
-    if report["files"] != crop_names(index, val):
+    report = read_json_file(report_path, f"fold {k} report")
+    if report.get("files") != crop_names(index, val):
         raise InputError(f"{report_path} scored other crops than fold {k} of this config's split")
     return report
 
@@ -171,7 +172,7 @@ def fold_thresholds(cfg: TrainConfig, out_dir: Path, k: int) -> dict[str, float]
     from its scoring report (`fold_scores`)."""
     path, report_path = fold_sources(cfg, out_dir, k)
     state = (torch.load(path, map_location="cpu", weights_only=True) if path is not None
-             else json.loads(report_path.read_text()))
+             else read_json_file(report_path, f"fold {k} report"))
     return {key: float(state[key]) for key in ("threshold", "tta_threshold") if state.get(key) is not None}
 
 
@@ -229,13 +230,13 @@ def cv_summary_path(out_dir: Path) -> Path:
 def load_cv_summary(out_dir: Path) -> dict[str, Any] | None:
     """The finished cross-validation's `cv_summary.json`, or None before every fold is done."""
     path = cv_summary_path(out_dir)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_file(path, "cross-validation summary") if path.is_file() else None
 
 
 def load_tta_report(cfg: TrainConfig, out_dir: Path) -> dict[str, Any] | None:
     """The report an earlier `evaluate-tta` wrote for the fold checkpoint that ships, if any."""
     path = out_dir / tta_report_name(cfg)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_file(path, "TTA report") if path.is_file() else None
 
 
 def evaluate_tta(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.outputs import write_json_atomic
 from midog.weights import model_card_path, sha256_of
@@ -45,11 +45,17 @@ def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) ->
     path = fold_report_path(cfg, run, k)
     if not path.is_file():
         raise InputError(f"{path} not found: score the run with `train_classifier evaluate-tta` first")
-    report = json.loads(path.read_text())
+    report = read_json_file(path, f"fold {k} report")
     if report.get("files") != files:
         raise InputError(f"{path} scored other crops than fold {k} of the config's split (another split, "
                          "fold seed or data?)")
-    return np.asarray(report["tta"]["probs"], dtype=np.float64)
+    tta = report.get("tta")
+    probs = tta.get("probs") if isinstance(tta, dict) else None
+    if not isinstance(probs, list) or len(probs) != len(files) or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs):
+        raise InputError(f"{path} holds no tta.probs of {len(files)} probabilities in [0, 1]: rescore the run with "
+                         "`train_classifier evaluate-tta`")
+    return np.asarray(probs, dtype=np.float64)
 
 
 def score_out_of_fold(labels: list[np.ndarray], probs: list[np.ndarray]) -> dict[str, Any]:

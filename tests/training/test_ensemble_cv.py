@@ -98,3 +98,20 @@ def test_split_options_override_the_configs_folds(runs, capsys: pytest.CaptureFi
     assert code == ConfigError.exit_code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs at least 2 source datasets, got ['FAKE']" in err[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    (None, "holds no tta.probs of"),
+])
+def test_a_broken_fold_report_is_refused_in_one_line(runs, content: str | None, message: str,
+                                                     capsys: pytest.CaptureFixture[str]):
+    config, run_dirs, _, _ = runs
+    report = run_dirs[0] / "fold2" / "tta_report.json"
+    if content is None:  # the right crops, but the probabilities cut short
+        data = json.loads(report.read_text())
+        content = json.dumps({**data, "tta": {"probs": data["tta"]["probs"][:-1]}})
+    report.write_text(content)
+    assert main(["--config", str(config), "--runs", *map(str, run_dirs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(report) in err[0]
