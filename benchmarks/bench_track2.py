@@ -2,7 +2,7 @@
 end to end (run_track2) with its peak resident memory.
 
     python benchmarks/bench_track2.py [--large-pages 2000] [--repeats 5] [--threads 0]
-        [--compare-weights atypical.pt atypical_lite0.pt]
+        [--compare-weights atypical.pt atypical_lite0.pt [--compare-tta-views 8 4]]
 
 Target on the development CPU: classifying a 16-page stack takes under 1 s once the model is loaded.
 Uses the shipped atypical weights (found like the container finds them) when present; otherwise a randomly
@@ -104,10 +104,14 @@ def time_stack(classifier, stack_path: Path, config) -> float:
     return time.perf_counter() - started
 
 
-def compare_weights(config, shipped, weights: list[str], stack_path: Path, repeats: int) -> None:
-    """The shipped classifier and `weights` (found as the container finds them) timed on one stack, runs
-    alternating so a change in the machine's speed hits both; prints both medians and their ratio."""
+def compare_weights(config, shipped, weights: list[str], stack_path: Path, repeats: int,
+                    views: list[int] | None = None) -> None:
+    """The shipped classifier and `weights` (found as the container finds them; `views`: their TTA views, one
+    number or one per file, else the config's) timed on one stack, runs alternating so a change in the machine's
+    speed hits both; prints both medians and their ratio."""
     other_config = dataclasses.replace(config.atypical, weights=[str(find_weights(w)) for w in weights])
+    if views:
+        other_config.tta_views = views[0] if len(views) == 1 else list(views)
     other = load_atypical(other_config, foundation=config.foundation)
     torch.set_num_threads(1)
     timings: dict[str, list[float]] = {"shipped": [], "compared": []}
@@ -117,7 +121,8 @@ def compare_weights(config, shipped, weights: list[str], stack_path: Path, repea
             if run:  # the first run of each warms up
                 timings[name].append(seconds)
     shipped_s, other_s = (statistics.median(timings[k]) for k in ("shipped", "compared"))
-    print(f"compared with {', '.join(weights)} ({len(other.models)} member(s), threshold {other.threshold:.3f}): "
+    print(f"compared with {', '.join(weights)} ({len(other.models)} member(s), {other.member_views} views, "
+          f"threshold {other.threshold:.3f}): "
           f"16 pages, 1 thread, median of {repeats} alternating runs: shipped {shipped_s:.3f} s, compared "
           f"{other_s:.3f} s -> ratio {other_s / shipped_s:.2f}x")
 
@@ -133,6 +138,8 @@ def main() -> int:
     parser.add_argument("--compare-weights", nargs="+", default=None, metavar="WEIGHTS",
                         help="also time this atypical weights list (one file, or an ensemble's files) against the "
                              "shipped one on the 16-page stack, alternating runs, and print the ratio")
+    parser.add_argument("--compare-tta-views", nargs="+", type=int, default=None, metavar="VIEWS",
+                        help="the compared list's TTA views: one number, or one per file (default: the config's)")
     args = parser.parse_args()
     factory = stack_factory()
     config = resolve_config()
@@ -164,7 +171,7 @@ def main() -> int:
                   f"median {median:.3f} s (min {min(timings[1:]):.3f}) over {args.repeats} runs "
                   f"-> target < 1 s: {'MET' if median < 1 else 'NOT MET'}")
         if args.compare_weights:
-            compare_weights(config, classifier, args.compare_weights, small, args.repeats)
+            compare_weights(config, classifier, args.compare_weights, small, args.repeats, args.compare_tta_views)
         # run_track2 sets torch's threads from runtime.num_threads (midog.devices.configure_torch), whatever was
         # set here before: --threads goes through the config, or the run would use the config's count
         config.runtime.num_threads = args.threads or default_threads

@@ -18,7 +18,7 @@ import torch
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import AtypicalConfig, FoundationConfig
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.outputs import ATYPICAL
 from midog.roi_io import RoiImage
 from midog.weights import checkpoint_names, find_weights
@@ -32,7 +32,18 @@ class AtypicalClassifier:
     threshold: float
     tta: bool = True
     batch_size: int = 64
-    tta_views: int = 8
+    tta_views: int | list[int] = 8
+    """Views per crop, for all members or (a list) for each."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tta_views, list) and len(self.tta_views) != len(self.models):
+            raise ConfigError(f"atypical.tta_views lists {len(self.tta_views)} view counts for "
+                              f"{len(self.models)} atypical.weights: give one per weights file, or one number")
+
+    @property
+    def member_views(self) -> list[int]:
+        """Each member's TTA views, in the order of `models`."""
+        return self.tta_views if isinstance(self.tta_views, list) else [self.tta_views] * len(self.models)
 
     def predict_proba(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """P(atypical) per crop, in order, as float32.
@@ -42,8 +53,8 @@ class AtypicalClassifier:
         """
         probabilities = np.zeros(len(crops), dtype=np.float32)
         for indices, batch in _same_size_groups(crops):
-            member_probs = [model.predict_proba(batch, tta=self.tta, batch_size=self.batch_size,
-                                                tta_views=self.tta_views) for model in self.models]
+            member_probs = [model.predict_proba(batch, tta=self.tta, batch_size=self.batch_size, tta_views=views)
+                            for model, views in zip(self.models, self.member_views)]
             probabilities[indices] = np.mean(member_probs, axis=0)
         return probabilities
 

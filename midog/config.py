@@ -113,7 +113,8 @@ class AtypicalConfig:
     crop_size: int = _default("atypical.crop_size")
     threshold: float | None = _default("atypical.threshold")
     tta: bool = _default("atypical.tta")
-    tta_views: int = _default("atypical.tta_views")
+    tta_views: int | list[int] = _default("atypical.tta_views")
+    """8 or 4 views per crop; a list gives each member of `weights` its own (same length, same order)."""
     batch_size: int = _default("atypical.batch_size")
     max_batch_megapixels: float = _default("atypical.max_batch_megapixels")
     confidence: str = _default("atypical.confidence")
@@ -229,8 +230,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verifier.context_px": (_non_negative_int, "an integer >= 0"),
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
-    "atypical.tta_views": (lambda value: _positive_int(value) and value in TTA_VIEW_COUNTS,
-                           " or ".join(map(str, TTA_VIEW_COUNTS))),
+    "atypical.tta_views": (lambda value: value != [] and all(_is_int(v) and v in TTA_VIEW_COUNTS
+                                                          for v in (value if isinstance(value, list) else [value])),
+                           " or ".join(map(str, TTA_VIEW_COUNTS)) + ", or a list of those, one per weights file"),
     "atypical.batch_size": (_positive_int, "a positive integer"),
     "atypical.max_batch_megapixels": (_positive_number, "a positive number"),
 }
@@ -247,6 +249,9 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "list[int] | None": (lambda value: value is None or (
         isinstance(value, list) and bool(value) and all(_non_negative_int(v) for v in value)),
         "null or a list of class numbers (integers >= 0)"),
+    "int | list[int]": (lambda value: _is_int(value) or (
+        isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)),
+        "an integer or a list of integers"),
     "str | list[str]": (lambda value: isinstance(value, str) or (
         isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)),
         "a file name or a list of file names"),

@@ -13,7 +13,7 @@ from stack_factory import he_pages, tiny_atypical
 from midog.atypical import AtypicalClassifier, load_atypical, resolve_threshold
 from midog.classifier import load_classifier
 from midog.config import AtypicalConfig
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.weights import write_model_card
 
 
@@ -85,6 +85,20 @@ def test_four_tta_views_are_the_mean_over_the_four_rotations(weights: dict[str, 
     with pytest.raises(ValueError, match="one of"):
         model.predict_proba(crops, tta=True, tta_views=2)
 
+
+
+def test_each_member_can_have_its_own_tta_views(weights: dict[str, Path], crops: np.ndarray):
+    names = [str(weights[k]) for k in ("a", "b")]
+    stage = load_atypical(AtypicalConfig(weights=names, tta=True, tta_views=[8, 4]))
+    assert stage.member_views == [8, 4]
+    members = [load_classifier(weights["a"]).predict_proba(crops, tta=True, tta_views=8),
+               load_classifier(weights["b"]).predict_proba(crops, tta=True, tta_views=4)]
+    np.testing.assert_allclose(stage.predict_proba(crops), (members[0] + members[1]) / 2, atol=1e-6)
+    both_eight = load_atypical(AtypicalConfig(weights=names, tta=True, tta_views=8))
+    assert both_eight.member_views == [8, 8]
+    assert not np.allclose(both_eight.predict_proba(crops), stage.predict_proba(crops), atol=1e-6)
+    with pytest.raises(ConfigError, match="lists 1 view counts for 2 atypical.weights"):
+        load_atypical(AtypicalConfig(weights=names, tta=True, tta_views=[8]))
 
 def test_any_crop_size_and_mixed_sizes(weights: dict[str, Path]):
     stage = load_atypical(AtypicalConfig(weights=str(weights["b"]), tta=False, batch_size=2))

@@ -88,6 +88,8 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     ("proposals.batch_size", 0, "a positive integer"),
     ("atypical.crop_size", 64.5, "a positive integer"),
     ("atypical.tta_views", 2, "4 or 8"),
+    ("atypical.tta_views", [8, 2], "4 or 8, or a list of those, one per weights file"),
+    ("atypical.tta_views", [], "4 or 8, or a list of those"),
     ("tiling.thumbnail_megapixels", "abc", "a number >= 0"),
     ("merging.box_size_px", 0, "a positive integer"),
     ("merging.tile_edge_px", -5, "an integer >= 0"),
@@ -114,6 +116,7 @@ def test_limits_of_the_ranges_are_accepted():
                                     "merging.iou": 1.0, "atypical.confidence": "stated_class",
                                     "atypical.tta_views": 4})
     assert config.atypical.threshold is None and config.merging.iou == 1.0 and config.atypical.tta_views == 4
+    assert load_config(overrides={"atypical.tta_views": [8, 4]}).atypical.tta_views == [8, 4]
 
 
 def test_every_config_field_has_a_type_check():

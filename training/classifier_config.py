@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from midog.config import TTA_VIEW_COUNTS
 from midog.errors import ConfigError
 from training.amibr import FOLD_SPLITS
 from training.augment import AugmentConfig
@@ -83,6 +84,10 @@ class TrainConfig:
     """CPU threads for torch (0 = torch default); ignored on GPU."""
     num_workers: int = 0
     eval_batch_size: int = 256
+    tta_views: int = 8
+    """Views `evaluate-tta` averages: 8 (every rotation and reflection) or 4 (the rotations), as the pipeline's
+    `atypical.tta_views` can run a member. The report records it. Score other views in a copy of the run's folds
+    (`--out COPY`): the report and the checkpoints' `tta_threshold` are rewritten."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     out: str = "runs/atypical"
 
@@ -90,6 +95,8 @@ class TrainConfig:
         # checked here, not where it is used: a misspelt value would otherwise train without early stopping
         if self.ship_epoch not in SHIP_EPOCH_CHECKPOINTS:
             raise ConfigError(f"ship_epoch must be 'best' or 'last', got {self.ship_epoch!r}")
+        if self.tta_views not in TTA_VIEW_COUNTS:
+            raise ConfigError(f"tta_views must be one of {TTA_VIEW_COUNTS}, got {self.tta_views!r}")
         if self.split not in FOLD_SPLITS:
             raise ConfigError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
         if any(not h > 0 for h in self.ema_epochs):

@@ -132,7 +132,7 @@ def crop_names(index: Any, rows: np.ndarray) -> list[str]:
 
 def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.ndarray, labels: np.ndarray,
                val: np.ndarray) -> dict[str, Any]:
-    """Fold k's checkpoint on its own validation fold, with and without 8-fold dihedral TTA: metrics at its stored
+    """Fold k's checkpoint on its own validation fold, with and without dihedral TTA (`tta_views`, 8 by default): metrics at its stored
     threshold, the probabilities (by crop file name, so the combination can be redone without the checkpoint), and
     for TTA the threshold that maximises balanced accuracy on the TTA-averaged probabilities (averaging pulls them
     inward, so the plain threshold is off for them). That threshold is stored in the checkpoint as `tta_threshold`,
@@ -140,9 +140,9 @@ def score_fold(cfg: TrainConfig, out_dir: Path, k: int, index: Any, crops: np.nd
     path = fold_checkpoint_path(cfg, out_dir, k)
     clf = load_classifier(path)
     report: dict[str, Any] = {"fold": k, "checkpoint": path.name, "threshold": clf.threshold,
-                              "files": crop_names(index, val)}
+                              "tta_views": cfg.tta_views, "files": crop_names(index, val)}
     for key, tta in (("no_tta", False), ("tta", True)):
-        probs = predict_with_bar(clf, crops[val], tta, cfg.eval_batch_size, f"fold {k} {key}")
+        probs = predict_with_bar(clf, crops[val], tta, cfg.eval_batch_size, f"fold {k} {key}", cfg.tta_views)
         report[key] = {**binary_metrics(labels[val], probs, clf.threshold),
                        "probs": [round(float(p), 6) for p in probs]}
     tuned, accuracy = best_threshold(labels[val], np.asarray(report["tta"]["probs"]))

@@ -166,12 +166,14 @@ def predict(clf: BinaryClassifier, dataset: CropDataset, batch_size: int, tta: b
     return clf.predict_proba(crops, tta=tta, batch_size=batch_size)
 
 
-def predict_with_bar(clf: BinaryClassifier, crops: np.ndarray, tta: bool, batch_size: int, desc: str) -> np.ndarray:
+def predict_with_bar(clf: BinaryClassifier, crops: np.ndarray, tta: bool, batch_size: int, desc: str,
+                     tta_views: int = 8) -> np.ndarray:
     """`clf.predict_proba` batch by batch under a progress bar of the crops done (scoring with TTA takes minutes)."""
     out = []
     with progress_bar(len(crops), desc, "crop") as bar:
         for start in range(0, len(crops), batch_size):
-            out.append(clf.predict_proba(crops[start:start + batch_size], tta=tta, batch_size=batch_size))
+            out.append(clf.predict_proba(crops[start:start + batch_size], tta=tta, batch_size=batch_size,
+                                         tta_views=tta_views))
             bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3
 
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.config import TTA_VIEW_COUNTS
 from midog.errors import InputError
 from training.classifier_config import (SHIP_EPOCH_CHECKPOINTS, TrainConfig, add_split_options, ema_name,
                                         fold_checkpoint_name, fold_checkpoint_path, fold_report_path,
@@ -84,7 +85,7 @@ ACTION_FLAGS: dict[str, str] = {"evaluate-tta": "--evaluate-tta", "full": "--ful
 """Each sub-command (but `cv`, which has none) and the flag that did the same before sub-commands."""
 
 VALUE_OPTIONS = ("--config", "--folds", "--fold", "--out", "--epochs", "--full-epochs", "--ship", "--ship-folds",
-                 "--ship-ema", "--split")
+                 "--ship-ema", "--split", "--tta-views")
 """The options that take a value (which may spell like a sub-command: `--out cv`)."""
 
 HELP_FLAGS = ("-h", "--help")
@@ -122,6 +123,9 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--full-epochs", type=int,
                         help="with full: train this many epochs, without waiting for the CV's median best epoch")
     parser.add_argument("--half", action="store_true", help="store shipped tensors as fp16")
+    parser.add_argument("--tta-views", type=int, choices=TTA_VIEW_COUNTS,
+                        help="views evaluate-tta averages (overrides the config's tta_views: 8 rotations and "
+                             "reflections, or 4 rotations); score other views in a copy of the folds (--out)")
     parser.add_argument("--ship-ema", metavar="H",
                         help="score/ship the moving average with horizon H epochs (one of ema_epochs), or 'none' for "
                              "the raw weights (overrides the config's ship_ema)")
@@ -187,6 +191,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["out"] = args.out
     if args.epochs:
         overrides["epochs"] = args.epochs
+    if args.tta_views:
+        overrides["tta_views"] = args.tta_views
     if args.ship_ema is not None:
         overrides["ship_ema"] = None if args.ship_ema.lower() == "none" else _horizon(args.ship_ema)
     return overrides

@@ -4,6 +4,7 @@ that reloads strictly with its validation threshold, resumes to the same weights
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def fails(capsys: pytest.CaptureFixture[str], argv: list[str], code: int, patter
                                            ("augment:\n  dihedal: 2\n", "unknown key 'augment.dihedal' "
                                                                          "\\(did you mean 'augment.dihedral'\\?\\)"),
                                            ("epochs: thirty\n", "epochs is 'thirty'; expected int"),
-                                           ("split: patch\n", "split must be one of")])
+                                           ("split: patch\n", "split must be one of"),
+                                           ("tta_views: 3\n", "tta_views must be one of \\(4, 8\\)")])
 def test_a_bad_training_config_is_one_line(tmp_path, capsys, text, message):
     config = tmp_path / "cfg.yaml"
     config.write_text(text)
@@ -354,6 +356,20 @@ def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
     assert report["tta"]["checkpoint"] == "final.pt"
     finals = [load_classifier(run / f"fold{k}" / "final.pt") for k in range(2)]
     assert [f.tta_threshold for f in finals] == pytest.approx(report["tta"]["tta_threshold"]["folds"], abs=1e-4)
+
+    # other views are scored in a copy of the folds; the report says how many and holds those views' mean
+    four = tmp_path / "run4"
+    for k in range(2):
+        shutil.copytree(run / f"fold{k}", four / f"fold{k}")
+    shutil.copy(run / "cv_summary.json", four)
+    assert main(["evaluate-tta", "--config", str(config), "--out", str(four), "--tta-views", "4"]) == 0
+    fold0 = json.loads((four / "fold0" / "tta_report.json").read_text())
+    assert fold0["tta_views"] == 4
+    crops = np.stack([np.asarray(Image.open(next(root.glob(f"*/{name}"))).convert("RGB")) for name in fold0["files"]])
+    expected = load_classifier(four / "fold0" / "final.pt").predict_proba(crops, tta=True, tta_views=4)
+    np.testing.assert_allclose(fold0["tta"]["probs"], expected, atol=1e-5)
+    eight = json.loads((run / "fold0" / "tta_report.json").read_text())
+    assert eight["tta_views"] == 8 and not np.allclose(eight["tta"]["probs"], fold0["tta"]["probs"], atol=1e-5)
 
     assert main(["--config", str(config), "--full", "--ship", str(tmp_path / "w" / "atypical.pt")]) == 0
     shipped = load_classifier(tmp_path / "w" / "atypical.pt")
