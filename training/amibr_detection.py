@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.progress import progress_iter
 from training.config_file import load_training_config
@@ -511,7 +511,7 @@ def read_annotations(detection_dir: str | Path, split: str) -> dict[Path, np.nda
     if not path.is_file():
         raise InputError(f"no detection set: {path} not found (build it first: python -m training.amibr_detection "
                          "--amibr DIR --out DIR)")
-    data = json.loads(path.read_text())
+    data = read_json_file(path, "detection set annotations")
     return {Path(detection_dir) / name: np.array([[f["x"], f["y"]] for f in entry["figures"]]).reshape(-1, 2)
             for name, entry in data["images"].items() if entry["split"] == split}
 

@@ -20,7 +20,6 @@ figures of the ensemble and of each member, and this command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any

@@ -28,7 +28,7 @@ import tifffile
 from PIL import Image
 
 from midog.config import PipelineConfig, resolve_config
-from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.evaluate.track1 import Track1Evaluation, evaluate
 from midog.evaluate.tune import TunedThreshold, tune_detection, write_thresholds
@@ -59,7 +59,7 @@ def load_split(detection_dir: str | Path, split: str, limit: int | None = None) 
     path = detection_dir / "annotations.json"
     if not path.is_file():
         raise InputError(f"no annotations.json in {detection_dir} (build it with training.amibr_detection)")
-    data = json.loads(path.read_text())
+    data = read_json_file(path, "detection set annotations")
     spacing_mm = data.get("spacing_um", SPACING_UM) / 1000.0
     images, truth = [], {}
     for name, entry in sorted(data["images"].items()):

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from midog.config import resolve_config, write_config_values
-from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.merging import Candidates
 from midog.outputs import write_json_atomic
@@ -144,7 +144,7 @@ def read_candidates(path: Path, index: FieldIndex) -> dict[str, Candidates]:
 def candidates_detector(path: Path) -> str | None:
     """The detector that wrote a candidates.csv, as the `folds.json` beside it records it (None: not recorded)."""
     summary = path.parent / "folds.json"
-    return json.loads(summary.read_text()).get("detector") if summary.is_file() else None
+    return read_json_file(summary, "fields summary").get("detector") if summary.is_file() else None
 
 
 def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Mapping[int, str | None],
@@ -226,9 +226,7 @@ def mean_of_kept(paths: Sequence[Path]) -> dict[str, Prediction]:
 
 def record_in_card(card_path: Path, report: dict[str, Any], argv: list[str] | None) -> None:
     """The report's summary, folds and slides under `real_fields_evaluation` of a model card, with the command."""
-    if not card_path.is_file():
-        raise InputError(f"model card not found: {card_path}")
-    card = json.loads(card_path.read_text())
+    card = read_json_file(card_path, "model card")
     card["real_fields_evaluation"] = {
         "what": "the Track 1 chain on MITOS-ATYPIA-14 fields (7 breast-cancer slides, Hamamatsu, 0.2273 µm/px, JPEG), "
                 "3 slide folds, each fold's models trained without its slides and scored at the median of the other "

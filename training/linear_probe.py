@@ -29,7 +29,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
 from midog.classifier import build_classifier, preprocess_card
-from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.devices import resolve_device
 from midog.foundation import FoundationClassifier
 from midog.progress import progress_iter
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = repo_path(cfg.out)
     clf, _ = cross_validate_probe(cfg, out_dir)
     summary_path = out_dir / "cv_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_json_file(summary_path, "cross-validation summary") if summary_path.is_file() else None
     if summary:
         print(json.dumps(summary["cv"], indent=2))
     if args.ship:

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from midog.classifier import preprocess_card
-from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
+from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, read_json_file
 from midog.errors import InputError
 from midog.weights import sha256_of, write_model_card
 from training.runtime import git_commit
@@ -62,7 +62,7 @@ def fold_checkpoint(run_dir: Path, choice: str = "auto") -> str:
     if choice != "auto":
         return SHIP_EPOCH_CHECKPOINTS[choice]
     summary_path = run_dir / "cv_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path, "cross-validation summary") if summary_path.is_file() else {}
     return SHIP_EPOCH_CHECKPOINTS[summary.get("ship_epoch", "best")]
 
 
@@ -89,7 +89,7 @@ def ship_ensemble(run_dir: Path, target_dir: Path, name: str, folds: int | None 
         members.append({"file": target.name, "sha256": sha256_of(target), "fold": state.get("meta", {}).get("fold"),
                         "threshold": state["threshold"], "validation": state.get("meta", {}).get("val")})
     summary_path = run_dir / "cv_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path, "cross-validation summary") if summary_path.is_file() else {}
     card = {
         "task": "Track 2: atypical vs normal mitotic figure; fold ensemble, P(atypical) = mean of the members'",
         "members": members,

@@ -243,3 +243,13 @@ def test_real_amibr_crops(tmp_path):
     assert sum(len(c) for c in annotations.values()) >= len(subset)
     image = np.asarray(Image.open(next(iter(annotations))))
     assert image.shape == (256, 256, 3) and image.std() > 10  # real tissue, not a blank canvas
+
+
+@pytest.mark.parametrize("content, message", [("{broken", "is not valid JSON"), ("[1, 2]", "must hold a JSON object")])
+def test_a_broken_annotations_file_is_one_input_error(tmp_path: Path, content: str, message: str):
+    from midog.errors import InputError
+    from training.evaluate_chain import load_split
+    (tmp_path / "annotations.json").write_text(content)
+    for read in (ad.read_annotations, load_split):
+        with pytest.raises(InputError, match=f"detection set annotations {re.escape(str(tmp_path))}.* {message}"):
+            read(tmp_path, "test")
