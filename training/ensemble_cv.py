@@ -38,9 +38,9 @@ from training.classifier_cv import crop_names, mean_std, other_folds_thresholds
 from training.classifier_fold import balanced_accuracy, best_threshold
 
 
-def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) -> np.ndarray:
+def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) -> tuple[np.ndarray, int]:
     """A run's fold-k TTA P(atypical) (its report at `fold_report_path`), checked to be of the same crops in the
-    same order as `files`."""
+    same order as `files`, and the TTA views they average (8 where the report predates `tta_views`)."""
     path = fold_report_path(cfg, run, k)
     if not path.is_file():
         raise InputError(f"{path} not found: score the run with `train_classifier evaluate-tta` first")
@@ -54,7 +54,16 @@ def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) ->
             isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs):
         raise InputError(f"{path} holds no tta.probs of {len(files)} probabilities in [0, 1]: rescore the run with "
                          "`train_classifier evaluate-tta`")
-    return np.asarray(probs, dtype=np.float64)
+    return np.asarray(probs, dtype=np.float64), int(report.get("tta_views", 8))
+
+
+def run_probabilities(cfg: TrainConfig, run: Path, index: Any, vals: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+    """A run's out-of-fold TTA probabilities, fold by fold, and the one TTA view count they were scored with."""
+    scored = [fold_probabilities(cfg, run, k, crop_names(index, val)) for k, val in enumerate(vals)]
+    views = sorted({v for _, v in scored})
+    if len(views) > 1:
+        raise InputError(f"{run}: its folds were scored with different TTA views {views}: rescore them alike")
+    return [p for p, _ in scored], views[0]
 
 
 def score_out_of_fold(labels: list[np.ndarray], probs: list[np.ndarray]) -> dict[str, Any]:
@@ -79,13 +88,14 @@ def ensemble_cv(cfg: TrainConfig, runs: list[Path]) -> dict[str, Any]:
     labels = index["label"].to_numpy()
     fold_of = assign_folds(index, cfg.split, cfg.folds, cfg.fold_seed)
     vals = [np.flatnonzero(fold_of == k) for k in range(cfg.folds)]
-    per_run = {str(run): [fold_probabilities(cfg, run, k, crop_names(index, val)) for k, val in enumerate(vals)]
-               for run in runs}
+    scored = {str(run): run_probabilities(cfg, run, index, vals) for run in runs}
     fold_labels = [labels[val] for val in vals]
-    mean = [np.mean([per_run[str(run)][k] for run in runs], axis=0) for k in range(cfg.folds)]
+    mean = [np.mean([scored[str(run)][0][k] for run in runs], axis=0) for k in range(cfg.folds)]
     return {"folds": cfg.folds, "fold_seed": cfg.fold_seed, "split": cfg.split, "crops": int(len(labels)),
-            "members": {name: score_out_of_fold(fold_labels, probs) for name, probs in per_run.items()},
-            "ensemble": score_out_of_fold(fold_labels, mean)}
+            "members": {name: {**score_out_of_fold(fold_labels, probs), "tta_views": views}
+                        for name, (probs, views) in scored.items()},
+            "ensemble": score_out_of_fold(fold_labels, mean),
+            "tta_views": [scored[str(run)][1] for run in runs]}
 
 
 def ensemble_card(report: dict[str, Any], members: list[Path], runs: list[Path], command: str) -> dict[str, Any]:
@@ -101,6 +111,9 @@ def ensemble_card(report: dict[str, Any], members: list[Path], runs: list[Path],
                         "cross_validated_run": str(run), "cross_validation": report["members"][str(run)]})
     return {"task": "Track 2: atypical vs normal mitotic figure; output the members' mean P(atypical)",
             "members": entries, "threshold": report["ensemble"]["ship_threshold"],
+            "tta_views": report["tta_views"],
+            "tta_views_rule": "the TTA views each member's out-of-fold probabilities averaged, in the order of "
+                              "members: set atypical.tta_views to them (one number where all are equal)",
             "threshold_rule": "the median of the ensemble's per-fold balanced-accuracy-optimal thresholds",
             "cross_validation": {k: v for k, v in report.items() if k != "members"}, "command": command}
 
@@ -136,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, report)
     if card is not None:
         write_json_atomic(args.card, card)
-    for name, scores in [*report["members"].items(), ("ensemble (mean P(atypical))", report["ensemble"])]:
+    for name, scores in [*report["members"].items(),
+                         (f"ensemble (mean P(atypical), TTA views {report['tta_views']})", report["ensemble"])]:
         accuracy, auc = scores["balanced_accuracy_at_other_folds_threshold"], scores["roc_auc"]
         print(f"{name}: balanced accuracy at the other folds' threshold {accuracy['mean']:.4f} ± {accuracy['std']:.4f} "
               f"{accuracy['folds']}, ROC AUC {auc['mean']:.4f} {auc['folds']}, ship threshold "

@@ -115,3 +115,21 @@ def test_a_broken_fold_report_is_refused_in_one_line(runs, content: str | None, 
     assert main(["--config", str(config), "--runs", *map(str, run_dirs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and str(report) in err[0]
+
+
+def test_each_members_tta_views_are_reported_and_must_agree_across_its_folds(runs, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]):
+    config, run_dirs, _, _ = runs
+    for k in range(FOLDS):  # the second run rescored with the 4 rotations (evaluate-tta --tta-views 4)
+        report = run_dirs[1] / f"fold{k}" / "tta_report.json"
+        report.write_text(json.dumps({**json.loads(report.read_text()), "tta_views": 4}))
+    out = tmp_path / "report.json"
+    assert main(["--config", str(config), "--runs", *map(str, run_dirs), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tta_views"] == [8, 4]
+    assert [report["members"][str(run)]["tta_views"] for run in run_dirs] == [8, 4]
+    fold1 = run_dirs[1] / "fold1" / "tta_report.json"
+    fold1.write_text(json.dumps({**json.loads(fold1.read_text()), "tta_views": 8}))
+    assert main(["--config", str(config), "--runs", *map(str, run_dirs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scored with different TTA views [4, 8]" in err[-1]
