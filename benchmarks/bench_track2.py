@@ -2,7 +2,7 @@
 end to end (run_track2) with its peak resident memory.
 
     python benchmarks/bench_track2.py [--large-pages 2000] [--repeats 5] [--threads 0]
-        [--compare-weights atypical.pt atypical_lite0.pt [--compare-tta-views 8 4]]
+        [--compare-weights atypical.pt atypical_lite0_128.pt [--compare-tta-views 8 4]]
 
 Target on the development CPU: classifying a 16-page stack takes under 1 s once the model is loaded.
 Uses the shipped atypical weights (found like the container finds them) when present; otherwise a randomly

@@ -2,7 +2,7 @@
 
     python -m training.ensemble_cv --config training/configs/atypical_lite0.yaml \
         --runs docs/results/atypical-gpu60 docs/results/atypical-lite0 --out docs/results/atypical-pair/cv.json \
-        [--card weights/atypical_ensemble.json --members weights/atypical.pt weights/atypical_lite0.pt]
+        [--card weights/atypical_ensemble.json --members weights/atypical.pt weights/atypical_lite0_128.pt]
 
 Each run is a cross-validation on the same folds (the config's data, split, folds and fold seed) scored with
 `train_classifier evaluate-tta`, which keeps every fold's TTA P(atypical) per crop (`fold{k}/tta_report.json`). For
