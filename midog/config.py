@@ -451,15 +451,58 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 def write_config_values(path: str | Path, values: Mapping[str, Any]) -> None:
     """Set dotted keys (`verifier.threshold`) in a YAML config file, keeping its other values.
 
-    Used by threshold tuning to write what it chose into the pipeline config.
+    Used by threshold tuning to write what it chose into the pipeline config. A key the file already sets at the top
+    of its section is rewritten in place, so the file's comments and layout stay (weights/pipeline.yaml explains its
+    values in comments); a file this cannot edit line by line is written out whole instead.
     """
     path = Path(path)
-    current = yaml.safe_load(path.read_text()) if path.exists() else {}
-    current = current or {}
-    for section, fields in _nest(values).items():
+    text = path.read_text() if path.exists() else ""
+    current = yaml.safe_load(text) or {} if text else {}
+    nested = _nest(values)
+    for section, fields in nested.items():
         current.setdefault(section, {}).update(fields)
-    load_config(overrides=_nest({k: v for k, v in values.items()}))  # validates the keys
-    path.write_text(yaml.safe_dump(current, sort_keys=False))
+    load_config(overrides=nested)  # validates the keys
+    edited = _set_in_place(text, nested)
+    path.write_text(edited if edited is not None and _parses_to(edited, current)
+                    else yaml.safe_dump(current, sort_keys=False))
+
+
+def _parses_to(text: str, expected: Any) -> bool:
+    try:
+        return yaml.safe_load(text) == expected
+    except yaml.YAMLError:
+        return False
+
+
+def _set_in_place(text: str, nested: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """`text` with each `section: {field: value}` set on its own line (the value after `field:` replaced, an
+    end-of-line comment kept; a missing field added at the end of its section, a missing section at the end of the
+    file), or None where the layout is not the plain two-level block style this handles."""
+    lines = text.splitlines()
+    for section, fields in nested.items():
+        start = next((i for i, line in enumerate(lines) if re.fullmatch(rf"{re.escape(section)}:\s*(#.*)?", line)), None)
+        if start is None:
+            if any(line.startswith(f"{section}:") for line in lines):
+                return None  # e.g. a flow-style section on one line
+            lines += [f"{section}:"] + [f"  {name}: {_flow(value)}" for name, value in fields.items()]
+            continue
+        end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
+                    and not lines[i].startswith("#")), len(lines))
+        for name, value in fields.items():
+            pattern = re.compile(rf"(\s+){re.escape(name)}:(\s*)([^#]*?)(\s+#.*)?$")
+            hit = next((i for i in range(start + 1, end) if pattern.fullmatch(lines[i])), None)
+            if hit is None:
+                lines.insert(end, f"  {name}: {_flow(value)}")
+                end += 1
+                continue
+            match = pattern.fullmatch(lines[hit])
+            lines[hit] = f"{match.group(1)}{name}: {_flow(value)}{match.group(4) or ''}"
+    return "\n".join(lines) + "\n"
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML (a list in flow style: `[a, b]`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
 
 
 def config_to_dict(config: PipelineConfig) -> dict[str, Any]:

@@ -79,6 +79,22 @@ def test_write_config_values_keeps_other_keys(tmp_path: Path):
     assert config.verifier.threshold == pytest.approx(0.42) and config.tiling.tile_size == 256
 
 
+def test_write_config_values_keeps_the_files_comments_and_layout(tmp_path: Path):
+    path = tmp_path / "pipeline.yaml"
+    text = ("# why these values\nverifier:\n  weights: [a.pt, b.pt]   # the pair\n  threshold: 0.25  # fold median\n"
+            "# the atypical stage\natypical:\n  weights: [c.pt]\n")
+    path.write_text(text)
+    write_config_values(path, {"verifier.threshold": 0.336, "atypical.threshold": 0.4, "tiling.overlap": 0.25})
+    assert path.read_text() == text.replace("threshold: 0.25  #", "threshold: 0.336  #").replace(
+        "  weights: [c.pt]\n", "  weights: [c.pt]\n  threshold: 0.4\n") + "tiling:\n  overlap: 0.25\n"
+    config = load_config(path, environ={})
+    assert config.verifier.weights == ["a.pt", "b.pt"] and config.verifier.threshold == pytest.approx(0.336)
+    # a value spread over several lines is not edited in place: the file is written out whole, values intact
+    path.write_text("verifier:\n  weights:\n  - a.pt\n  - b.pt\n  threshold: 0.25\n")
+    write_config_values(path, {"verifier.weights": ["c.pt"]})
+    assert yaml.safe_load(path.read_text()) == {"verifier": {"weights": ["c.pt"], "threshold": 0.25}}
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("atypical.confidence", "probability", "one of p_atypical, stated_class"),
     ("merging.strategy", "wbf", "one of nms, greedy_nmm"),
