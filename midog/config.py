@@ -22,7 +22,7 @@ import yaml
 
 from midog.config_file import read_config_file
 from midog.errors import ConfigError, first_line
-from midog.weights import STAGE_SECTIONS, claimed_checkpoints, weights_pipeline_values
+from midog.weights import STAGE_SECTIONS, checkpoint_names, claimed_checkpoints, weights_pipeline_values
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "default.yaml"
 ENV_PREFIX = "MIDOG_"
@@ -432,7 +432,13 @@ def resolve_config(path: str | Path | None = None, overrides: Mapping[str, Any] 
     defaults = {section: getattr(shipped, section).weights for section in STAGE_SECTIONS}
     checkpoints = claimed_checkpoints({section: getattr(chosen, section).weights for section in STAGE_SECTIONS},
                                       defaults)
-    return load_config(path, overrides, environ, weights_config=weights_pipeline_values(checkpoints, defaults))
+    config = load_config(path, overrides, environ, weights_config=weights_pipeline_values(checkpoints, defaults))
+    loaded = {section: getattr(config, section).weights for section in STAGE_SECTIONS}
+    if any(checkpoint_names(loaded[s]) != checkpoint_names(checkpoints[s]) for s in STAGE_SECTIONS):
+        # the user named a stage's default checkpoint (MIDOG_ATYPICAL__WEIGHTS=atypical.pt), which a weights folder's
+        # pipeline.yaml had renamed to its ensemble: the user's choice stands, so only values tuned for it apply
+        config = load_config(path, overrides, environ, weights_config=weights_pipeline_values(loaded, defaults))
+    return config
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,26 @@ def test_a_model_folder_pipeline_yaml_may_name_its_own_checkpoints(folders: tupl
     assert config.atypical.weights == "mine.pt" and config.atypical.threshold is None
 
 
+def test_naming_a_stages_default_checkpoint_runs_it_alone_without_the_ensembles_values(
+        folders: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch):
+    """The shipped pipeline.yaml renames the default atypical.pt to a pair with per-member values; a user who names
+    atypical.pt itself gets that checkpoint alone, with none of the pair's values (its view list would not fit)."""
+    from midog.cli import load_run_config
+
+    _, _, repo = folders
+    monkeypatch.delenv("MIDOG_WEIGHTS_DIR")
+    for name in ("atypical.pt", "second.pt"):
+        (repo / name).write_bytes(b"member")
+    (repo / weights.PIPELINE_CONFIG_NAME).write_text(yaml.safe_dump(
+        {"atypical": {"weights": ["atypical.pt", "second.pt"], "tta_views": [8, 4], "threshold": 0.42}}))
+    config = load_run_config(None)
+    assert config.atypical.weights == ["atypical.pt", "second.pt"] and config.atypical.tta_views == [8, 4]
+    monkeypatch.setenv("MIDOG_ATYPICAL__WEIGHTS", "atypical.pt")
+    config = load_run_config(None)
+    assert config.atypical.weights == "atypical.pt"
+    assert config.atypical.tta_views == 8 and config.atypical.threshold is None
+
+
 def test_a_bare_checkpoint_name_is_never_taken_from_the_working_directory(folders: tuple[Path, Path, Path],
                                                                          tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch):
