@@ -463,7 +463,7 @@ def write_config_values(path: str | Path, values: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     text = path.read_text() if path.exists() else ""
-    current = yaml.safe_load(text) or {} if text else {}
+    current = yaml.safe_load(text) or {}
     nested = _nest(values)
     for section, fields in nested.items():
         current.setdefault(section, {}).update(fields)
@@ -486,7 +486,8 @@ def _set_in_place(text: str, nested: Mapping[str, Mapping[str, Any]]) -> str | N
     file), or None where the layout is not the plain two-level block style this handles."""
     lines = text.splitlines()
     for section, fields in nested.items():
-        start = next((i for i, line in enumerate(lines) if re.fullmatch(rf"{re.escape(section)}:\s*(#.*)?", line)), None)
+        header = re.compile(rf"{re.escape(section)}:\s*(#.*)?")
+        start = next((i for i, line in enumerate(lines) if header.fullmatch(line)), None)
         if start is None:
             if any(line.startswith(f"{section}:") for line in lines):
                 return None  # e.g. a flow-style section on one line
@@ -495,14 +496,14 @@ def _set_in_place(text: str, nested: Mapping[str, Mapping[str, Any]]) -> str | N
         end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
                     and not lines[i].startswith("#")), len(lines))
         for name, value in fields.items():
-            pattern = re.compile(rf"(\s+){re.escape(name)}:(\s*)([^#]*?)(\s+#.*)?$")
+            pattern = re.compile(rf"(\s+){re.escape(name)}:[^#]*?(\s+#.*)?")
             hit = next((i for i in range(start + 1, end) if pattern.fullmatch(lines[i])), None)
             if hit is None:
                 lines.insert(end, f"  {name}: {_flow(value)}")
                 end += 1
                 continue
             match = pattern.fullmatch(lines[hit])
-            lines[hit] = f"{match.group(1)}{name}: {_flow(value)}{match.group(4) or ''}"
+            lines[hit] = f"{match.group(1)}{name}: {_flow(value)}{match.group(2) or ''}"
     return "\n".join(lines) + "\n"
 
 

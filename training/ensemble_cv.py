@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, read_json_file
 from midog.errors import InputError
+from midog.evaluate.io import is_number
 from midog.outputs import write_json_atomic
 from midog.weights import model_card_path, sha256_of
 from training.amibr import assign_folds, load_index
@@ -50,8 +51,7 @@ def fold_probabilities(cfg: TrainConfig, run: Path, k: int, files: list[str]) ->
                          "fold seed or data?)")
     tta = report.get("tta")
     probs = tta.get("probs") if isinstance(tta, dict) else None
-    if not isinstance(probs, list) or len(probs) != len(files) or not all(
-            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs):
+    if not isinstance(probs, list) or len(probs) != len(files) or not all(is_number(p) and 0 <= p <= 1 for p in probs):
         raise InputError(f"{path} holds no tta.probs of {len(files)} probabilities in [0, 1]: rescore the run with "
                          "`train_classifier evaluate-tta`")
     return np.asarray(probs, dtype=np.float64), int(report.get("tta_views", 8))
