@@ -101,6 +101,10 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
 
     A resumed run keeps its checkpoint's settings: only the flags and --set pairs given now are passed (ultralytics
     accepts a few, e.g. batch, device, workers), never the config file's values.
+
+    A model given as a .pt checkpoint is fine-tuned from its weights: `pretrained` becomes true whatever the config
+    says (its `pretrained: false` means "no downloads" for a model built from a YAML; ultralytics would rebuild the
+    checkpoint's architecture untrained and say nothing). `--set pretrained=false` still trains it from scratch.
     """
     train = {} if args.resume else dict(cfg.train)
     for key in ("epochs", "batch", "imgsz", "device", "workers", "project", "name", "seed"):
@@ -118,6 +122,8 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
         if not Path(args.resume).is_file():
             raise InputError(f"checkpoint to resume not found: {args.resume}")
         train["resume"] = str(Path(args.resume).resolve())
+    if not args.resume and Path(cfg.model).suffix == ".pt" and "pretrained" not in parse_overrides(args.set):
+        train["pretrained"] = True  # fine-tune from the checkpoint: ultralytics rebuilds it untrained otherwise
     check_train_settings(train, set(parse_overrides(args.set)), args.config)
     return train
 

@@ -318,3 +318,42 @@ def test_each_process_has_its_own_ultralytics_settings(tmp_path: Path):
     assert all(r["runs_dir"] != "/another/checkout/runs" for r in results)  # ultralytics' defaults, not the stale file
     assert not any(f.exists() for f in folders)  # removed when its process exits
     assert not orphan.exists() and stale.is_file()  # a dead process's folder is cleared; the old shared one untouched
+
+
+def test_a_checkpoint_given_as_model_is_fine_tuned_not_rebuilt(tmp_path: Path, dataset: Path):
+    """`--model X.pt` starts from X's weights (the config's `pretrained: false` would have ultralytics rebuild the
+    architecture untrained): with a learning rate of 0, the run's weights are the checkpoint's."""
+    start = tmp_path / "start.pt"
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.save({"model": DetectionModel("yolo11n.yaml", nc=1, verbose=False), "train_args": {}}, start)
+    out = tmp_path / "tuned.pt"
+    code = main(["--data", str(dataset), "--model", str(start), "--epochs", "1", "--batch", "2", "--imgsz", "64",
+                 "--device", "cpu", "--workers", "0", "--threads", "1", "--project", str(tmp_path / "runs"),
+                 "--name", "tune", "--set", "lr0=0", "--set", "warmup_epochs=0", "--set", "weight_decay=0",
+                 "--out", str(out)])
+    assert code == 0
+    before = dict(torch.load(start, map_location="cpu", weights_only=False)["model"].named_parameters())
+    after = dict(torch.load(out, map_location="cpu", weights_only=False)["model"].named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(after[k].float(), before[k].float(), rtol=1e-3, atol=1e-3) for k in before)
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["training"]["pretrained"] is True
+
+
+def test_pretrained_follows_the_model_and_an_explicit_setting(tmp_path: Path, dataset: Path):
+    from training.train_detector import parse_args, train_arguments
+
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"")
+    cfg = load_detector_config()
+    assert cfg.train["pretrained"] is False
+
+    def pretrained(model: str, *extra: str) -> object:
+        args = parse_args(["--data", str(dataset), "--model", model, *extra])
+        cfg.model = model
+        return train_arguments(cfg, args)["pretrained"]
+
+    assert pretrained(str(start)) is True
+    assert pretrained(str(start), "--set", "pretrained=false") is False
+    assert pretrained("yolo11n-lsconv-ema") is False
