@@ -211,11 +211,13 @@ def dataset_pixel_size(data: str | None) -> float:
     return DEFAULT_PIXEL_SIZE_UM
 
 
-def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], classes: dict[int, str]) -> Path:
-    """Copy best.pt to `out` and write its model card beside it; returns the card's path."""
+def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], classes: dict[int, str],
+         start: Path | None = None) -> Path:
+    """Copy best.pt to `out` and write its model card beside it; returns the card's path. `start`: the checkpoint
+    the run was fine-tuned from, recorded in the card by name and sha256."""
     import ultralytics
 
-    from midog.weights import write_model_card
+    from midog.weights import sha256_of, write_model_card
 
     import torch
 
@@ -235,6 +237,7 @@ def ship(best: Path, out: Path, train: dict[str, Any], metrics: dict[str, Any], 
         "classes": {int(k): str(v) for k, v in classes.items()},
         "training": {k: v for k, v in train.items() if k not in {"project", "name", "exist_ok"}},
         "validation_metrics": {k: round(float(v), 5) for k, v in metrics.items()},
+        **({"initialised_from": {"file": start.name, "sha256": sha256_of(start)}} if start else {}),
         "loading": "ultralytics YOLO(path) or midog.proposals.load_detector; the custom blocks are midog.yolo_modules",
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
@@ -262,7 +265,8 @@ def run(cfg: DetectorTrainConfig, train: dict[str, Any], out: Path | None = None
     metrics = {k: v for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
     # the values the run used (a resumed run takes most of them from its checkpoint)
     used = {k: getattr(trainer.args, k) for k in sorted(set(cfg.train) | set(train)) if hasattr(trainer.args, k)}
-    ship(best, out, used, metrics, trainer.data["names"])
+    fine_tuned = not train.get("resume") and Path(cfg.model).suffix == ".pt" and bool(train.get("pretrained"))
+    ship(best, out, used, metrics, trainer.data["names"], Path(cfg.model) if fine_tuned else None)
     return out
 
 

@@ -187,6 +187,7 @@ def test_tiny_training_run_ships_loadable_weights(tmp_path: Path, dataset: Path,
     assert card["architecture"] == "yolo11n-lsconv-ema" and card["parameters"] == N_PARAMS
     assert card["training"]["optimizer"] == "AdamW" and card["training"]["epochs"] == 1
     assert card["classes"] == {"0": "mitotic figure"} and card["input_size"] == 64
+    assert "initialised_from" not in card  # built from a YAML: trained from scratch
     assert "metrics/mAP50(B)" in card["validation_metrics"]
     image = cv2.imread(str(dataset.parent / "images" / "val" / "0.png"))
     for path in (out, weights / "last.pt"):
@@ -339,6 +340,7 @@ def test_a_checkpoint_given_as_model_is_fine_tuned_not_rebuilt(tmp_path: Path, d
     assert all(torch.allclose(after[k].float(), before[k].float(), rtol=1e-3, atol=1e-3) for k in before)
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["training"]["pretrained"] is True
+    assert card["initialised_from"] == {"file": "start.pt", "sha256": sha256_of(start)}
 
 
 def test_pretrained_follows_the_model_and_an_explicit_setting(tmp_path: Path, dataset: Path):
