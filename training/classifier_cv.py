@@ -194,6 +194,7 @@ def out_of_fold(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             per_fold[k]["balanced_accuracy_at_other_folds_threshold"] = balanced_accuracy(labels[val], oof[val],
                                                                                            transferred)
         report[key] = {"tta": key == "tta", "checkpoint": fold_checkpoint_name(cfg),
+                       **({"tta_views": cfg.tta_views} if key == "tta" else {}),
                        **{name: mean_std([m[name] for m in per_fold]) for name in per_fold[0]},
                        "pooled_roc_auc": round(float(roc_auc_score(labels, oof)), 4)}
     return report

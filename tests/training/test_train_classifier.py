@@ -365,6 +365,8 @@ def test_ship_epoch_last_follows_the_end_of_the_schedule(tmp_path):
     assert main(["evaluate-tta", "--config", str(config), "--out", str(four), "--tta-views", "4"]) == 0
     fold0 = json.loads((four / "fold0" / "tta_report.json").read_text())
     assert fold0["tta_views"] == 4
+    assert json.loads((four / "tta_report.json").read_text())["tta"]["tta_views"] == 4
+    assert report["tta"]["tta_views"] == 8 and "tta_views" not in report["no_tta"]
     crops = np.stack([np.asarray(Image.open(next(root.glob(f"*/{name}"))).convert("RGB")) for name in fold0["files"]])
     expected = load_classifier(four / "fold0" / "final.pt").predict_proba(crops, tta=True, tta_views=4)
     np.testing.assert_allclose(fold0["tta"]["probs"], expected, atol=1e-5)
