@@ -63,16 +63,16 @@ def balance_dataset(data_yaml: Path, empty_per_labelled: float = 1.0, seed: int 
     data = yaml.safe_load(data_yaml.read_text()) or {}
     root = Path(data.get("path") or data_yaml.parent)
     name = data_yaml.stem + BALANCED_SUFFIX
+    missing = [split for split in SPLITS if split not in data]
+    if missing:
+        raise InputError(f"{data_yaml} has no '{missing[0]}' list")
     rng = np.random.default_rng(seed)
-    counts = {}
-    for split in SPLITS:
-        if split not in data:
-            raise InputError(f"{data_yaml} has no '{split}' list")
-        images = balanced_images(read_list(root, str(data[split])), empty_per_labelled, rng)
+    kept = {split: balanced_images(read_list(root, str(data[split])), empty_per_labelled, rng) for split in SPLITS}
+    for split, images in kept.items():  # written once every list was read: a failure leaves nothing behind
         listing = data_yaml.parent / f"{name}_{split}.txt"
         listing.write_text("".join(f"{p}\n" for p in images))
         data[split] = str(listing.resolve())
-        counts[split] = len(images)
+    counts = {split: len(images) for split, images in kept.items()}
     out = data_yaml.with_name(f"{name}.yaml")
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out, counts

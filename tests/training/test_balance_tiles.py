@@ -84,5 +84,6 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main([str(data)]) != 0
     err = capsys.readouterr().err.strip()
     assert "image list not found" in err and "\n" not in err
+    assert not list(data.parent.glob("*_balanced*"))  # nothing written, not even the train list
     assert main([str(data), "--empty-per-labelled", "-1"]) != 0
     assert ">= 0" in capsys.readouterr().err
