@@ -33,7 +33,9 @@ def _tiny_weights(weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(input_dir: Path, output_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    code = main(["--input", str(input_dir), "--output", str(output_dir)])
+    """process.py's exit code and its stderr lines other than log lines. `--quiet`: a page bar that outlasts 30 s
+    (a loaded machine) writes progress lines to a stderr that is not a terminal, which are not errors."""
+    code = main(["--input", str(input_dir), "--output", str(output_dir), "--quiet"])
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if " INFO " not in line]
 
