@@ -111,7 +111,8 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
         value = getattr(args, key)
         if value is not None:
             train[key] = value
-    train.update(parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    train.update(overrides)
     data = Path(args.data)
     if not data.is_file():
         raise InputError(f"dataset YAML not found: {data}")
@@ -122,9 +123,9 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
         if not Path(args.resume).is_file():
             raise InputError(f"checkpoint to resume not found: {args.resume}")
         train["resume"] = str(Path(args.resume).resolve())
-    if not args.resume and Path(cfg.model).suffix == ".pt" and "pretrained" not in parse_overrides(args.set):
+    if not args.resume and Path(cfg.model).suffix == ".pt" and "pretrained" not in overrides:
         train["pretrained"] = True  # fine-tune from the checkpoint: ultralytics rebuilds it untrained otherwise
-    check_train_settings(train, set(parse_overrides(args.set)), args.config)
+    check_train_settings(train, set(overrides), args.config)
     return train
 
 
