@@ -25,22 +25,17 @@ BALANCED_SUFFIX = "_balanced"
 SPLITS = ("train", "val")
 
 
-def label_file(image: Path) -> Path:
-    """ultralytics' label path of an image: the last `images` folder of its path becomes `labels`, suffix .txt."""
-    parts = list(image.parts)
-    where = len(parts) - 1 - parts[::-1].index("images")
-    parts[where] = "labels"
-    return Path(*parts).with_suffix(".txt")
+def label_files(images: list[Path]) -> list[Path]:
+    """The label file ultralytics reads for each image (`img2label_paths`: the last `images` folder becomes
+    `labels`, the suffix .txt)."""
+    from ultralytics.data.utils import img2label_paths  # after midog's import has set YOLO_OFFLINE
 
-
-def is_labelled(image: Path) -> bool:
-    label = label_file(image)
-    return label.is_file() and bool(label.read_text().strip())
+    return [Path(p) for p in img2label_paths(images)]
 
 
 def balanced_images(images: list[Path], empty_per_labelled: float, rng: np.random.Generator) -> list[Path]:
     """Every labelled image and round(empty_per_labelled × their count) empty ones, in the list's order."""
-    labelled = [is_labelled(p) for p in images]
+    labelled = [label.is_file() and bool(label.read_text().strip()) for label in label_files(images)]
     empty = [i for i, has in enumerate(labelled) if not has]
     wanted = min(len(empty), round(empty_per_labelled * (len(images) - len(empty))))
     kept = set(rng.choice(empty, size=wanted, replace=False).tolist()) if wanted else set()

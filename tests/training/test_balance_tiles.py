@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.balance_tiles import balance_dataset, label_file, main
+from training.balance_tiles import balance_dataset, label_files, main
 
 
 def make_layout(root: Path, labelled: dict[str, int], empty: dict[str, int]) -> Path:
@@ -37,9 +37,9 @@ def listed(path: str) -> list[Path]:
     return [Path(line) for line in Path(path).read_text().splitlines()]
 
 
-def is_labelled(image: Path) -> bool:
-    label = label_file(image)
-    return label.is_file() and bool(label.read_text().strip())
+def is_labelled(image: Path, labelled: int) -> bool:
+    """make_layout labels the first `labelled` tiles of a split: {split}_{index}.jpg."""
+    return int(image.stem.split("_")[1]) < labelled
 
 
 def test_keeps_every_labelled_tile_and_the_asked_share_of_empty_ones(tmp_path: Path):
@@ -53,7 +53,7 @@ def test_keeps_every_labelled_tile_and_the_asked_share_of_empty_ones(tmp_path: P
     for split, n_labelled in (("train", 10), ("val", 4)):
         images = listed(balanced[split])
         full = listed(str(data.parent / original[split]))
-        assert sum(map(is_labelled, images)) == n_labelled == sum(map(is_labelled, full))
+        assert sum(is_labelled(p, n_labelled) for p in images) == n_labelled
         assert len(set(images)) == len(images) and set(images) <= set(full)
         assert images == [p for p in full if p in set(images)]  # the list's order is kept
     first = listed(balanced["train"])  # the files are rewritten in place below
@@ -72,8 +72,8 @@ def test_fewer_empty_tiles_than_asked_keeps_them_all(tmp_path: Path):
 
 
 def test_label_path_follows_ultralytics():
-    assert label_file(Path("/d/images/train/images/a.jpg")) == Path("/d/images/train/labels/a.txt")
-    assert label_file(Path("/d/detection/images/x.png")) == Path("/d/detection/labels/x.txt")
+    assert label_files([Path("/d/images/train/images/a.jpg"), Path("/d/detection/images/x.png")]) == [
+        Path("/d/images/train/labels/a.txt"), Path("/d/detection/labels/x.txt")]
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
