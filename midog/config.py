@@ -102,9 +102,18 @@ class VerifierConfig:
     crop_size: int = _default("verifier.crop_size")
     threshold: float = _default("verifier.threshold")
     batch_size: int = _default("verifier.batch_size")
-    context_px: int = _default("verifier.context_px")
+    context_px: int | list[int] = _default("verifier.context_px")
+    """Pixels of context around each candidate box; a list gives each member of `weights` its own (same length,
+    same order), for an ensemble of verifiers trained on crops of different context."""
     probability: str = _default("verifier.probability")
     tta: bool = _default("verifier.tta")
+
+    def single_context_px(self, purpose: str) -> int:
+        """`context_px` where one crop set is cut (training crops); ConfigError naming `purpose` for a list."""
+        if isinstance(self.context_px, list):
+            raise ConfigError(f"{purpose} cuts one crop set: verifier.context_px must be one number, not "
+                              f"{self.context_px} (give a config with the context of the member being trained)")
+        return self.context_px
 
 
 @dataclass
@@ -227,7 +236,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verifier.crop_size": (_positive_int, "a positive integer"),
     "verifier.threshold": (_fraction(), "a number in [0, 1]"),
     "verifier.batch_size": (_positive_int, "a positive integer"),
-    "verifier.context_px": (_non_negative_int, "an integer >= 0"),
+    "verifier.context_px": (lambda value: value != [] and all(_non_negative_int(v)
+                                                           for v in (value if isinstance(value, list) else [value])),
+                            "an integer >= 0, or a list of those, one per weights file"),
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
     "atypical.tta_views": (lambda value: value != [] and all(_is_int(v) and v in TTA_VIEW_COUNTS

@@ -1,7 +1,8 @@
 """Verification stage: each candidate's box crop, resized to `verifier.crop_size`, → P(mitotic figure).
 
 One checkpoint, or a list of them (`verifier.weights`, an ensemble): the ensemble's P(mitotic figure) is the mean
-of its members' on the same crops, so its members must be trained at one pixel size.
+of its members', so its members must be trained at one pixel size. Each member sees the crops it was trained on:
+`verifier.context_px` is one number for all, or a list with one per member.
 
 The crop is the candidate's box (grown by `verifier.context_px` on each side, clipped to the image) resized to a
 square with antialiased bilinear interpolation, the same resize `BinaryClassifier.preprocess` applies. A degenerate
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
 from midog.config import CHOICES, FoundationConfig, VerifierConfig
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.roi_io import RoiImage
@@ -133,6 +134,9 @@ class Verifier:
         if len(sizes) > 1:
             raise WeightsError(f"verifier.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} "
                                "µm/px: an ensemble averages crops of one scale")
+        if isinstance(self.config.context_px, list) and len(self.config.context_px) != len(self.classifiers):
+            raise ConfigError(f"verifier.context_px lists {len(self.config.context_px)} values for "
+                              f"{len(self.classifiers)} verifier.weights: give one per weights file, or one number")
 
     @classmethod
     def from_weights(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], config: VerifierConfig,
@@ -154,19 +158,27 @@ class Verifier:
     def threshold(self) -> float:
         return float(self.config.threshold)
 
-    def crops(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
+    @property
+    def member_context_px(self) -> list[int]:
+        """Each member's context around the box, in the order of `classifiers`."""
+        context = self.config.context_px
+        return list(context) if isinstance(context, list) else [context] * len(self.classifiers)
+
+    def crops(self, image: RoiImage, boxes: np.ndarray, context_px: int | None = None) -> np.ndarray:
         """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes (`image` pixels), at the classifier's
-        pixel size."""
+        pixel size, with `context_px` around each box (None: the first member's)."""
+        context = self.member_context_px[0] if context_px is None else context_px
         return candidate_crops(image, boxes, self.pixel_size_um, self.resample_tolerance,
-                               self.config.crop_size, self.config.context_px, self.fallback_box_px)
+                               self.config.crop_size, context, self.fallback_box_px)
 
     def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
-        """P(mitotic figure) per box, in order (an ensemble's: the mean of its members')."""
+        """P(mitotic figure) per box, in order (an ensemble's: the mean of its members'); the crops of each
+        context are cut once."""
         if len(boxes) == 0:
             return np.zeros(0, dtype=np.float32)
-        crops = self.crops(image, boxes)
-        per_member = [c.predict_proba(crops, tta=self.config.tta, batch_size=self.config.batch_size)
-                      for c in self.classifiers]
+        crops_of = {context: self.crops(image, boxes, context) for context in dict.fromkeys(self.member_context_px)}
+        per_member = [c.predict_proba(crops_of[context], tta=self.config.tta, batch_size=self.config.batch_size)
+                      for c, context in zip(self.classifiers, self.member_context_px)]
         return np.mean(per_member, axis=0).astype(np.float32)
 
     def labels(self, probabilities: np.ndarray) -> list[str]:

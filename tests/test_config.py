@@ -110,6 +110,8 @@ def test_write_config_values_keeps_the_files_comments_and_layout(tmp_path: Path)
     ("merging.box_size_px", 0, "a positive integer"),
     ("merging.tile_edge_px", -5, "an integer >= 0"),
     ("verifier.context_px", -100, "an integer >= 0"),
+    ("verifier.context_px", [15, -1], "an integer >= 0, or a list of those, one per weights file"),
+    ("verifier.context_px", [], "an integer >= 0, or a list of those"),
     ("image.in_memory_max_megapixels", -1, "a number >= 0"),
     ("image.fallback_spacing_um", float("inf"), "a positive number"),
     ("atypical.max_batch_megapixels", float("inf"), "a positive number"),

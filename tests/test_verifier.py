@@ -8,7 +8,7 @@ import torch
 from roi_factory import he_roi, tiny_verifier
 
 from midog.config import VerifierConfig
-from midog.errors import WeightsError
+from midog.errors import ConfigError, WeightsError
 from midog.roi_io import ArrayRoi, PhysicalTransform
 import midog.verifier as verifier_module
 from midog.verifier import Verifier, combine_probability, crop_boxes, region_crops, resize_crop
@@ -94,6 +94,30 @@ def test_an_ensemble_averages_its_members_on_the_same_crops(tmp_path, verifier: 
     members = [verifier.probabilities(roi, boxes), alone.probabilities(roi, boxes)]
     assert not np.allclose(*members, rtol=1e-3)                                # two different members
     np.testing.assert_allclose(ensemble.probabilities(roi, boxes), np.mean(members, axis=0), rtol=1e-5)
+
+
+def test_each_member_sees_the_crops_of_its_own_context(tmp_path):
+    """`verifier.context_px` as a list: member i is scored on crops with context i, as if it ran alone with that
+    context; a list of another length than `weights` is refused in one line."""
+    paths = [tiny_verifier(tmp_path / "narrow.pt"), tiny_verifier(tmp_path / "wide.pt", seed=1)]
+    roi = ArrayRoi(he_roi(300, 200, seed=5), PhysicalTransform((0.00025, 0.00025)))
+    boxes = np.array([[60, 50, 110, 100], [150, 100, 200, 150]], np.float32)
+    cpu = torch.device("cpu")
+    ensemble = Verifier.from_weights(paths, VerifierConfig(threshold=0.5, context_px=[0, 20]), cpu)
+    alone = [Verifier.from_weights(p, VerifierConfig(threshold=0.5, context_px=c), cpu).probabilities(roi, boxes)
+             for p, c in zip(paths, (0, 20))]
+    np.testing.assert_allclose(ensemble.probabilities(roi, boxes), np.mean(alone, axis=0), rtol=1e-5)
+    one_context = Verifier.from_weights(paths, VerifierConfig(threshold=0.5, context_px=0), cpu)
+    assert not np.allclose(ensemble.probabilities(roi, boxes), one_context.probabilities(roi, boxes), rtol=1e-4)
+    with pytest.raises(ConfigError, match="lists 3 values for 2 verifier.weights") as err:
+        Verifier.from_weights(paths, VerifierConfig(threshold=0.5, context_px=[0, 20, 5]), cpu)
+    assert "\n" not in str(err.value)
+
+
+def test_training_crops_need_one_context():
+    assert VerifierConfig(context_px=15).single_context_px("prepare_fields") == 15
+    with pytest.raises(ConfigError, match="prepare_fields cuts one crop set: verifier.context_px must be one number"):
+        VerifierConfig(context_px=[15, 31]).single_context_px("prepare_fields")
 
 
 def test_an_ensemble_of_two_pixel_sizes_is_refused(verifier: Verifier):

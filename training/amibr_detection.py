@@ -472,6 +472,7 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     if confidence is not None:
         overrides["proposals.confidence"] = confidence
     config = resolve_config(overrides=overrides)
+    context_px = config.verifier.single_context_px("mining the canvases' false positives")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
     counts, proposed = dict.fromkeys(splits, 0), 0
@@ -484,7 +485,7 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
         if not len(candidates):
             continue
         far = far_from(candidates.centres, centres, (1.0, 1.0), match_radius)
-        crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, config.verifier.context_px,
+        crops = box_crops(image, candidates.boxes[far], config.verifier.crop_size, context_px,
                           config.merging.box_size_px)
         if len(crops):
             folder.mkdir(parents=True, exist_ok=True)
