@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from midog.config import resolve_config
-from midog.errors import InputError
+from midog.errors import ConfigError, InputError
 from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
 from tests.training.fake_amibr import write_amibr
 from training.evaluate_fields import cross_fold_scores, per_fold_paths, verifier_weights
@@ -132,6 +132,16 @@ def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path,
     crops = sorted((out / "verifier" / "crops").glob("*/*/*.png"))
     assert crops and {Image.open(p).size for p in crops} == {(80, 80)}
     assert json.loads((out / "folds.json").read_text())["crops"] == {"crop_size": 80, "context_px": 15}
+
+
+def test_prepare_refuses_one_context_per_member_before_writing(fields_root: Path, tmp_path: Path):
+    """A chain config with `verifier.context_px` as a list (an ensemble of contexts) names no one crop set."""
+    config = tmp_path / "multiscale.yaml"
+    config.write_text("verifier:\n  crop_size: 80\n  context_px: [15, 31]\n")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="prepare_fields cuts one crop set"):
+        prepare(fields_root, out, None, FieldDataConfig(), progress=False, config_path=config)
+    assert not out.exists()
 
 
 def test_amibr_positives_join_every_train_split_and_leave_field_crops_alone(fields_root: Path, tmp_path: Path):
