@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
-from midog.config import AtypicalConfig, FoundationConfig
-from midog.errors import ConfigError, WeightsError
+from midog.config import AtypicalConfig, FoundationConfig, per_member
+from midog.errors import WeightsError
 from midog.outputs import ATYPICAL
 from midog.roi_io import RoiImage
 from midog.weights import checkpoint_names, find_weights
@@ -36,14 +36,12 @@ class AtypicalClassifier:
     """Views per crop, for all members or (a list) for each."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.tta_views, list) and len(self.tta_views) != len(self.models):
-            raise ConfigError(f"atypical.tta_views lists {len(self.tta_views)} view counts for "
-                              f"{len(self.models)} atypical.weights: give one per weights file, or one number")
+        _ = self.member_views  # a list of another length than `models` is refused at construction
 
     @property
     def member_views(self) -> list[int]:
         """Each member's TTA views, in the order of `models`."""
-        return self.tta_views if isinstance(self.tta_views, list) else [self.tta_views] * len(self.models)
+        return per_member(self.tta_views, len(self.models), "atypical.tta_views", "view counts", "atypical.weights")
 
     def predict_proba(self, crops: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """P(atypical) per crop, in order, as float32.

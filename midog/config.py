@@ -207,6 +207,22 @@ is_probability = _fraction()
 """A number in [0, 1] (not a bool, not NaN): what every threshold and probability must be."""
 
 
+def _one_or_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """One value passing `check`, or a non-empty list of them (a value per ensemble member)."""
+    return lambda value: value != [] and all(check(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def per_member(value: Any, members: int, key: str, what: str, weights_key: str) -> list[Any]:
+    """One value for all `members` ensemble members, or a list with one per member: each member's, in order.
+    ConfigError naming `key` when a list has another length than `weights_key`."""
+    if not isinstance(value, list):
+        return [value] * members
+    if len(value) != members:
+        raise ConfigError(f"{key} lists {len(value)} {what} for {members} {weights_key}: give one per weights "
+                          "file, or one number")
+    return list(value)
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -236,13 +252,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verifier.crop_size": (_positive_int, "a positive integer"),
     "verifier.threshold": (_fraction(), "a number in [0, 1]"),
     "verifier.batch_size": (_positive_int, "a positive integer"),
-    "verifier.context_px": (lambda value: value != [] and all(_non_negative_int(v)
-                                                           for v in (value if isinstance(value, list) else [value])),
+    "verifier.context_px": (_one_or_list_of(_non_negative_int),
                             "an integer >= 0, or a list of those, one per weights file"),
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
-    "atypical.tta_views": (lambda value: value != [] and all(_is_int(v) and v in TTA_VIEW_COUNTS
-                                                          for v in (value if isinstance(value, list) else [value])),
+    "atypical.tta_views": (_one_or_list_of(lambda v: _is_int(v) and v in TTA_VIEW_COUNTS),
                            " or ".join(map(str, TTA_VIEW_COUNTS)) + ", or a list of those, one per weights file"),
     "atypical.batch_size": (_positive_int, "a positive integer"),
     "atypical.max_batch_megapixels": (_positive_number, "a positive number"),

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
-from midog.config import CHOICES, FoundationConfig, VerifierConfig
-from midog.errors import ConfigError, WeightsError
+from midog.config import CHOICES, FoundationConfig, VerifierConfig, per_member
+from midog.errors import WeightsError
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.roi_io import RoiImage
@@ -134,9 +134,7 @@ class Verifier:
         if len(sizes) > 1:
             raise WeightsError(f"verifier.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} "
                                "µm/px: an ensemble averages crops of one scale")
-        if isinstance(self.config.context_px, list) and len(self.config.context_px) != len(self.classifiers):
-            raise ConfigError(f"verifier.context_px lists {len(self.config.context_px)} values for "
-                              f"{len(self.classifiers)} verifier.weights: give one per weights file, or one number")
+        _ = self.member_context_px  # a list of another length than `classifiers` is refused at construction
 
     @classmethod
     def from_weights(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], config: VerifierConfig,
@@ -161,8 +159,8 @@ class Verifier:
     @property
     def member_context_px(self) -> list[int]:
         """Each member's context around the box, in the order of `classifiers`."""
-        context = self.config.context_px
-        return list(context) if isinstance(context, list) else [context] * len(self.classifiers)
+        return per_member(self.config.context_px, len(self.classifiers), "verifier.context_px", "values",
+                          "verifier.weights")
 
     def crops(self, image: RoiImage, boxes: np.ndarray, context_px: int | None = None) -> np.ndarray:
         """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes (`image` pixels), at the classifier's

@@ -23,10 +23,8 @@ SOURCE = "efficientnet_lite0.imagenet"
 ARCH = PRETRAINED_SOURCES[SOURCE].arch
 HEAD = ["classifier.weight", "classifier.bias"]
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
-
-
-PACKAGED = ["efficientnet_lite0.imagenet", "efficientnet_lite1.imagenet", "efficientnet_lite2.imagenet"]
 TENSORS = {"efficientnet_lite0.imagenet": 296, "efficientnet_lite1.imagenet": 386, "efficientnet_lite2.imagenet": 386}
+PACKAGED = list(TENSORS)  # the registry's package sources, with the tensors of each file
 
 
 def package_state(source: str = SOURCE) -> dict[str, torch.Tensor]:
