@@ -4,13 +4,16 @@ a value the dataclass refuses. The message for unknown keys and the type check a
 (`midog.config.unknown_keys_message`, `midog.config.typed_value`)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from typing import Any, Mapping, TypeVar
 
+import yaml
+
 from midog.config import annotation_text, typed_value, unknown_keys_message
 from midog.config_file import read_config_file
-from midog.errors import ConfigError, first_line
+from midog.errors import ConfigError, InputError, first_line
 
 T = TypeVar("T")
 
@@ -20,11 +23,45 @@ def read_training_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return read_config_file(path, "training config", "settings")
 
 
+def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """The `--set KEY=VALUE` pairs of a training command; values are read as YAML, so `0.5`, `true`, `null` and
+    `[1, 2]` mean what they say. A dotted key (`augment.hed_sigma=0.2`) sets one value of a nested section."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set expects key=value, got '{pair}'")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE`, repeatable: any value of the training config, over the file's (`parse_set_pairs`)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config value over the file's, e.g. --set input_size=112 or "
+                             "--set augment.hed_sigma=0.1 (repeatable; values read as YAML)")
+
+
 def load_training_config(path: str | os.PathLike[str] | None, cls: type[T],
                          overrides: Mapping[str, Any] | None = None) -> T:
-    """`cls` from the YAML at `path` (partial is fine; None: the defaults) with `overrides` over it."""
-    values = {**(read_training_yaml(path) if path else {}), **(overrides or {})}
-    return config_from_values(values, cls, f"training config {path}" if path else "training config")
+    """`cls` from the YAML at `path` (partial is fine; None: the defaults) with `overrides` over it: a dotted key
+    replaces one value of a nested section and keeps the section's others."""
+    source = f"training config {path}" if path else "training config"
+    values = dict(read_training_yaml(path) if path else {})
+    for key, value in (overrides or {}).items():
+        values = with_value(values, key.split("."), value, source)
+    return config_from_values(values, cls, source)
+
+
+def with_value(values: Mapping[str, Any], keys: list[str], value: Any, source: str) -> dict[str, Any]:
+    """A copy of `values` with `value` at the nested path `keys` (sections along it are copied, not changed)."""
+    head, *rest = keys
+    if not rest:
+        return {**values, head: value}
+    section = values.get(head) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{source}: '{head}' is {section!r:.80}, not a section, so '{'.'.join(keys)}' cannot be set")
+    return {**values, head: with_value(section, rest, value, source)}
 
 
 def config_from_values(values: Mapping[str, Any], cls: type[T], source: str, prefix: str = "") -> T:

@@ -1,7 +1,7 @@
 """Train the atypical-vs-normal mitotic figure classifier on AMi-Br with slide-grouped cross-validation.
 
     python -m training.train_classifier [cv] --config training/configs/atypical.yaml [--folds 5] [--fold k]
-                                        [--out DIR] [--resume]
+                                        [--out DIR] [--resume] [--set KEY=VALUE ...]   # e.g. --set augment.hed_sigma=0.1
     python -m training.train_classifier evaluate-tta --config ... [--fold k] [--ship-folds PATH]
     python -m training.train_classifier full --config ... [--full-epochs N] [--resume] [--ship PATH]
     python -m training.train_classifier ship PATH --config ... [--full] [--fold k]
@@ -55,6 +55,7 @@ from training.classifier_fold import (FoldResult, averaged, balanced_accuracy, b
                                       make_train_loader, positive_weight, predict, predict_with_bar, train_epoch,
                                       train_fold, training_targets)
 from training.classifier_ship import model_card, ship, ship_fold_ensemble, ship_folds, ship_one, train_full
+from training.config_file import add_set_option, parse_set_pairs
 from training.runtime import REPO_ROOT, Dist, init_distributed
 
 __all__ = [  # what this module held before the split, still imported from here
@@ -85,7 +86,7 @@ ACTION_FLAGS: dict[str, str] = {"evaluate-tta": "--evaluate-tta", "full": "--ful
 """Each sub-command (but `cv`, which has none) and the flag that did the same before sub-commands."""
 
 VALUE_OPTIONS = ("--config", "--folds", "--fold", "--out", "--epochs", "--full-epochs", "--ship", "--ship-folds",
-                 "--ship-ema", "--split", "--tta-views")
+                 "--ship-ema", "--split", "--tta-views", "--set")
 """The options that take a value (which may spell like a sub-command: `--out cv`)."""
 
 HELP_FLAGS = ("-h", "--help")
@@ -134,6 +135,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             text = f"also: {COMMANDS[name]}" + (f" (the old spelling of `{name}`)" if command == "cv" else "")
             kind: dict[str, Any] = {"metavar": "PATH"} if name.startswith("ship") else {"action": "store_true"}
             parser.add_argument(flag, help=text, **kind)
+    add_set_option(parser)
     add_debug_option(parser)
     add_quiet_option(parser)
 
@@ -185,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config values the command line sets."""
+    """The config values the command line sets: its named options, then the `--set` pairs."""
     overrides: dict[str, Any] = split_overrides(args)
     if args.out:
         overrides["out"] = args.out
@@ -195,7 +197,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["tta_views"] = args.tta_views
     if args.ship_ema is not None:
         overrides["ship_ema"] = None if args.ship_ema.lower() == "none" else _horizon(args.ship_ema)
-    return overrides
+    return overrides | parse_set_pairs(args.set)
 
 
 @entry_point

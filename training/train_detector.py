@@ -26,7 +26,7 @@ import yaml
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point
 from midog.config import unknown_keys_message
 from midog.errors import ConfigError, InputError, MidogError, WeightsError, first_line
-from training.config_file import load_training_config
+from training.config_file import load_training_config, parse_set_pairs
 from training.runtime import REPO_ROOT, git_commit
 
 DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "detector.yaml"
@@ -85,17 +85,6 @@ def checked_model(name: str) -> str:
     return name
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as YAML, so `0.5`, `true`, `null` and `[1, 2]` mean what they say."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects key=value, got '{pair}'")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[str, Any]:
     """The ultralytics arguments: the config's, then the command-line flags, then --set pairs.
 
@@ -111,7 +100,7 @@ def train_arguments(cfg: DetectorTrainConfig, args: argparse.Namespace) -> dict[
         value = getattr(args, key)
         if value is not None:
             train[key] = value
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_pairs(args.set)
     train.update(overrides)
     data = Path(args.data)
     if not data.is_file():

@@ -2,6 +2,7 @@
 
     python -m training.train_verifier --data DIR --config training/configs/verifier.yaml --out weights/verifier.pt
                                       [--run-dir runs/verifier] [--epochs N] [--arch NAME] [--resume]
+                                      [--set KEY=VALUE ...]      # any config value, e.g. --set input_size=112
     torchrun --nproc_per_node 4 -m training.train_verifier ...      # DDP, one process per GPU
 
 Data layout (written by `training.verifier_data`, or by hand):
@@ -47,7 +48,7 @@ from midog.errors import InputError
 from midog.progress import progress_bar, progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
 from training.augment import HEDJitter
-from training.config_file import load_training_config
+from training.config_file import add_set_option, load_training_config, parse_set_pairs
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
                               same_model_on_every_rank, save_atomic, seed_everything, write_csv)
@@ -525,18 +526,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--card-extra", type=Path, help="JSON object merged into the model card (data notes)")
+    add_set_option(parser)
     add_debug_option(parser)
     add_quiet_option(parser)
     return parser.parse_args(argv)
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values the command line sets: its named options, then the `--set` pairs."""
+    named = {"run_dir": args.run_dir, "epochs": args.epochs, "max_steps": args.max_steps, "arch": args.arch,
+             "batch_size": args.batch_size}
+    return {key: value for key, value in named.items() if value is not None} | parse_set_pairs(args.set)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {key: value for key, value in {
-        "run_dir": args.run_dir, "epochs": args.epochs, "max_steps": args.max_steps, "arch": args.arch,
-        "batch_size": args.batch_size}.items() if value is not None}
-    cfg = load_verifier_config(args.config, overrides)
+    cfg = load_verifier_config(args.config, config_overrides(args))
     extra = read_json_file(args.card_extra, "--card-extra") if args.card_extra else None
     ctx = init_distributed()
     if ctx.device.type == "cpu" and cfg.num_threads > 0:
