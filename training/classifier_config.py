@@ -55,6 +55,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
+    layer_decay: float | None = None
+    """Layer-wise learning-rate decay for fine-tuning a pretrained timm backbone: the head learns at `lr`, each
+    layer group below it (timm's `group_matcher`: blocks, then the stem) at `layer_decay` times the one above
+    (`timm.optim.param_groups_layer_decay`). None: one learning rate for every layer."""
     warmup_epochs: float = 1.0
     pos_weight: str | float = "balanced"
     """BCE weight of the positive class: 'balanced' (n_negative / n_positive), 'sqrt', or a number."""
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"tta_views must be one of {TTA_VIEW_COUNTS}, got {self.tta_views!r}")
         if self.split not in FOLD_SPLITS:
             raise ConfigError(f"split must be one of {FOLD_SPLITS}, got {self.split!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1] (or null for none), got {self.layer_decay!r}")
         if any(not h > 0 for h in self.ema_epochs):
             raise ConfigError(f"ema_epochs must be positive horizons in epochs, got {self.ema_epochs!r}")
         if self.ship_ema is not None:

@@ -89,9 +89,9 @@ def positive_weight(cfg: TrainConfig, labels: np.ndarray) -> float:
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (no weight decay on norms and biases) with linear warmup then cosine decay to 1 % of `lr` at the end
-    of `cfg.epochs` (`training.runtime.adamw_warmup_cosine`)."""
+    of `cfg.epochs` (`training.runtime.adamw_warmup_cosine`), layer-wise with `cfg.layer_decay`."""
     return adamw_warmup_cosine(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, cfg.warmup_epochs,
-                               steps_per_epoch, min_lr_ratio=0.01)
+                               steps_per_epoch, min_lr_ratio=0.01, layer_decay=cfg.layer_decay)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -317,7 +317,8 @@ def _train_and_score_epoch(cfg: TrainConfig, run: _FoldTraining, state: dict[str
     t0 = time.time()
     loss = train_epoch(run.clf, run.model, run.loader, run.optimizer, run.scheduler, run.loss_fn, ctx,
                        desc=f"{name} ep{epoch}", emas=run.emas)
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5), "lr": run.optimizer.param_groups[0]["lr"]}
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": round(loss, 5),
+                           "lr": max(group["lr"] for group in run.optimizer.param_groups)}  # the head's
     if validated:
         threshold, score, metrics = _validate(cfg, run, state, ctx, row)
         improved = _note_score(state, epoch, score, threshold, metrics)

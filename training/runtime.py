@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from midog.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,18 +77,25 @@ def rank0_array(values: np.ndarray, ctx: Dist) -> np.ndarray:
 
 
 def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
-                        warmup_epochs: float, steps_per_epoch: int, min_lr_ratio: float
+                        warmup_epochs: float, steps_per_epoch: int, min_lr_ratio: float,
+                        layer_decay: float | None = None
                         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no weight decay on norms and biases: trainable parameters of at most one dimension) and its schedule,
     stepped once per optimizer step: `int(warmup_epochs * steps_per_epoch)` warm-up steps (at most
     `total_steps - 1`) at lr·(s + 1)/(warmup + 1), then a half cosine from lr to `min_lr_ratio`·lr at
-    `total_steps`, and that floor after. A LambdaLR, whose state dict a resumed run reloads."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    `total_steps`, and that floor after. A LambdaLR, whose state dict a resumed run reloads.
+
+    `layer_decay`: each layer group of a timm model learns at lr × its scale (`layer_decay_groups`), on the same
+    schedule."""
+    if layer_decay is None:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = layer_decay_groups(model, lr, weight_decay, layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     total = max(total_steps, 1)
     warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
 
@@ -97,6 +106,20 @@ def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, 
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float
+                       ) -> list[dict[str, Any]]:
+    """timm's layer-wise decay parameter groups (`param_groups_layer_decay`: the layers its `group_matcher` names,
+    the head at scale 1, each group below at `layer_decay` times the one above; no weight decay on norms and
+    biases), each with its own `lr` = lr × scale."""
+    from timm.optim import param_groups_layer_decay
+
+    if not hasattr(model, "group_matcher"):
+        raise ConfigError(f"layer_decay needs a timm model that names its layer groups (group_matcher); "
+                          f"{type(model).__name__} does not")
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
+    return [{**group, "lr": lr * group["lr_scale"]} for group in groups]
 
 
 def git_commit(repo: str | os.PathLike[str] = REPO_ROOT) -> str:

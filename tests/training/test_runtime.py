@@ -148,3 +148,41 @@ def test_verifier_schedule_is_unchanged():
     assert _learning_rates(optimizer, scheduler) == pytest.approx(VERIFIER_LRS, rel=0, abs=1e-9)
     optimizer, scheduler = make_optimizer(VerifierTrainConfig(lr=3e-4, min_lr=1e-6), _tiny_net(), 20, 5)
     assert _learning_rates(optimizer, scheduler) == pytest.approx(VERIFIER_NO_WARMUP_LRS, rel=0, abs=1e-9)
+
+
+def test_layer_decay_scales_each_layer_group_on_the_same_schedule():
+    """`layer_decay`: the head at lr, each timm layer group below at layer_decay × the one above, every group on
+    the classifier's schedule (its lr × the shipped schedule's factors)."""
+    import timm
+
+    from training.train_classifier import TrainConfig, make_optimizer
+
+    model = timm.create_model("test_efficientnet", num_classes=1)
+    cfg = TrainConfig(lr=2e-3, epochs=3, warmup_epochs=0.5, layer_decay=0.5)
+    optimizer, scheduler = make_optimizer(cfg, model, 7)
+    scales = sorted({group["lr_scale"] for group in optimizer.param_groups}, reverse=True)
+    assert scales[0] == 1.0 and len(scales) >= 3
+    assert all(b == pytest.approx(a * 0.5) for a, b in zip(scales, scales[1:]))
+    by_name = {name: group["lr_scale"] for group in optimizer.param_groups for name, p in model.named_parameters()
+               if any(p is q for q in group["params"])}
+    assert by_name["classifier.weight"] == 1.0 and by_name["conv_stem.weight"] == scales[-1]
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups
+               if any(p.ndim <= 1 for p in group["params"]))
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    for step in range(20):
+        for group in optimizer.param_groups:
+            assert group["initial_lr"] == pytest.approx(2e-3 * group["lr_scale"])
+            assert group["lr"] / group["initial_lr"] == pytest.approx(CLASSIFIER_LRS[step] / 2e-3, rel=1e-6)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_layer_decay_is_refused_for_a_model_without_layer_groups_and_out_of_range():
+    from midog.errors import ConfigError
+    from training.train_classifier import TrainConfig, make_optimizer
+
+    with pytest.raises(ConfigError, match="layer_decay needs a timm model .*Sequential does not"):
+        make_optimizer(TrainConfig(layer_decay=0.8), _tiny_net(), 7)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"layer_decay must be in \(0, 1\]"):
+            TrainConfig(layer_decay=bad)
