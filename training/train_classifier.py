@@ -1,7 +1,7 @@
 """Train the atypical-vs-normal mitotic figure classifier on AMi-Br with slide-grouped cross-validation.
 
     python -m training.train_classifier [cv] --config training/configs/atypical.yaml [--folds 5] [--fold k]
-                                        [--out DIR] [--resume] [--set KEY=VALUE ...]   # e.g. --set augment.hed_sigma=0.1
+                                        [--out DIR] [--resume] [--set KEY=VALUE ...]   # --set augment.hed_sigma=0.1
     python -m training.train_classifier evaluate-tta --config ... [--fold k] [--ship-folds PATH]
     python -m training.train_classifier full --config ... [--full-epochs N] [--resume] [--ship PATH]
     python -m training.train_classifier ship PATH --config ... [--full] [--fold k]
