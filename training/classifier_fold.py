@@ -227,9 +227,9 @@ def train_fold(cfg: TrainConfig, crops: np.ndarray, labels: np.ndarray, train_id
 
     `labels` are the 0/1 labels (validation, class weight); `train_targets` what the loss fits, default `labels`.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     epochs = fixed_epochs if fixed_epochs is not None else cfg.epochs
     run = _start_fold(cfg, crops, labels, train_idx, val_idx, ctx, epochs, train_targets)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the model and optimizer are built: a bad config leaves none
     meta = {**(meta or {}), **({"pretrained": run.clf.meta["pretrained"]} if "pretrained" in run.clf.meta else {})}
     last_path = out_dir / "last.pt"
     state = _resumed_state(cfg, run, last_path, ctx, name) if resume and last_path.is_file() else _fresh_state()

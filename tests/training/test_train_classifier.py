@@ -606,3 +606,30 @@ def test_split_on_the_command_line_overrides_the_config() -> None:
     assert "split" not in tc.config_overrides(tc.parse_args(["--config", "c.yaml"]))
     with pytest.raises(SystemExit):
         tc.parse_args(["--split", "source"])
+
+
+def test_a_fold_trains_with_layer_decay_and_a_model_without_layer_groups_leaves_no_folder(tmp_path, monkeypatch):
+    """`layer_decay`: the fold trains and its metrics' lr is the head's (the same as without decay); a model timm
+    cannot group is refused before the fold's folder exists."""
+    root = _write_amibr(tmp_path / "amibr")
+    torch.set_num_threads(1)
+    _, crops, labels = tc.prepare_data(_config(root, tmp_path))
+    train_idx, val_idx = np.arange(0, 32), np.arange(32, 48)
+    cfg = _config(root, tmp_path, epochs=1, warmup_epochs=0.0, layer_decay=0.7, ema_epochs=[])
+    result = train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "decayed", Dist())
+    plain = _config(root, tmp_path, epochs=1, warmup_epochs=0.0, ema_epochs=[])
+    train_fold(plain, crops, labels, train_idx, val_idx, tmp_path / "plain", Dist())
+    decayed_lr, plain_lr = (pd.read_csv(tmp_path / run / "metrics.csv")["lr"].iloc[0] for run in ("decayed", "plain"))
+    assert Path(result.checkpoint).is_file() and decayed_lr == pytest.approx(plain_lr)  # the head's, as before
+
+    real_build = classifier_fold.build_model
+
+    def without_groups(config):
+        clf = real_build(config)
+        clf.model = torch.nn.Sequential(clf.model)  # a wrapper timm's group_matcher cannot see into
+        return clf
+
+    monkeypatch.setattr(classifier_fold, "build_model", without_groups)
+    with pytest.raises(ConfigError, match="layer_decay needs a timm model"):
+        train_fold(cfg, crops, labels, train_idx, val_idx, tmp_path / "refused", Dist())
+    assert not (tmp_path / "refused").exists()
