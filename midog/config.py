@@ -94,6 +94,7 @@ class MergingConfig:
     box_size_px: int = _default("merging.box_size_px")
     class_agnostic: bool = _default("merging.class_agnostic")
     tile_edge_px: int = _default("merging.tile_edge_px")
+    final_radius_um: float = _default("merging.final_radius_um")
 
 
 @dataclass
@@ -249,6 +250,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "merging.iou": (_fraction(low_open=True), "a number in (0, 1]"),
     "merging.box_size_px": (_positive_int, "a positive integer"),
     "merging.tile_edge_px": (_non_negative_int, "an integer >= 0"),
+    "merging.final_radius_um": (_non_negative_number, "a number >= 0 (0 = off)"),
     "verifier.crop_size": (_positive_int, "a positive integer"),
     "verifier.threshold": (_fraction(), "a number in [0, 1]"),
     "verifier.batch_size": (_positive_int, "a positive integer"),

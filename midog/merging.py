@@ -203,6 +203,35 @@ def _score_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
+def _greedy_keep(scores: np.ndarray, neighbours: list[list[int]]) -> np.ndarray:
+    """Greedy suppression: most confident first, each kept item suppresses its neighbours; the kept indices in
+    descending score."""
+    suppressed = [False] * len(scores)
+    keep = []
+    for index in _score_order(scores).tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        for other in neighbours[index]:
+            suppressed[other] = True
+    return np.asarray(keep, dtype=np.int64)
+
+
+def suppress_close_points(points_um: np.ndarray, scores: np.ndarray, radius_um: float) -> np.ndarray:
+    """Indices (ascending) of the points kept by greedy point suppression: most probable first, every point closer
+    than `radius_um` to a kept one dropped (`merging.final_radius_um`). Whatever threshold is applied afterwards,
+    the kept points above it are the ones the same suppression among those points alone would keep, so scores can
+    still be swept for AP and F1-optimal thresholds."""
+    points_um = np.asarray(points_um, dtype=np.float64).reshape(-1, 2)
+    if radius_um <= 0 or len(points_um) < 2:
+        return np.arange(len(points_um))
+    from scipy.spatial import cKDTree  # scikit-learn's dependency; imported here, as only this step needs it
+
+    pairs = cKDTree(points_um).query_pairs(radius_um, p=2.0, output_type="ndarray")
+    close = pairs[np.linalg.norm(points_um[pairs[:, 0]] - points_um[pairs[:, 1]], axis=1) < radius_um]
+    return np.sort(_greedy_keep(np.asarray(scores), _neighbours(len(points_um), close[:, 0], close[:, 1])))
+
+
 @dataclass
 class NmsMerge:
     """Non-maximum suppression: of boxes overlapping with IoU >= `iou`, only the most confident one stays."""
@@ -215,17 +244,7 @@ class NmsMerge:
             return candidates
         first, second = overlapping_pairs(candidates.boxes, self.iou,
                                           None if self.class_agnostic else candidates.classes)
-        order = _score_order(candidates.scores)
-        neighbours = _neighbours(len(candidates), first, second)
-        suppressed = [False] * len(candidates)
-        keep = []
-        for index in order.tolist():
-            if suppressed[index]:
-                continue
-            keep.append(index)
-            for other in neighbours[index]:
-                suppressed[other] = True
-        return candidates.take(np.asarray(keep, dtype=np.int64))
+        return candidates.take(_greedy_keep(candidates.scores, _neighbours(len(candidates), first, second)))
 
 
 @dataclass

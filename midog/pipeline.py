@@ -17,7 +17,7 @@ from midog.config import AtypicalConfig, PipelineConfig
 from midog.devices import configure_torch, resolve_device
 from midog.image_files import find_single_image
 from midog.interfaces import TRACK1_IMAGE_FOLDER, TRACK2_IMAGE_FOLDER
-from midog.merging import Candidates, build_merger, merge_tiles
+from midog.merging import Candidates, build_merger, merge_tiles, suppress_close_points
 from midog.outputs import (MITOTIC_FIGURE, TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME, TRACK2_FILENAME,
                            check_output_folder, track1_outputs, track2_classification, write_json_atomic)
 from midog.progress import progress_bar
@@ -250,10 +250,14 @@ class Track1Detector:
         lap("proposals")
         verified = self.verify(image, candidates.boxes, progress)
         probability = combine_probability(candidates.scores, verified, cfg.verifier.probability)
-        labels = self.verifier.labels(probability)  # the name follows the written probability in either mode
-        lap("verification")
         centres = candidates.centres if len(candidates) else np.zeros((0, 2))
         millimetres = image.transform.to_mm(centres)
+        if cfg.merging.final_radius_um > 0:  # in µm of the image, whatever its pixel size on either axis
+            kept = suppress_close_points(millimetres * 1000.0, probability, cfg.merging.final_radius_um)
+            candidates, centres, millimetres = candidates.take(kept), centres[kept], millimetres[kept]
+            verified, probability = verified[kept], probability[kept]
+        labels = self.verifier.labels(probability)  # the name follows the written probability in either mode
+        lap("verification")
         detections = [
             Detection(x=float(cx), y=float(cy), x_mm=float(mx), y_mm=float(my),
                       box=tuple(float(v) for v in box), detector_confidence=float(score),

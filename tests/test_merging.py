@@ -5,7 +5,7 @@ import pytest
 
 from midog.config import MergingConfig
 from midog.merging import (Candidates, GreedyNmmMerge, NmsMerge, build_merger, interior_edge_mask, merge_tiles,
-                           overlapping_pairs, to_image_coordinates)
+                           overlapping_pairs, suppress_close_points, to_image_coordinates)
 from midog.proposals import TileDetections
 
 TILE = 512
@@ -148,3 +148,31 @@ def test_merge_iou_must_be_positive():
     """IoU 0 would merge boxes that do not even touch (load_config refuses it too, see test_config)."""
     with pytest.raises(ValueError, match="IoU threshold above 0"):
         build_merger(MergingConfig(iou=0.0)).merge(random_candidates(0)[0])
+
+
+def test_final_suppression_keeps_the_most_probable_of_close_points():
+    # a chain: b is within 7.5 µm of a and of c, a and c are 12 µm apart; d stands alone
+    points = np.array([[0.0, 0.0], [6.0, 0.0], [12.0, 0.0], [100.0, 100.0]])
+    scores = np.array([0.5, 0.9, 0.4, 0.1])
+    assert suppress_close_points(points, scores, 7.5).tolist() == [1, 3]  # b removes a and c, greedily
+    scores = np.array([0.9, 0.5, 0.4, 0.1])
+    assert suppress_close_points(points, scores, 7.5).tolist() == [0, 2, 3]  # a removes b; b then removes nothing
+    assert suppress_close_points(points, scores, 6.0).tolist() == [0, 1, 2, 3]  # 6.0 apart is not closer than 6.0
+    assert suppress_close_points(points, scores, 0).tolist() == [0, 1, 2, 3]
+    assert suppress_close_points(np.zeros((0, 2)), np.zeros(0), 7.5).tolist() == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_final_suppression_commutes_with_any_threshold(seed):
+    # the kept points above a threshold are what suppression among the points above it keeps, so AP and an
+    # F1-optimal threshold can be swept over one suppressed output
+    rng = np.random.default_rng(seed)
+    points, scores = rng.uniform(0, 200, (400, 2)), rng.uniform(0, 1, 400)
+    kept = suppress_close_points(points, scores, 7.5)
+    for threshold in (0.2, 0.5, 0.8):
+        above = np.flatnonzero(scores >= threshold)
+        alone = above[suppress_close_points(points[above], scores[above], 7.5)]
+        assert sorted(alone.tolist()) == sorted(kept[scores[kept] >= threshold].tolist())
+    distances = np.linalg.norm(points[kept][:, None] - points[kept][None], axis=2)
+    assert (distances[np.triu_indices(len(kept), 1)] >= 7.5).all()
+    assert len(kept) < len(points)

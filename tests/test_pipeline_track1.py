@@ -13,6 +13,7 @@ from roi_factory import he_roi, tiny_track1_weights, track1_input
 from midog.cli import main
 from midog.config import load_config
 from midog.outputs import TRACK1_ATYPICAL_FILENAME, TRACK1_FILENAME
+from midog.merging import Candidates
 from midog.pipeline import Track1Detector
 
 SPACING_UM = (0.25, 0.3)
@@ -97,6 +98,33 @@ def test_product_probability_mode(tmp_path: Path, roi: np.ndarray, monkeypatch: 
         # the name follows the written probability, so a threshold tuned on the outputs means the same here
         assert d.is_mitotic_figure == (d.probability >= threshold)
     assert any(d.verifier_probability >= threshold > d.probability for d in result.detections)
+
+
+def test_final_suppression_drops_the_less_probable_of_two_close_candidates(tmp_path: Path, roi: np.ndarray):
+    track1_input(tmp_path / "in", roi, spacing_um=SPACING_UM)
+    image = tmp_path / "in" / "images" / "histopathology-roi-cropout" / "roi.tif"
+
+    def box(x: float, y: float) -> list[float]:
+        return [x - 25, y - 25, x + 25, y + 25]
+
+    # at 0.25 x 0.3 µm/px: a-b 24 px in x = 6.0 µm (one figure twice); a-c 26 px in y = 7.8 µm, which would be
+    # 6.5 µm if the radius were read in x pixels; d far away. Product mode with detector confidences 1000x apart
+    # orders them a > b > c whatever the tiny verifier says.
+    centres = [(300, 300), (324, 300), (300, 326), (700, 600)]
+    known = Candidates(np.array([box(x, y) for x, y in centres], np.float32),
+                       np.array([0.9, 1e-3, 1e-6, 0.5], np.float32), np.zeros(4, np.int64))
+    values = {"verifier.probability": "product"}
+    everything = Track1Detector.from_config(load_config(overrides=values)).detect(image, progress=False,
+                                                                                  candidates=known)
+    assert {(round(d.x), round(d.y)) for d in everything.detections} == set(centres)
+    order = [(round(d.x), round(d.y)) for d in everything.detections]
+    assert order.index((300, 300)) < order.index((324, 300)) < order.index((300, 326))
+
+    values["merging.final_radius_um"] = 7.5
+    kept = Track1Detector.from_config(load_config(overrides=values)).detect(image, progress=False, candidates=known)
+    assert {(round(d.x), round(d.y)) for d in kept.detections} == {(300, 300), (300, 326), (700, 600)}
+    assert [d.probability for d in kept.detections] == [d.probability for d in everything.detections
+                                                        if (round(d.x), round(d.y)) != (324, 300)]
 
 
 def test_missing_weights_fail_cleanly_without_output(tmp_path: Path, roi: np.ndarray,

@@ -15,7 +15,8 @@ threshold to ship (median of the folds' optimal thresholds).
 `--keep-predictions FILE.npz` keeps every field's output (points, probabilities); `--mean-of A.npz B.npz ...` scores
 the mean probability of kept outputs of the same candidates instead of running a chain: with the same saved
 candidates, that is a verifier ensemble's output (in product mode detector confidence x the mean of the verifiers'
-is the mean of the products), for the cost of reading the files.
+is the mean of the products), for the cost of reading the files. The chain's final suppression
+(`merging.final_radius_um` of `--config`) acts on the mean, so keep the members' outputs with it off (the default).
 
 `--candidates` reuses the merged candidates `training.prepare_fields` saved (its `candidates.csv`) instead of
 running the detector again: the same boxes and scores when the detector is the one prepare_fields used (its
@@ -37,7 +38,7 @@ import numpy as np
 from midog.config import resolve_config, write_config_values
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
 from midog.errors import InputError
-from midog.merging import Candidates
+from midog.merging import Candidates, suppress_close_points
 from midog.outputs import write_json_atomic
 from midog.progress import progress_iter
 from training.fields import (FieldIndex, Prediction, _finite, best_threshold, blob_predictions, load_field_index,
@@ -224,6 +225,16 @@ def mean_of_kept(paths: Sequence[Path]) -> dict[str, Prediction]:
     return {frame: (xy, np.mean([run[frame][1] for run in runs], axis=0)) for frame, (xy, _) in runs[0].items()}
 
 
+def suppress_kept(predictions: Mapping[str, Prediction], radius_um: float) -> dict[str, Prediction]:
+    """Each field's points after the chain's final suppression (`merging.final_radius_um`), for outputs that did not
+    go through it: a `--mean-of` mean, whose probabilities exist only once the members' are averaged."""
+    found = {}
+    for frame, (xy, p) in predictions.items():
+        kept = suppress_close_points(np.asarray(xy) * 1000.0, p, radius_um)
+        found[frame] = (xy[kept], p[kept])
+    return found
+
+
 def record_in_card(card_path: Path, report: dict[str, Any], argv: list[str] | None) -> None:
     """The report's summary, folds and slides under `real_fields_evaluation` of a model card, with the command."""
     card = read_json_file(card_path, "model card")
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mean_of and (args.floor or args.verifier or args.detector or args.candidates):
         raise InputError("--mean-of scores kept outputs: leave out --floor, --verifier, --detector and --candidates")
     if args.mean_of:
-        predictions = mean_of_kept(args.mean_of)
+        predictions = suppress_kept(mean_of_kept(args.mean_of), resolve_config(args.config).merging.final_radius_um)
     elif args.floor:
         predictions = blob_predictions(index)
     else:

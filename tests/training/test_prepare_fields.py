@@ -212,6 +212,20 @@ def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path
     assert evaluate_main(["--root", str(fields_root), "--out", str(tmp_path / "z.json"),
                           "--mean-of", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--floor"]) == 2
 
+    # the final suppression acts on the mean: --mean-of with it in --config scores as the ensemble's chain with it
+    radius = tmp_path / "radius.yaml"
+    radius.write_text(yaml.safe_dump({"proposals": {"weights": str(detector)}, "merging": {"final_radius_um": 20.0}}))
+    assert evaluate_main(["--root", str(fields_root), "--verifier", f"{verifier},{second}", "--config", str(radius),
+                          *saved_candidates, "--out", str(tmp_path / "ensemble_r.json"),
+                          "--keep-predictions", str(tmp_path / "ensemble_r.npz")]) == 0
+    assert evaluate_main(["--root", str(fields_root), "--config", str(radius), "--out", str(tmp_path / "mean_r.json"),
+                          "--mean-of", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    ensemble_r, mean_r = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ensemble_r", "mean_r"))
+    for slide, scores in ensemble_r["slides"].items():
+        assert mean_r["slides"][slide]["AP"] == pytest.approx(scores["AP"], abs=1e-6)
+    with np.load(tmp_path / "ensemble_r.npz") as suppressed, np.load(tmp_path / "a.npz") as every:
+        assert 0 < len(suppressed["probabilities"]) < len(every["probabilities"])
+
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"proposals": {"weights": str(tmp_path / "w" / "elsewhere.pt")}}))
     capsys.readouterr()
