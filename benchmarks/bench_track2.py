@@ -2,7 +2,7 @@
 end to end (run_track2) with its peak resident memory.
 
     python benchmarks/bench_track2.py [--large-pages 2000] [--repeats 5] [--threads 0]
-        [--compare-weights atypical.pt atypical_lite0_128.pt [--compare-tta-views 8 4]]
+        [--compare-weights atypical.pt atypical_lite0_128.pt [--compare-tta-views 8 4] [--compare-backend torch]]
 
 Target on the development CPU: classifying a 16-page stack takes under 1 s once the model is loaded.
 Uses the shipped atypical weights (found like the container finds them) when present; otherwise a randomly
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from midog.atypical import load_atypical  # noqa: E402
 from midog.classifier import build_classifier  # noqa: E402
-from midog.config import resolve_config  # noqa: E402
+from midog.config import BACKENDS, resolve_config  # noqa: E402
 from midog.errors import WeightsError  # noqa: E402
 from midog.outputs import TRACK2_FILENAME  # noqa: E402
 from midog.pipeline import run_track2  # noqa: E402
@@ -104,16 +104,19 @@ def time_stack(classifier, stack_path: Path, config) -> float:
     return time.perf_counter() - started
 
 
-def compare_weights(config, shipped, weights: list[str], stack_path: Path, repeats: int,
-                    views: list[int] | None = None) -> None:
+def compare_weights(config, weights: list[str], stack_path: Path, repeats: int,
+                    views: list[int] | None = None, backend: str | None = None) -> None:
     """The shipped classifier and `weights` (found as the container finds them; `views`: their TTA views, one
-    number or one per file, else the config's) timed on one stack, runs alternating so a change in the machine's
-    speed hits both; prints both medians and their ratio."""
+    number or one per file, else the config's; `backend`: theirs, else the config's) timed on one stack, one
+    thread, runs alternating so a change in the machine's speed hits both; prints both medians and their ratio."""
+    torch.set_num_threads(1)  # before loading: an ONNX Runtime session takes torch's thread count at load
+    shipped = load_atypical(config.atypical, foundation=config.foundation)
     other_config = dataclasses.replace(config.atypical, weights=[str(find_weights(w)) for w in weights])
     if views:
         other_config.tta_views = views[0] if len(views) == 1 else list(views)
+    if backend:
+        other_config.backend = backend
     other = load_atypical(other_config, foundation=config.foundation)
-    torch.set_num_threads(1)
     timings: dict[str, list[float]] = {"shipped": [], "compared": []}
     for run in range(repeats + 1):
         for name, classifier in (("shipped", shipped), ("compared", other)):
@@ -121,7 +124,10 @@ def compare_weights(config, shipped, weights: list[str], stack_path: Path, repea
             if run:  # the first run of each warms up
                 timings[name].append(seconds)
     shipped_s, other_s = (statistics.median(timings[k]) for k in ("shipped", "compared"))
+    print(f"shipped: {len(shipped.models)} member(s), {shipped.member_views} views, backend "
+          f"{shipped.models[0].backend}")
     print(f"compared with {', '.join(weights)} ({len(other.models)} member(s), {other.member_views} views, "
+          f"backend {other.models[0].backend}, "
           f"threshold {other.threshold:.3f}): "
           f"16 pages, 1 thread, median of {repeats} alternating runs: shipped {shipped_s:.3f} s, compared "
           f"{other_s:.3f} s -> ratio {other_s / shipped_s:.2f}x")
@@ -140,6 +146,8 @@ def main() -> int:
                              "shipped one on the 16-page stack, alternating runs, and print the ratio")
     parser.add_argument("--compare-tta-views", nargs="+", type=int, default=None, metavar="VIEWS",
                         help="the compared list's TTA views: one number, or one per file (default: the config's)")
+    parser.add_argument("--compare-backend", choices=BACKENDS, default=None,
+                        help="the compared list's atypical.backend (default: the config's, as the shipped one's)")
     args = parser.parse_args()
     factory = stack_factory()
     config = resolve_config()
@@ -152,7 +160,7 @@ def main() -> int:
               f"torch {torch.__version__} with {torch.get_num_threads()} threads, load average "
               f"{', '.join(f'{v:.1f}' for v in psutil.getloadavg())}")
         print(f"config: tta={config.atypical.tta} ({config.atypical.tta_views} views), "
-              f"batch_size={config.atypical.batch_size}")
+              f"batch_size={config.atypical.batch_size}, backend={config.atypical.backend}")
 
         started = time.perf_counter()
         classifier = load_atypical(config.atypical, foundation=config.foundation)
@@ -171,7 +179,8 @@ def main() -> int:
                   f"median {median:.3f} s (min {min(timings[1:]):.3f}) over {args.repeats} runs "
                   f"-> target < 1 s: {'MET' if median < 1 else 'NOT MET'}")
         if args.compare_weights:
-            compare_weights(config, classifier, args.compare_weights, small, args.repeats, args.compare_tta_views)
+            compare_weights(config, args.compare_weights, small, args.repeats, args.compare_tta_views,
+                            args.compare_backend)
         # run_track2 sets torch's threads from runtime.num_threads (midog.devices.configure_torch), whatever was
         # set here before: --threads goes through the config, or the run would use the config's count
         config.runtime.num_threads = args.threads or default_threads

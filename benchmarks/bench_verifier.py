@@ -1,11 +1,13 @@
 """Track 1 verification speed: the shipped verifier on candidates of a generated ROI, with and without test-time
-augmentation (`verifier.tta`), timed side by side in one run so the ratio holds on a CPU whose speed drifts.
+augmentation (`verifier.tta`), in PyTorch and in ONNX Runtime (`verifier.backend`), timed side by side in one run so
+the ratios hold on a CPU whose speed drifts.
 
     python benchmarks/bench_verifier.py [--candidates 2000] [--rounds 3] [--threads 0]
 
 Uses the shipped verifier and its `pipeline.yaml` crop settings (resolved as process.py resolves them): the crops
 are cut once (`Verifier.crops`) and only classification is timed. Prints ms per candidate for each setting and the
-TTA / plain ratio (the compute of 8 views, less what batching amortises). Numbers are printed, never asserted.
+TTA / plain ratio (the compute of 8 views, less what batching amortises) and the PyTorch / ONNX Runtime ratio.
+Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def main() -> int:
     paths = find_stage_weights(config.verifier.weights)
     roi = ArrayRoi(he_roi(2048, 2048, seed=0), PhysicalTransform((0.00025, 0.00025)))
     boxes = candidate_boxes(roi.width, roi.height, args.candidates, config.merging.box_size_px)
-    settings = {"plain": dataclasses.replace(config.verifier, tta=False),
-                "tta (8 views)": dataclasses.replace(config.verifier, tta=True)}
+    settings = {f"{view} {backend}": dataclasses.replace(config.verifier, tta=tta, backend=backend)
+                for view, tta in (("plain", False), ("tta", True)) for backend in ("torch", "onnxruntime")}
     verifiers = {name: Verifier.from_weights(paths, cfg, torch.device("cpu")) for name, cfg in settings.items()}
-    crops = verifiers["plain"].crops(roi, boxes)
+    crops = verifiers["plain torch"].crops(roi, boxes)
     best = {name: float("inf") for name in verifiers}
     for _ in range(args.rounds):
         for name, verifier in verifiers.items():
@@ -60,13 +62,16 @@ def main() -> int:
             for member in verifier.classifiers:                   # an ensemble: every member on the same crops
                 member.predict_proba(crops, tta=verifier.config.tta, batch_size=verifier.config.batch_size)
             best[name] = min(best[name], time.perf_counter() - started)
-    members = ", ".join(f"{p.name} ({c.arch})" for p, c in zip(paths, verifiers["plain"].classifiers))
+    members = ", ".join(f"{p.name} ({c.arch})" for p, c in zip(paths, verifiers["plain torch"].classifiers))
     print(f"{members}: crops {config.verifier.crop_size} px "
           f"(context {config.verifier.context_px} px), {args.candidates} candidates, {torch.get_num_threads()} "
           f"threads, {platform.processor() or platform.machine()}, fastest of {args.rounds}")
     for name, seconds in best.items():
-        print(f"{name:14s} {seconds:7.2f} s  {seconds / args.candidates * 1000:6.2f} ms/candidate")
-    print(f"ratio tta/plain={best['tta (8 views)'] / best['plain']:.2f}")
+        print(f"{name:17s} {seconds:7.2f} s  {seconds / args.candidates * 1000:6.2f} ms/candidate")
+    for backend in ("torch", "onnxruntime"):
+        print(f"ratio tta/plain ({backend}) = {best[f'tta {backend}'] / best[f'plain {backend}']:.2f}")
+    for view in ("plain", "tta"):
+        print(f"ratio torch/onnxruntime ({view}) = {best[f'{view} torch'] / best[f'{view} onnxruntime']:.2f}")
     return 0
 
 

@@ -117,7 +117,7 @@ def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
                                  ATYPICAL, name, "an atypical classifier")
         # channels-last convolutions: ~20 % faster on the CPU (oneDNN) and on tensor cores; same results to 1e-7
         model.model.to(memory_format=torch.channels_last)
-        models.append(model)
+        models.append(model.use_backend(config.backend, find_weights(name), "atypical classifier"))
     sizes = sorted({m.pixel_size_um for m in models})
     if len(sizes) > 1:
         raise WeightsError(f"atypical.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} µm/px: "

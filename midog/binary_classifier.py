@@ -80,6 +80,8 @@ class BinaryClassifier:
     """µm per pixel of the crops it was trained on: the pipeline cuts its crops at this scale."""
     batch_cap: int | None = field(default=None, repr=False)
     """Set after a GPU out-of-memory error: the batch size that `predict_proba` uses at most from then on."""
+    onnx: Any = field(default=None, repr=False)
+    """A `midog.onnx_runtime.OnnxModel` of `model` (`use_backend`): `predict_proba` then runs in ONNX Runtime."""
 
     def __post_init__(self) -> None:
         check_resize(self.interpolation, self.crop_pct)
@@ -131,7 +133,32 @@ class BinaryClassifier:
     def _predict_batch(self, crops: np.ndarray | torch.Tensor, tta: bool, tta_views: int) -> np.ndarray:
         batch = self.preprocess(crops)
         views = dihedral_views(batch, tta_views) if tta else [batch]
-        return torch.stack([torch.sigmoid(self.model(v).float().view(-1)) for v in views]).mean(0).cpu().numpy()
+        forward = self.onnx if self.onnx is not None else self.model
+        return torch.stack([torch.sigmoid(forward(v).float().view(-1)) for v in views]).mean(0).cpu().numpy()
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
+    def use_backend(self, backend: str, weights: str | os.PathLike[str], what: str) -> "BinaryClassifier":
+        """Run `predict_proba` in ONNX Runtime when `backend` (`verifier.backend`, `atypical.backend`) is auto or
+        onnxruntime and the model is on the CPU; `weights`: the checkpoint it was loaded from (the export's cache
+        key). A foundation-model backbone stays in PyTorch: its base weights are not in that file."""
+        from midog.config import BACKENDS
+        from midog.onnx_runtime import OnnxModel, cached_export, export_model, onnx_runtime_available
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
+        self.onnx = None
+        if backend == "torch" or self.device.type != "cpu" or type(self) is not BinaryClassifier:
+            return self
+        if not onnx_runtime_available(what):
+            return self
+        shape = (3, self.input_size, self.input_size)
+        path = cached_export(weights, str(self.input_size), lambda out: export_model(self.model, out, shape), what)
+        if path is not None:
+            self.onnx = OnnxModel(path, threads=torch.get_num_threads())
+        return self
 
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         return {**self.describe(meta),

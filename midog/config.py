@@ -108,6 +108,7 @@ class VerifierConfig:
     same order), for an ensemble of verifiers trained on crops of different context."""
     probability: str = _default("verifier.probability")
     tta: bool = _default("verifier.tta")
+    backend: str = _default("verifier.backend")
 
     def single_context_px(self, purpose: str) -> int:
         """`context_px` where one crop set is cut (training crops); ConfigError naming `purpose` for a list."""
@@ -128,6 +129,7 @@ class AtypicalConfig:
     batch_size: int = _default("atypical.batch_size")
     max_batch_megapixels: float = _default("atypical.max_batch_megapixels")
     confidence: str = _default("atypical.confidence")
+    backend: str = _default("atypical.backend")
 
     @property
     def max_batch_pixels(self) -> int:
@@ -157,8 +159,14 @@ TTA_VIEW_COUNTS = (4, 8)
 """How many test-time views `classifier.dihedral_views` can give: the 4 rotations (a subgroup, so the averaged
 prediction is still invariant to them) or all 8 rotations and reflections."""
 
+BACKENDS = ("auto", "torch", "onnxruntime")
+"""How a stage's model runs on the CPU (`midog.onnx_runtime`): auto = ONNX Runtime when installed; on CUDA always
+PyTorch."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "proposals.backend": ("auto", "torch", "onnxruntime"),
+    "proposals.backend": BACKENDS,
+    "verifier.backend": BACKENDS,
+    "atypical.backend": BACKENDS,
     "merging.strategy": ("nms", "greedy_nmm"),
     "verifier.probability": ("verifier", "product"),
     "atypical.confidence": ("p_atypical", "stated_class"),

@@ -8,8 +8,8 @@ when `proposals.half`; an out-of-memory error halves the batch and goes on.
 
 On the CPU (`proposals.backend: auto`), the fused model is exported once to ONNX (fixed tile size, dynamic batch)
 and run by ONNX Runtime, which is several times faster than PyTorch's eager CPU kernels for YOLO (see
-docs/track1.md). The export is cached under the temp folder, keyed by the checkpoint's sha256; a `<name>.onnx`
-beside the checkpoint, written by `export_onnx`, is used as is. When the export fails (an operator ONNX lacks), the
+docs/track1.md). The export is cached as `midog.onnx_runtime` caches every model it runs; a `<name>.onnx` beside
+the checkpoint, written by `export_onnx`, is used as is. When the export fails (an operator ONNX lacks), the
 PyTorch model runs instead, with a warning.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,8 @@ from midog.devices import batches_halving_on_oom
 from midog.errors import ConfigError, WeightsError, first_line
 from midog.roi_io import RoiImage
 from midog.tiling import read_tiles
-from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, sha256_of, verify_checksum
+from midog.onnx_runtime import OnnxModel, cached_export, export_model, onnx_runtime_available
+from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, verify_checksum
 
 log = logging.getLogger(__name__)
 
@@ -124,67 +124,17 @@ class _OutputOnly(torch.nn.Module):
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike[str], tile_size: int) -> Path:
     """Export a fused detection model to ONNX for `tile_size` tiles (the batch dimension stays dynamic)."""
-    import warnings
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    dummy = torch.zeros(1, 3, tile_size, tile_size)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_OutputOnly(model).float().cpu().eval(), (dummy,), str(tmp), dynamo=False,
-                          input_names=["images"], output_names=["preds"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "preds": {0: "batch"}})
-    os.replace(tmp, path)
-    return path
-
-
-class OnnxDetector:
-    """The exported detector in ONNX Runtime: (B, 3, S, S) float tensor → the model's prediction tensor."""
-
-    def __init__(self, path: str | os.PathLike[str], tile_size: int, threads: int = 0, batch_size: int = 1) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(0, threads)
-        # idle worker threads sleep instead of spinning: the tile reader and other processes need the cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.tile_size = tile_size
-        self.batch_size = max(1, batch_size)
-        self.path = Path(path)
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Runs `batch_size` images per call: on CPUs one at a time is fastest (it stays in cache)."""
-        images = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
-        outputs = [self.session.run(["preds"], {"images": images[i:i + self.batch_size]})[0]
-                   for i in range(0, len(images), self.batch_size)]
-        return torch.from_numpy(np.concatenate(outputs))
+    return export_model(_OutputOnly(model), path, (3, tile_size, tile_size), "images", "preds")
 
 
 def onnx_detector(model: torch.nn.Module, weights: str | os.PathLike[str], tile_size: int,
-                  threads: int = 0, batch_size: int = 1) -> OnnxDetector | None:
-    """ONNX Runtime for `model`, exported (or found) for `tile_size`; None when the runtime or the export fails."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        log.warning("onnxruntime is not installed: the detector runs in PyTorch on the CPU")
+                  threads: int = 0, batch_size: int = 1) -> OnnxModel | None:
+    """ONNX Runtime for `model`, exported (or found) for `tile_size`; None when the runtime or the export fails.
+    On CPUs one tile per call (`batch_size` 1) measured fastest: it stays in cache."""
+    if not onnx_runtime_available("detector"):
         return None
-    weights = Path(weights)
-    beside = weights.with_suffix(".onnx")
-    if beside.is_file() and beside.stat().st_mtime >= weights.stat().st_mtime:
-        path = beside
-    else:
-        key = sha256_of(weights)[:16]
-        path = Path(tempfile.gettempdir()) / "midog-onnx" / f"{weights.stem}-{key}-{tile_size}.onnx"
-        if not path.is_file():
-            try:
-                export_onnx(model, path, tile_size)
-            except Exception as err:  # an operator without an ONNX mapping: the PyTorch model still works
-                log.warning("ONNX export of %s failed (%s): the detector runs in PyTorch", weights.name,
-                            first_line(err))
-                return None
-    return OnnxDetector(path, tile_size, threads, batch_size)
+    path = cached_export(weights, str(tile_size), lambda out: export_onnx(model, out, tile_size), "detector")
+    return OnnxModel(path, threads, batch_size) if path is not None else None
 
 
 def model_stride(model: torch.nn.Module) -> int:
@@ -196,7 +146,7 @@ class YoloProposer:
     """Runs the detector on tiles. `propose` reads, filters and batches the tiles itself; `predict` takes pixels."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, config: ProposalConfig,
-                 onnx: OnnxDetector | None = None) -> None:
+                 onnx: OnnxModel | None = None) -> None:
         self.model = model
         self.onnx = onnx
         self.device = device
@@ -260,7 +210,7 @@ class YoloProposer:
         from ultralytics.utils import nms
 
         batch = self.to_tensor(tiles)
-        if self.onnx is not None and tiles.shape[1] == tiles.shape[2] == self.onnx.tile_size:
+        if self.onnx is not None and tuple(tiles.shape[1:3]) == self.onnx.input_hw:
             preds = self.onnx(batch)
         else:
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.half):

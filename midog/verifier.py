@@ -144,7 +144,8 @@ class Verifier:
         base weights are (see midog.foundation)."""
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         classifiers = [require_positive(load_classifier(path, device, foundation=foundation), MITOTIC_FIGURE,
-                                        Path(path).name, "a verifier") for path in paths]
+                                        Path(path).name, "a verifier").use_backend(config.backend, path, "verifier")
+                       for path in paths]
         return cls(classifiers, config, fallback_box_px, resample_tolerance)
 
     @property

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,7 @@ def test_failed_onnx_export_falls_back_to_pytorch(tmp_path: Path, monkeypatch: p
         raise RuntimeError("Exporting the operator 'aten::something' to ONNX opset version 17 is not supported")
 
     monkeypatch.setattr(proposals, "export_onnx", unsupported)
-    monkeypatch.setattr(proposals.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     proposer = YoloProposer.from_weights(weights, torch.device("cpu"), ProposalConfig())
     assert proposer.backend == "torch"
     assert "ONNX export of other.pt failed" in caplog.text

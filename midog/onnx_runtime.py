@@ -1,0 +1,99 @@
+"""ONNX Runtime for the models the pipeline runs on the CPU: the detector (`midog.proposals`) and the timm
+classifiers behind the verifier and the atypical stage (`midog.binary_classifier`).
+
+On the CPU, PyTorch's eager kernels are slow for these networks' many small layers (depthwise convolutions,
+batch norms not folded into the convolutions); ONNX Runtime folds and fuses them once at load. A model is exported
+once (fixed input size, dynamic batch) and cached under `$TMPDIR/midog-onnx/`, keyed by the checkpoint's sha256; an
+`<name>.onnx` beside the checkpoint (newer than it) is used as is. When the export fails (an operator ONNX lacks),
+the PyTorch model runs instead, with a warning: the backend changes speed, never whether a run works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from midog.errors import first_line
+from midog.weights import sha256_of
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+def export_model(model: torch.nn.Module, path: str | os.PathLike[str], input_shape: tuple[int, int, int],
+                 input_name: str = "input", output_name: str = "output") -> Path:
+    """Export `model` (float32, eval mode, on the CPU) for inputs of `input_shape` (C, H, W), the batch dimension
+    dynamic; written to a temporary name and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    dummy = torch.zeros(1, *input_shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.float().cpu().eval(), (dummy,), str(tmp), dynamo=False, input_names=[input_name],
+                          output_names=[output_name], opset_version=OPSET,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    os.replace(tmp, path)
+    return path
+
+
+class OnnxModel:
+    """An exported model in ONNX Runtime: a float tensor batch → the model's output tensor, `batch_size` inputs per
+    call (0: the whole batch in one call)."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 0, batch_size: int = 0) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(0, threads)
+        # idle worker threads sleep instead of spinning: the tile reader and other processes need the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.input_hw = tuple(self.session.get_inputs()[0].shape[2:])
+        """(height, width) the model was exported for."""
+        self.batch_size = max(0, batch_size)
+        self.path = Path(path)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        inputs = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        step = self.batch_size or max(1, len(inputs))
+        outputs = [self.session.run([self.output_name], {self.input_name: inputs[i:i + step]})[0]
+                   for i in range(0, len(inputs), step)]
+        return torch.from_numpy(np.concatenate(outputs))
+
+
+def onnx_runtime_available(what: str) -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning("onnxruntime is not installed: the %s runs in PyTorch on the CPU", what)
+        return False
+    return True
+
+
+def cached_export(weights: str | os.PathLike[str], tag: str, export: Callable[[Path], Path], what: str
+                  ) -> Path | None:
+    """The ONNX file of the checkpoint `weights` for `tag` (e.g. its input size): `<name>.onnx` beside it when newer
+    than it, else the cache's, exported by `export(path)` when missing. None (with a warning) when the export fails."""
+    weights = Path(weights)
+    beside = weights.with_suffix(".onnx")
+    if beside.is_file() and beside.stat().st_mtime >= weights.stat().st_mtime:
+        return beside
+    path = Path(tempfile.gettempdir()) / "midog-onnx" / f"{weights.stem}-{sha256_of(weights)[:16]}-{tag}.onnx"
+    if not path.is_file():
+        try:
+            export(path)
+        except Exception as err:  # an operator without an ONNX mapping: the PyTorch model still works
+            log.warning("ONNX export of %s failed (%s): the %s runs in PyTorch", weights.name, first_line(err), what)
+            return None
+    return path
