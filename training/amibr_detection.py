@@ -450,13 +450,14 @@ def build(amibr_dir: str | Path, out_dir: str | Path, seed: int = 0, cfg: AmibrD
 
 def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequence[str] = ("train", "val"),
                          confidence: float | None = None, match_radius: float = 30.0,
-                         progress: bool = True) -> dict[str, int]:
+                         progress: bool = True, crop_config: str | Path | None = None) -> dict[str, int]:
     """Run a trained detector (the pipeline's own proposal stage) on the canvases of `splits` and save every
     candidate farther than `match_radius` px (7.5 µm, the official matching radius) from all labelled figures as a
     verifier negative in `verifier/<split>/false_positive/`. Candidates come from `Track1Detector.candidates` (the
     pipeline's tile → propose → merge) and crops from `midog.verifier.box_crops` (cut and resized as the pipeline's
     verifier cuts them). Returns the number of crops per split; an InputError saying why when it writes none.
-    `progress`: a bar of the canvases done (`midog.progress`)."""
+    `progress`: a bar of the canvases done (`midog.progress`). `crop_config`: a partial pipeline YAML whose verifier
+    crop settings the crops follow (default: the shipped verifier's, refused when its members use several contexts)."""
     from midog.config import resolve_config
     from midog.pipeline import Track1Detector
     from midog.roi_io import ArrayRoi, PhysicalTransform
@@ -471,8 +472,8 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     overrides = {"proposals.weights": str(detector), "runtime.device": "cpu"}
     if confidence is not None:
         overrides["proposals.confidence"] = confidence
-    config = resolve_config(overrides=overrides)
-    context_px = config.verifier.single_context_px("mining the canvases' false positives")
+    config = resolve_config(crop_config, overrides=overrides)
+    context_px = config.verifier.single_context_px("mining the canvases' false positives (--crop-config)")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
     counts, proposed = dict.fromkeys(splits, 0), 0
@@ -528,11 +529,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of building: add this detector's false positives on the train and val "
                              "canvases of OUT to OUT/verifier/<split>/false_positive")
     parser.add_argument("--confidence", type=float, help="detector confidence for mining (default: the pipeline's)")
+    parser.add_argument("--crop-config", type=Path, default=None,
+                        help="mining: a partial pipeline YAML whose verifier crop settings the crops follow (default: "
+                             "the shipped verifier's; needed when its members use several contexts)")
     add_debug_option(parser)
     add_quiet_option(parser)
     args = parser.parse_args(argv)
     if args.mine_false_positives is not None:
-        counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence)
+        counts = mine_false_positives(args.out, args.mine_false_positives, confidence=args.confidence,
+                                      crop_config=args.crop_config)
         print(json.dumps(counts))
         return 0
     manifest = build(args.amibr, args.out, args.seed, load_construction_config(args.config))

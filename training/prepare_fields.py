@@ -1,9 +1,13 @@
 """Track 1 training data from real full fields (the MITOS-ATYPIA-14 layout of `training.fields`), at the models'
 pixel size, split by slide.
 
-    python -m training.prepare_fields --root ../shared/data/mitos-atypia-14 --out DIR
+    python -m training.prepare_fields --root ../shared/data/mitos-atypia-14 --out DIR --config CROPS.yaml
         [--folds 3] [--detector weights/detector.pt] [--pixel-size 0.25] [--amibr-canvases DIR] [--seed 0]
-        [--config PIPELINE.yaml] [--amibr-positives ../shared/data/amibr]
+        [--amibr-positives ../shared/data/amibr]
+
+CROPS.yaml: one verifier crop setting, e.g. training/configs/fields_context.yaml (20 µm) or fields_context_wide.yaml
+(28 µm), the crops of one member of the shipped pair; without it the shipped verifiers' settings apply, which are
+two contexts and so refused.
 
     OUT/folds.json                        slide → fold, frames and mitoses per slide, the settings below
     OUT/detection/images/*.jpg, labels/*.txt
@@ -308,7 +312,7 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     extra = amibr_canvases(amibr)
     overrides = {"runtime.device": "cpu"} | ({"proposals.weights": str(detector)} if detector else {})
     config = resolve_config(config_path, overrides=overrides)
-    config.verifier.single_context_px("prepare_fields")
+    config.verifier.single_context_px("prepare_fields (--config)")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     for sub in ("detection/images", "detection/labels", "verifier/crops"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -363,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the AMi-Br crops folder (amibr_train_split.csv): its mitoses join every verifier "
                         "train split as positives")
     parser.add_argument("--config", type=Path, default=None,
-                        help="partial pipeline YAML: the verifier.crop_size / context_px the crops are cut with")
+                        help="partial pipeline YAML: the verifier.crop_size / context_px the crops are cut with "
+                             "(one context; e.g. training/configs/fields_context.yaml)")
     defaults = FieldDataConfig()
     for key in ("pixel_size_um", "folds", "val_fraction", "jitter_copies", "jitter_px", "tissue_per_field", "seed"):
         value = getattr(defaults, key)

@@ -117,7 +117,9 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
     shutil.copytree(detection, out / "detection")
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # every count on a line of its own
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log, not a terminal
-    counts = ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), confidence=0.01)
+    crop_config = Path(__file__).resolve().parents[2] / "training" / "configs" / "amibr_canvas_crops.yaml"
+    counts = ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), confidence=0.01,
+                                     crop_config=crop_config)
     canvases = len(ad.read_annotations(out / "detection", "val"))
     bar = sys.stderr.getvalue().splitlines()
     assert re.match(rf"false positives: 100%\|#+\| {canvases}/{canvases} \[.*canvas/s\]$", bar[-1]), bar
@@ -129,8 +131,8 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
     from midog.roi_io import ArrayRoi, PhysicalTransform
     from midog.pipeline import Track1Detector
 
-    config = resolve_config(overrides={"proposals.weights": str(tiny_weights / "detector.pt"),
-                                       "proposals.confidence": 0.01, "runtime.device": "cpu"})
+    config = resolve_config(crop_config, overrides={"proposals.weights": str(tiny_weights / "detector.pt"),
+                                                    "proposals.confidence": 0.01, "runtime.device": "cpu"})
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     far = 0
     for path, centres in ad.read_annotations(out / "detection", "val").items():
@@ -138,4 +140,19 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
         middle = chain.candidates(image)[0].centres
         far += sum(np.hypot(*(centres - m).T).min() > 30 for m in middle)
     assert far == len(crops)
-    assert all(Image.open(p).size == (config.verifier.crop_size,) * 2 for p in crops)  # resized as the pipeline
+    assert all(Image.open(p).size == (64, 64) for p in crops)  # resized as the crop config says
+
+
+def test_mining_with_the_shipped_contexts_asks_for_one(detection, tiny_weights, tmp_path):
+    """The shipped verifiers cut two crop sets (20 and 28 µm): mining without --crop-config names none, and says so."""
+    import shutil
+
+    from midog.errors import ConfigError
+
+    out = tmp_path / "set"
+    shutil.copytree(detection, out / "detection")
+    several = tmp_path / "several.yaml"
+    several.write_text("verifier:\n  crop_size: 80\n  context_px: [15, 31]\n")
+    with pytest.raises(ConfigError, match=r"false positives \(--crop-config\) cuts one crop set"):
+        ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=several)
+    assert not (out / "verifier").exists()

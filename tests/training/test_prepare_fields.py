@@ -21,6 +21,9 @@ from training.fields import load_field_index, slide_folds
 from training.prepare_fields import (FieldDataConfig, far_from, frame_splits, positive_boxes, prepare, tile_labels)
 from training.train_verifier import NegativeDraw
 
+CROPS = Path(__file__).resolve().parents[2] / "training" / "configs" / "fields_context.yaml"
+"""One crop setting (80 px, 15 px of context): the shipped verifiers use two contexts, which prepare refuses."""
+
 SPACING = (0.2273, 0.2275)
 WIDTH, HEIGHT = 700, 600
 FIELDS = {  # frame → mitoses (pixels): three slides, fields of unequal counts
@@ -84,7 +87,7 @@ def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
     detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)  # proposes boxes everywhere
     out = tmp_path / "out"
     cfg = FieldDataConfig(folds=3, jitter_copies=2, tissue_per_field=3)
-    summary = prepare(fields_root, out, str(detector), cfg, progress=False)
+    summary = prepare(fields_root, out, str(detector), cfg, progress=False, config_path=CROPS)
 
     # detection: 700 x 600 px at 0.2273 µm/px is 636 x 546 px at 0.25: 2 x 2 tiles per field
     images = sorted((out / "detection" / "images").glob("*.jpg"))
@@ -104,7 +107,7 @@ def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
     crops = out / "verifier" / "crops"
     positives = sorted(crops.glob("*/mitotic_figure/*.png"))
     assert len(positives) == 2 * sum(len(v) for v in FIELDS.values())
-    crop = resolve_config(overrides={"proposals.weights": str(detector)}).verifier.crop_size  # the shipped verifier's
+    crop = resolve_config(CROPS, overrides={"proposals.weights": str(detector)}).verifier.crop_size
     assert Image.open(positives[0]).size == (crop, crop)
     assert json.loads((out / "folds.json").read_text())["crops"]["crop_size"] == crop
     assert list(crops.glob("*/false_positive/*.png")) and list(crops.glob("*/tissue/*.png"))
@@ -117,7 +120,7 @@ def test_prepare_writes_the_layouts(fields_root: Path, tmp_path: Path):
     assert set(candidates["frame"]) == set(FIELDS) and (candidates["x2"] <= WIDTH + 1e-3).all()
     assert json.loads((out / "folds.json").read_text())["folds"] == summary["folds"]
     with pytest.raises(InputError, match="already holds a prepared dataset"):
-        prepare(fields_root, out, str(detector), cfg, progress=False)
+        prepare(fields_root, out, str(detector), cfg, progress=False, config_path=CROPS)
 
 
 def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path, tmp_path: Path):
@@ -139,7 +142,7 @@ def test_prepare_refuses_one_context_per_member_before_writing(fields_root: Path
     config = tmp_path / "multiscale.yaml"
     config.write_text("verifier:\n  crop_size: 80\n  context_px: [15, 31]\n")
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match="prepare_fields cuts one crop set"):
+    with pytest.raises(ConfigError, match=r"prepare_fields \(--config\) cuts one crop set"):
         prepare(fields_root, out, None, FieldDataConfig(), progress=False, config_path=config)
     assert not out.exists()
 
@@ -179,7 +182,8 @@ def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path
     detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
     verifier = tiny_verifier(tmp_path / "w" / "verifier.pt")
     out = tmp_path / "out"
-    prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False)
+    prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False,
+            config_path=CROPS)
     config = tmp_path / "chain.yaml"
     config.write_text(yaml.safe_dump({"proposals": {"weights": str(detector)}}))
     common = ["--root", str(fields_root), "--verifier", str(verifier), "--config", str(config)]
