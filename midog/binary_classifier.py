@@ -145,7 +145,8 @@ class BinaryClassifier:
         onnxruntime and the model is on the CPU; `weights`: the checkpoint it was loaded from (the export's cache
         key). A foundation-model backbone stays in PyTorch: its base weights are not in that file."""
         from midog.config import BACKENDS
-        from midog.onnx_runtime import OnnxModel, cached_export, export_model, onnx_runtime_available
+        from midog.onnx_runtime import (CLASSIFIER_CALL_BATCH, OnnxModel, cached_export, export_model,
+                                        onnx_runtime_available)
 
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
@@ -157,7 +158,7 @@ class BinaryClassifier:
         shape = (3, self.input_size, self.input_size)
         path = cached_export(weights, str(self.input_size), lambda out: export_model(self.model, out, shape), what)
         if path is not None:
-            self.onnx = OnnxModel(path, threads=torch.get_num_threads())
+            self.onnx = OnnxModel(path, threads=torch.get_num_threads(), batch_size=CLASSIFIER_CALL_BATCH)
         return self
 
     def state(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 
+CLASSIFIER_CALL_BATCH = 32
+"""Crops per ONNX Runtime call for the classifiers, whatever batch the stage hands over: its memory arena keeps the
+largest call's activations. One thread pair of the development CPU, the EfficientNet-Lite0 at 80 px, 256 crops:
+32 per call 0.153 s and 203 MB peak, 64 per call 0.175 s / 308 MB, 256 in one call 0.206 s / 944 MB."""
+
 
 def export_model(model: torch.nn.Module, path: str | os.PathLike[str], input_shape: tuple[int, int, int],
                  input_name: str = "input", output_name: str = "output") -> Path:
