@@ -113,11 +113,12 @@ def load_atypical(config: AtypicalConfig, device: str | torch.device = "cpu",
         raise WeightsError("no atypical classifier weights configured (atypical.weights is empty)")
     models = []
     for name in names:
-        model = require_positive(load_classifier(find_weights(name), device=device, foundation=foundation),
+        path = find_weights(name)
+        model = require_positive(load_classifier(path, device=device, foundation=foundation),
                                  ATYPICAL, name, "an atypical classifier")
         # channels-last convolutions: ~20 % faster on the CPU (oneDNN) and on tensor cores; same results to 1e-7
         model.model.to(memory_format=torch.channels_last)
-        models.append(model.use_backend(config.backend, find_weights(name), "atypical classifier"))
+        models.append(model.use_backend(config.backend, path, "atypical classifier"))
     sizes = sorted({m.pixel_size_um for m in models})
     if len(sizes) > 1:
         raise WeightsError(f"atypical.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} µm/px: "

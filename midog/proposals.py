@@ -27,9 +27,9 @@ import torch
 from midog.config import CHOICES, ProposalConfig, TilingConfig
 from midog.devices import batches_halving_on_oom
 from midog.errors import ConfigError, WeightsError, first_line
+from midog.onnx_runtime import OnnxModel, cached_export, export_model, onnx_runtime_available
 from midog.roi_io import RoiImage
 from midog.tiling import read_tiles
-from midog.onnx_runtime import OnnxModel, cached_export, export_model, onnx_runtime_available
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, read_model_card, verify_checksum
 
 log = logging.getLogger(__name__)
