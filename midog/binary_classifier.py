@@ -82,6 +82,9 @@ class BinaryClassifier:
     """Set after a GPU out-of-memory error: the batch size that `predict_proba` uses at most from then on."""
     onnx: Any = field(default=None, repr=False)
     """A `midog.onnx_runtime.OnnxModel` of `model` (`use_backend`): `predict_proba` then runs in ONNX Runtime."""
+    checkpoint_sha256: str | None = field(default=None, repr=False)
+    """The sha256 `load_classifier` checked against the model card (None: not loaded from a carded file): the
+    ONNX export's cache key, so the file is hashed once."""
 
     def __post_init__(self) -> None:
         check_resize(self.interpolation, self.crop_pct)
@@ -156,7 +159,8 @@ class BinaryClassifier:
         if not onnx_runtime_available(what):
             return self
         shape = (3, self.input_size, self.input_size)
-        path = cached_export(weights, str(self.input_size), lambda out: export_model(self.model, out, shape), what)
+        path = cached_export(weights, str(self.input_size), lambda out: export_model(self.model, out, shape), what,
+                             sha256=self.checkpoint_sha256)
         if path is not None:
             self.onnx = OnnxModel(path, threads=torch.get_num_threads(), batch_size=CLASSIFIER_CALL_BATCH)
         return self

@@ -107,7 +107,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
     config.FoundationConfig, default: the shipped config) says where their pretrained base weights are.
     """
     path = Path(path)
-    verify_checksum(path)
+    checked_sha256 = verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -141,6 +141,7 @@ def load_classifier(path: str | os.PathLike[str], device: str | torch.device = "
         meta=state.get("meta", {}),
         pixel_size_um=pixel_size_from_state(state, path),
         **resize_from_state(state, path),
+        checkpoint_sha256=checked_sha256,
     )
 
 

@@ -3,25 +3,36 @@ classifiers behind the verifier and the atypical stage (`midog.binary_classifier
 
 On the CPU, PyTorch's eager kernels are slow for these networks' many small layers (depthwise convolutions,
 batch norms not folded into the convolutions); ONNX Runtime folds and fuses them once at load. A model is exported
-once (fixed input size, dynamic batch) and cached under `$TMPDIR/midog-onnx/`, keyed by the checkpoint's sha256; an
-`<name>.onnx` beside the checkpoint (newer than it) is used as is. When the export fails (an operator ONNX lacks),
-the PyTorch model runs instead, with a warning: the backend changes speed, never whether a run works.
+once (fixed input size, dynamic batch) as `<name>-<sha256[:16]>-<input size>.onnx`, keyed by the checkpoint's
+content: beside the checkpoint when that file is there, else in `$TMPDIR/midog-onnx/`, exported there when missing.
+When the export fails (an operator ONNX lacks), the PyTorch model runs instead, with a warning: the backend changes
+speed, never whether a run works.
+
+    python -m midog.onnx_runtime [--config FILE]
+
+exports every model the resolved config runs in ONNX Runtime beside its checkpoint: the Dockerfile runs it, so a
+fresh container starts without exporting (the detector's export alone takes seconds, on every grand-challenge job).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from midog.errors import first_line
 from midog.weights import sha256_of
+
+if TYPE_CHECKING:
+    from midog.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +97,37 @@ def onnx_runtime_available(what: str) -> bool:
     return True
 
 
-def cached_export(weights: str | os.PathLike[str], tag: str, export: Callable[[Path], Path], what: str
-                  ) -> Path | None:
-    """The ONNX file of the checkpoint `weights` for `tag` (e.g. its input size): `<name>.onnx` beside it when newer
-    than it, else the cache's, exported by `export(path)` when missing. None (with a warning) when the export fails."""
+_write_beside_checkpoints = False
+
+
+@contextmanager
+def exports_beside_checkpoints() -> Iterator[None]:
+    """Within it, `cached_export` writes a missing export beside its checkpoint instead of the temporary cache."""
+    global _write_beside_checkpoints
+    before, _write_beside_checkpoints = _write_beside_checkpoints, True
+    try:
+        yield
+    finally:
+        _write_beside_checkpoints = before
+
+
+def export_file_name(weights: str | os.PathLike[str], tag: str, sha256: str | None = None) -> str:
+    """`<name>-<sha256[:16]>-<tag>.onnx`: a file for this checkpoint's content and this input size only."""
     weights = Path(weights)
-    beside = weights.with_suffix(".onnx")
-    if beside.is_file() and beside.stat().st_mtime >= weights.stat().st_mtime:
+    return f"{weights.stem}-{(sha256 or sha256_of(weights))[:16]}-{tag}.onnx"
+
+
+def cached_export(weights: str | os.PathLike[str], tag: str, export: Callable[[Path], Path], what: str,
+                  sha256: str | None = None) -> Path | None:
+    """The ONNX file of the checkpoint `weights` for `tag` (e.g. its input size): beside the checkpoint when there,
+    else the cache's, exported by `export(path)` when missing. `sha256`: the checkpoint's, when the caller has
+    checked it already (else the file is hashed). None (with a warning) when the export fails."""
+    weights = Path(weights)
+    name = export_file_name(weights, tag, sha256)
+    beside = weights.parent / name
+    if beside.is_file():
         return beside
-    path = Path(tempfile.gettempdir()) / "midog-onnx" / f"{weights.stem}-{sha256_of(weights)[:16]}-{tag}.onnx"
+    path = beside if _write_beside_checkpoints else Path(tempfile.gettempdir()) / "midog-onnx" / name
     if not path.is_file():
         try:
             export(path)
@@ -102,3 +135,39 @@ def cached_export(weights: str | os.PathLike[str], tag: str, export: Callable[[P
             log.warning("ONNX export of %s failed (%s): the %s runs in PyTorch", weights.name, first_line(err), what)
             return None
     return path
+
+
+def export_beside_checkpoints(config: "PipelineConfig") -> list[Path]:
+    """Load Track 1's and Track 2's models as process.py does, with every ONNX export written beside its checkpoint;
+    the exports the resolved config runs (none where it runs PyTorch: on a GPU, or with a backend `torch`)."""
+    from midog.pipeline import load_track1, load_track2
+
+    with exports_beside_checkpoints():
+        detector = load_track1(config)
+        atypical, _ = load_track2(config)
+    classifiers = [*(detector.verifier.classifiers if detector.verifier is not None else []), *atypical.models]
+    onnx_models = [detector.proposer.onnx, *(classifier.onnx for classifier in classifiers)]
+    return sorted({model.path for model in onnx_models if model is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, load_run_config
+
+    @entry_point
+    def run(argv: list[str] | None) -> int:
+        parser = OneLineArgumentParser(prog="python -m midog.onnx_runtime",
+                                       description="Export the models the config runs in ONNX Runtime beside "
+                                                   "their checkpoints.")
+        parser.add_argument("--config", type=Path, default=None, help="pipeline config (default: the shipped one)")
+        add_debug_option(parser)
+        args = parser.parse_args(argv)
+        for path in export_beside_checkpoints(load_run_config(args.config)):
+            print(path)
+        return 0
+
+    return run(argv)
+
+
+if __name__ == "__main__":  # run the imported module's main: its flag is the one the loaders' cached_export reads
+    from midog.onnx_runtime import main as imported_main
+    raise SystemExit(imported_main())

@@ -81,7 +81,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     is checked first.
     """
     path = Path(path)
-    verify_checksum(path)
+    checked_sha256 = verify_checksum(path)
     register_custom_modules()
     from ultralytics.nn.tasks import load_checkpoint
     disable_ultralytics_sync()
@@ -96,6 +96,7 @@ def load_detector(path: str | os.PathLike[str], device: torch.device) -> torch.n
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.pixel_size_um = detector_pixel_size(checkpoint, path)
+    model.checkpoint_sha256 = checked_sha256  # the ONNX export's cache key: the file is hashed once
     return model
 
 
@@ -133,7 +134,8 @@ def onnx_detector(model: torch.nn.Module, weights: str | os.PathLike[str], tile_
     On CPUs one tile per call (`batch_size` 1) measured fastest: it stays in cache."""
     if not onnx_runtime_available("detector"):
         return None
-    path = cached_export(weights, str(tile_size), lambda out: export_onnx(model, out, tile_size), "detector")
+    path = cached_export(weights, str(tile_size), lambda out: export_onnx(model, out, tile_size), "detector",
+                         sha256=getattr(model, "checkpoint_sha256", None))
     return OnnxModel(path, threads, batch_size) if path is not None else None
 
 

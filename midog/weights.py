@@ -180,16 +180,18 @@ def read_model_card(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None
     return card
 
 
-def verify_checksum(checkpoint: str | os.PathLike[str]) -> None:
-    """Raise WeightsError when the model card beside `checkpoint` names a different sha256."""
+def verify_checksum(checkpoint: str | os.PathLike[str]) -> str | None:
+    """Raise WeightsError when the model card beside `checkpoint` names a different sha256; else the checked
+    sha256 (None when there is no card or it names none), so the caller need not hash the file again."""
     card = read_model_card(checkpoint)
     if card is None or "sha256" not in card:
-        return
+        return None
     actual = sha256_of(checkpoint)
     if actual != card["sha256"]:
         raise WeightsError(
             f"checksum mismatch for {checkpoint}: model card says {card['sha256'][:12]}…, file is {actual[:12]}…"
         )
+    return actual
 
 
 def write_model_card(checkpoint: str | os.PathLike[str], card: dict[str, Any]) -> Path:
