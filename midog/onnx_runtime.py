@@ -16,7 +16,6 @@ fresh container starts without exporting (the detector's export alone takes seco
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import tempfile
