@@ -44,7 +44,7 @@ COPY --chown=user:user process.py /opt/app/
 COPY --chown=user:user midog /opt/app/midog
 COPY --chown=user:user weights /opt/app/weights
 # The ONNX Runtime exports of the shipped models, written beside them once here rather than by every fresh container
-# (every grand-challenge job): `python -m midog.onnx_runtime` loads both tracks' models as process.py does.
-RUN python -m midog.onnx_runtime
+# (every grand-challenge job): `python -m midog.export_onnx` loads both tracks' models as process.py does.
+RUN python -m midog.export_onnx
 
 ENTRYPOINT ["python", "process.py"]

@@ -8,10 +8,7 @@ content: beside the checkpoint when that file is there, else in `$TMPDIR/midog-o
 When the export fails (an operator ONNX lacks), the PyTorch model runs instead, with a warning: the backend changes
 speed, never whether a run works.
 
-    python -m midog.onnx_runtime [--config FILE]
-
-exports every model the resolved config runs in ONNX Runtime beside its checkpoint: the Dockerfile runs it, so a
-fresh container starts without exporting (the detector's export alone takes seconds, on every grand-challenge job).
+`python -m midog.export_onnx` writes the shipped models' exports beside them (the Dockerfile runs it).
 """
 
 from __future__ import annotations
@@ -22,16 +19,13 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from midog.errors import first_line
 from midog.weights import sha256_of
-
-if TYPE_CHECKING:
-    from midog.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,39 +128,3 @@ def cached_export(weights: str | os.PathLike[str], tag: str, export: Callable[[P
             log.warning("ONNX export of %s failed (%s): the %s runs in PyTorch", weights.name, first_line(err), what)
             return None
     return path
-
-
-def export_beside_checkpoints(config: "PipelineConfig") -> list[Path]:
-    """Load Track 1's and Track 2's models as process.py does, with every ONNX export written beside its checkpoint;
-    the exports the resolved config runs (none where it runs PyTorch: on a GPU, or with a backend `torch`)."""
-    from midog.pipeline import load_track1, load_track2
-
-    with exports_beside_checkpoints():
-        detector = load_track1(config)
-        atypical, _ = load_track2(config)
-    classifiers = [*(detector.verifier.classifiers if detector.verifier is not None else []), *atypical.models]
-    onnx_models = [detector.proposer.onnx, *(classifier.onnx for classifier in classifiers)]
-    return sorted({model.path for model in onnx_models if model is not None})
-
-
-def main(argv: list[str] | None = None) -> int:
-    from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, load_run_config
-
-    @entry_point
-    def run(argv: list[str] | None) -> int:
-        parser = OneLineArgumentParser(prog="python -m midog.onnx_runtime",
-                                       description="Export the models the config runs in ONNX Runtime beside "
-                                                   "their checkpoints.")
-        parser.add_argument("--config", type=Path, default=None, help="pipeline config (default: the shipped one)")
-        add_debug_option(parser)
-        args = parser.parse_args(argv)
-        for path in export_beside_checkpoints(load_run_config(args.config)):
-            print(path)
-        return 0
-
-    return run(argv)
-
-
-if __name__ == "__main__":  # run the imported module's main: its flag is the one the loaders' cached_export reads
-    from midog.onnx_runtime import main as imported_main
-    raise SystemExit(imported_main())

@@ -14,11 +14,9 @@ import midog.onnx_runtime as onnx_runtime
 import midog.weights
 from midog.atypical import load_atypical
 from midog.classifier import build_classifier, load_classifier
-from midog.config import AtypicalConfig, VerifierConfig, resolve_config
-from midog.pipeline import load_track1
+from midog.config import AtypicalConfig, VerifierConfig
 from midog.verifier import Verifier
 from midog.weights import sha256_of, write_model_card
-from roi_factory import tiny_track1_weights, tiny_verifier
 
 
 @pytest.fixture(autouse=True)
@@ -105,28 +103,3 @@ def test_a_carded_checkpoint_is_hashed_once_for_its_check_and_its_export(tmp_pat
     assert classifier.backend == "onnxruntime"
     assert hashed == [path]
     assert classifier.onnx.path.name == f"verifier-{sha256_of(path)[:16]}-48.onnx"
-
-
-def test_exports_written_beside_the_checkpoints_are_what_a_fresh_start_uses(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch,
-                                                                            capsys: pytest.CaptureFixture[str]):
-    weights = tiny_track1_weights(tmp_path / "weights")
-    monkeypatch.setenv("MIDOG_WEIGHTS_DIR", str(weights))
-    monkeypatch.setenv("MIDOG_RUNTIME__DEVICE", "cpu")
-    assert onnx_runtime.main([]) == 0
-    printed = capsys.readouterr().out.splitlines()  # the exports' paths (and ultralytics' settings note)
-    written = [Path(line) for line in printed if line.endswith(".onnx")]
-    assert sorted(path.name.split("-")[0] for path in written) == ["atypical", "detector", "verifier"]
-    assert all(path.parent == weights and path.is_file() for path in written)
-    cache = tmp_path / "tmp" / "midog-onnx"
-    assert not cache.exists()  # nothing went to the temporary cache
-
-    detector = load_track1(resolve_config(None))  # a fresh start: the exports beside the checkpoints, as they are
-    used = {detector.proposer.onnx.path, *(c.onnx.path for c in detector.verifier.classifiers),
-            *(m.onnx.path for m in detector.atypical.models)}
-    assert used == set(written) and not cache.exists()
-
-    tiny_verifier(weights / "verifier.pt", seed=5)  # other weights under the same name: their own export
-    detector = load_track1(resolve_config(None))
-    fresh = detector.verifier.classifiers[0].onnx.path
-    assert fresh.parent == cache and fresh not in written
