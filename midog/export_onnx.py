@@ -14,16 +14,16 @@ from pathlib import Path
 from midog.cli import OneLineArgumentParser, add_debug_option, entry_point, load_run_config
 from midog.config import PipelineConfig
 from midog.onnx_runtime import exports_beside_checkpoints
-from midog.pipeline import load_track1, load_track2
+from midog.pipeline import load_track1
 
 
 def export_beside_checkpoints(config: PipelineConfig) -> list[Path]:
-    """Load Track 1's and Track 2's models as process.py does, with every ONNX export written beside its checkpoint;
-    the exports the resolved config runs (none where it runs PyTorch: on a GPU, or with a backend `torch`)."""
+    """Load Track 1's models as process.py does (they include Track 2's: the atypical stage is the same
+    `atypical` section), with every ONNX export written beside its checkpoint; the exports the resolved config runs
+    (none where it runs PyTorch: on a GPU, or with a backend `torch`)."""
     with exports_beside_checkpoints():
         detector = load_track1(config)
-        atypical, _ = load_track2(config)
-    classifiers = [*(detector.verifier.classifiers if detector.verifier is not None else []), *atypical.models]
+    classifiers = [*detector.verifier.classifiers, *detector.atypical.models]
     onnx_models = [detector.proposer.onnx, *(classifier.onnx for classifier in classifiers)]
     return sorted({model.path for model in onnx_models if model is not None})
 

@@ -76,10 +76,11 @@ def test_torch_pin_is_what_the_base_image_tag_names():
 
 
 def test_the_image_exports_the_shipped_models_after_copying_them_as_its_user():
-    """`python -m midog.export_onnx` (tests/test_onnx_runtime.py) runs once the weights are in, as the user that owns
+    """`python -m midog.export_onnx` (tests/test_export_onnx.py) runs once the weights are in, as the user that owns
     them, so the exports land beside them and a fresh container starts without exporting."""
     lines = DOCKERFILE.splitlines()
-    copied = max(i for i, line in enumerate(lines) if line.startswith("COPY") and line.split()[-1] == "/opt/app/weights")
+    copied = max(i for i, line in enumerate(lines)
+                 if line.startswith("COPY") and line.split()[-1] == "/opt/app/weights")
     exported = lines.index("RUN python -m midog.export_onnx")
     assert lines.index("USER user") < copied < exported
 
