@@ -109,6 +109,9 @@ class VerifierConfig:
     probability: str = _default("verifier.probability")
     tta: bool = _default("verifier.tta")
     backend: str = _default("verifier.backend")
+    stain_normalization: str | list[str] = _default("verifier.stain_normalization")
+    """none, or macenko: each image's crops re-expressed with reference stains (`midog.stain`) before the verifier
+    sees them; a list gives each member of `weights` its own (trained on crops normalised, or not)."""
 
     def single_context_px(self, purpose: str) -> int:
         """`context_px` where one crop set is cut (training crops); ConfigError naming `purpose` for a list."""
@@ -116,6 +119,14 @@ class VerifierConfig:
             raise ConfigError(f"{purpose} cuts one crop set: verifier.context_px must be one number, not "
                               f"{self.context_px} (give a config with the context of the member being trained)")
         return self.context_px
+
+    def single_stain_normalization(self, purpose: str) -> str:
+        """`stain_normalization` where one crop set is cut (training crops); ConfigError naming `purpose` for a
+        list."""
+        if isinstance(self.stain_normalization, list):
+            raise ConfigError(f"{purpose} cuts one crop set: verifier.stain_normalization must be one value, not "
+                              f"{self.stain_normalization}")
+        return self.stain_normalization
 
 
 @dataclass
@@ -158,6 +169,9 @@ class PipelineConfig:
 TTA_VIEW_COUNTS = (4, 8)
 """How many test-time views `classifier.dihedral_views` can give: the 4 rotations (a subgroup, so the averaged
 prediction is still invariant to them) or all 8 rotations and reflections."""
+
+STAIN_NORMALIZATIONS = ("none", "macenko")
+"""The values of `verifier.stain_normalization` (`midog.stain`)."""
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 """How a stage's model runs on the CPU (`midog.onnx_runtime`): auto = ONNX Runtime when installed; on CUDA always
@@ -264,6 +278,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verifier.batch_size": (_positive_int, "a positive integer"),
     "verifier.context_px": (_one_or_list_of(_non_negative_int),
                             "an integer >= 0, or a list of those, one per weights file"),
+    "verifier.stain_normalization": (_one_or_list_of(lambda v: v in STAIN_NORMALIZATIONS),
+                                     " or ".join(STAIN_NORMALIZATIONS) + ", or a list of those, one per weights file"),
     "atypical.crop_size": (_positive_int, "a positive integer"),
     "atypical.threshold": (_fraction(optional=True), "null or a number in [0, 1]"),
     "atypical.tta_views": (_one_or_list_of(lambda v: _is_int(v) and v in TTA_VIEW_COUNTS),

@@ -26,6 +26,7 @@ from midog.errors import WeightsError
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
 from midog.roi_io import RoiImage
+from midog.stain import ImageStains, image_stains, normalise
 
 PROBABILITY_MODES = CHOICES["verifier.probability"]
 
@@ -99,12 +100,23 @@ def box_crops(image: RoiImage, boxes: np.ndarray, size: int, context_px: int, fa
 
 
 def candidate_crops(image: RoiImage, boxes: np.ndarray, pixel_size_um: float, tolerance: float, size: int,
-                    context_px: int, fallback_px: int) -> np.ndarray:
+                    context_px: int, fallback_px: int, stain_normalization: str = "none") -> np.ndarray:
     """`box_crops` of (n, 4) boxes given in `image`'s pixels, cut from `image` seen at `pixel_size_um`
-    (`midog.resampling.at_pixel_size`): how the pipeline's verifier, and the verifier's training data, cut
-    candidates from an image of any scanner."""
+    (`midog.resampling.at_pixel_size`), stain-normalised with `image`'s own stains for "macenko"
+    (`midog.stain`): how the pipeline's verifier, and the verifier's training data, cut candidates from an image of
+    any scanner and lab."""
     view = at_pixel_size(image, pixel_size_um, tolerance)
-    return box_crops(view, scale_boxes(boxes, view_scale(image, view)), size, context_px, fallback_px)
+    crops = box_crops(view, scale_boxes(boxes, view_scale(image, view)), size, context_px, fallback_px)
+    return normalise(crops, stains_for(image, stain_normalization))
+
+
+def stains_for(image: RoiImage, stain_normalization: str) -> ImageStains | None:
+    """`image`'s stains where crops are normalised ("macenko"), None where they are not ("none")."""
+    if stain_normalization == "none":
+        return None
+    if stain_normalization == "macenko":
+        return image_stains(image)
+    raise ValueError(f"unknown verifier.stain_normalization '{stain_normalization}'; expected none or macenko")
 
 
 def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -> np.ndarray:
@@ -135,6 +147,7 @@ class Verifier:
             raise WeightsError(f"verifier.weights mix checkpoints trained at {', '.join(f'{s:g}' for s in sizes)} "
                                "µm/px: an ensemble averages crops of one scale")
         _ = self.member_context_px  # a list of another length than `classifiers` is refused at construction
+        _ = self.member_stain_normalization
 
     @classmethod
     def from_weights(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], config: VerifierConfig,
@@ -163,21 +176,30 @@ class Verifier:
         return per_member(self.config.context_px, len(self.classifiers), "verifier.context_px", "values",
                           "verifier.weights")
 
-    def crops(self, image: RoiImage, boxes: np.ndarray, context_px: int | None = None) -> np.ndarray:
+    @property
+    def member_stain_normalization(self) -> list[str]:
+        """Each member's stain normalisation of its crops, in the order of `classifiers`."""
+        return per_member(self.config.stain_normalization, len(self.classifiers), "verifier.stain_normalization",
+                          "values", "verifier.weights")
+
+    def crops(self, image: RoiImage, boxes: np.ndarray, context_px: int | None = None,
+              stain_normalization: str | None = None) -> np.ndarray:
         """(n, crop_size, crop_size, 3) uint8 crops of the candidates' boxes (`image` pixels), at the classifier's
-        pixel size, with `context_px` around each box (None: the first member's)."""
+        pixel size, with `context_px` around each box and `stain_normalization` (None: the first member's)."""
         context = self.member_context_px[0] if context_px is None else context_px
+        stain = self.member_stain_normalization[0] if stain_normalization is None else stain_normalization
         return candidate_crops(image, boxes, self.pixel_size_um, self.resample_tolerance,
-                               self.config.crop_size, context, self.fallback_box_px)
+                               self.config.crop_size, context, self.fallback_box_px, stain)
 
     def probabilities(self, image: RoiImage, boxes: np.ndarray) -> np.ndarray:
         """P(mitotic figure) per box, in order (an ensemble's: the mean of its members'); the crops of each
-        context are cut once."""
+        context and stain normalisation are cut once."""
         if len(boxes) == 0:
             return np.zeros(0, dtype=np.float32)
-        crops_of = {context: self.crops(image, boxes, context) for context in dict.fromkeys(self.member_context_px)}
-        per_member = [c.predict_proba(crops_of[context], tta=self.config.tta, batch_size=self.config.batch_size)
-                      for c, context in zip(self.classifiers, self.member_context_px)]
+        settings = list(zip(self.member_context_px, self.member_stain_normalization))
+        crops_of = {setting: self.crops(image, boxes, *setting) for setting in dict.fromkeys(settings)}
+        per_member = [c.predict_proba(crops_of[setting], tta=self.config.tta, batch_size=self.config.batch_size)
+                      for c, setting in zip(self.classifiers, settings)]
         return np.mean(per_member, axis=0).astype(np.float32)
 
     def labels(self, probabilities: np.ndarray) -> list[str]:

@@ -203,7 +203,8 @@ def write_crops(field: RoiImage, stem: str, mitoses: np.ndarray, candidates: np.
 
     def cut(boxes: np.ndarray) -> np.ndarray:
         return candidate_crops(field, boxes, cfg.pixel_size_um, config.image.resample_tolerance,
-                               config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px)
+                               config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px,
+                               config.verifier.stain_normalization)
 
     centres = (candidates[:, :2] + candidates[:, 2:]) / 2 if len(candidates) else np.zeros((0, 2))
     false_positives = candidates[far_from(centres, mitoses, spacing_um, MATCH_RADIUS_UM)]
@@ -234,7 +235,8 @@ def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: F
         centre = np.clip(centre, np.minimum(low, high), np.maximum(low, high))
         boxes = square_boxes(centre[None], (cfg.box_px / scale, cfg.box_px / scale))
         cut = candidate_crops(image, boxes, cfg.pixel_size_um, config.image.resample_tolerance,
-                              config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px)
+                              config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px,
+                              config.verifier.stain_normalization)
         Image.fromarray(cut[0]).save(out / f"{Path(crop.uid).stem}.png")
     return len(crops)
 
@@ -313,6 +315,7 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     overrides = {"runtime.device": "cpu"} | ({"proposals.weights": str(detector)} if detector else {})
     config = resolve_config(config_path, overrides=overrides)
     config.verifier.single_context_px("prepare_fields (--config)")
+    config.verifier.single_stain_normalization("prepare_fields (--config)")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     for sub in ("detection/images", "detection/labels", "verifier/crops"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -344,7 +347,8 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
                                             config, cfg, np.random.default_rng([cfg.seed, 1]), progress)
         link_amibr_positives(out, sets)
     summary = {"root": str(root), "detector": config.proposals.weights, "settings": asdict(cfg),
-               "crops": {"crop_size": config.verifier.crop_size, "context_px": config.verifier.context_px},
+               "crops": {"crop_size": config.verifier.crop_size, "context_px": config.verifier.context_px,
+                         "stain_normalization": config.verifier.stain_normalization},
                "folds": folds, "slides": {s: {"frames": int((index.frames["slide"] == s).sum()),
                                              "mitoses": int((index.mitoses["slide"] == s).sum()), **counts.get(s, {})}
                                          for s in sorted(folds)},
