@@ -17,7 +17,8 @@ from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
 from tests.training.fake_amibr import write_amibr
 from training.evaluate_fields import cross_fold_scores, per_fold_paths, verifier_weights
 from training.evaluate_fields import main as evaluate_main
-from training.fields import load_field_index, slide_folds
+from midog.stain import image_stains, normalise
+from training.fields import load_field_index, open_field, slide_folds
 from training.prepare_fields import (FieldDataConfig, far_from, frame_splits, positive_boxes, prepare, tile_labels)
 from training.train_verifier import NegativeDraw
 
@@ -134,7 +135,31 @@ def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path,
             config_path=config)
     crops = sorted((out / "verifier" / "crops").glob("*/*/*.png"))
     assert crops and {Image.open(p).size for p in crops} == {(80, 80)}
-    assert json.loads((out / "folds.json").read_text())["crops"] == {"crop_size": 80, "context_px": 15}
+    assert json.loads((out / "folds.json").read_text())["crops"] == {"crop_size": 80, "context_px": 15,
+                                                                     "stain_normalization": "none"}
+
+
+def test_prepare_cuts_stain_normalised_crops_as_the_chain_does(fields_root: Path, tmp_path: Path):
+    """`verifier.stain_normalization: macenko`: the same crops, each re-expressed with its field's own stains, as the
+    chain's `candidate_crops` will cut them."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    cfg = FieldDataConfig(jitter_copies=1, tissue_per_field=2)
+    crops = {}
+    for method in ("none", "macenko"):
+        config = tmp_path / f"{method}.yaml"
+        config.write_text(f"verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: {method}\n")
+        prepare(fields_root, tmp_path / method, str(detector), cfg, progress=False, config_path=config)
+        crops[method] = sorted((tmp_path / method / "verifier" / "crops").glob("*/*/*.png"))
+    summary = json.loads((tmp_path / "macenko" / "folds.json").read_text())
+    assert summary["crops"]["stain_normalization"] == "macenko"
+    assert [p.relative_to(tmp_path / "macenko") for p in crops["macenko"]] == \
+        [p.relative_to(tmp_path / "none") for p in crops["none"]]
+    index = load_field_index(fields_root)
+    for plain, normalised in zip(crops["none"], crops["macenko"]):
+        frame = plain.name.rsplit("_", 1)[0] + ".jpg"
+        field = open_field(index.frames.set_index("frame").loc[frame, "path"], index.spacing_um)
+        np.testing.assert_array_equal(np.asarray(Image.open(normalised)),
+                                      normalise(np.asarray(Image.open(plain)), image_stains(field)))
 
 
 def test_prepare_refuses_one_context_per_member_before_writing(fields_root: Path, tmp_path: Path):
