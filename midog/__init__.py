@@ -72,6 +72,18 @@ def _offline_defaults() -> None:
     _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if not _os.environ.get("YOLO_CONFIG_DIR"):
         _os.environ["YOLO_CONFIG_DIR"] = _private_yolo_config_dir()
+        _quiet_new_settings_note()
+
+
+def _quiet_new_settings_note() -> None:
+    """Drop ultralytics' "Creating new Ultralytics Settings" note (three lines on stdout): with a private settings
+    folder every process creates them anew, so every run of process.py or a training printed it. A filter on
+    ultralytics' logger, added before ultralytics configures that logger at import, which keeps filters; its other
+    messages (training progress, warnings) pass."""
+    import logging
+
+    logging.getLogger("ultralytics").addFilter(
+        lambda record: not str(record.msg).startswith("Creating new Ultralytics Settings"))
 
 
 _offline_defaults()

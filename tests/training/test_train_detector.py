@@ -287,7 +287,8 @@ def test_a_run_name_is_held_by_its_process_until_it_ends(tmp_path: Path):
 SETTINGS_PROBE = textwrap.dedent("""
     import json, os, sys
     import midog
-    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+    from ultralytics.utils import LOGGER, SETTINGS, USER_CONFIG_DIR
+    LOGGER.info("ultralytics still speaks")
     print(json.dumps({"config_dir": os.environ["YOLO_CONFIG_DIR"], "user_config_dir": str(USER_CONFIG_DIR),
                       "runs_dir": SETTINGS["runs_dir"], "sync": SETTINGS["sync"]}))
 """)
@@ -311,7 +312,9 @@ def test_each_process_has_its_own_ultralytics_settings(tmp_path: Path):
     for probe in probes:
         out, err = probe.communicate(timeout=300)
         assert probe.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        lines = out.strip().splitlines()
+        assert lines[0] == "ultralytics still speaks" and len(lines) == 2, out  # no "Creating new ... Settings" note
+        results.append(json.loads(lines[-1]))
     folders = [Path(r["config_dir"]) for r in results]
     assert folders[0] != folders[1] and all(f.parent == temp and f.name.startswith(f"midog-yolo-{uid}-")
                                             for f in folders)
