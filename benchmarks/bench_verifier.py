@@ -1,6 +1,7 @@
 """Track 1 verification speed: the shipped verifier on candidates of a generated ROI, with and without test-time
-augmentation (`verifier.tta`), in PyTorch and in ONNX Runtime (`verifier.backend`), timed side by side in one run so
-the ratios hold on a CPU whose speed drifts.
+augmentation (`verifier.tta`), in PyTorch and in ONNX Runtime (`verifier.backend`), and the cost of stain
+normalisation (`verifier.stain_normalization: macenko`: the image's stains estimated once from at most 4 Mpx of it,
+then every crop normalised), timed side by side in one run so the ratios hold on a CPU whose speed drifts.
 
     python benchmarks/bench_verifier.py [--candidates 2000] [--rounds 3] [--threads 0]
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from midog.config import resolve_config  # noqa: E402
 from midog.devices import usable_cpus  # noqa: E402
 from midog.roi_io import ArrayRoi, PhysicalTransform  # noqa: E402
+from midog.stain import estimate_stains, normalise, sample_pixels  # noqa: E402
 from midog.verifier import Verifier  # noqa: E402
 from midog.weights import find_stage_weights  # noqa: E402
 from roi_factory import he_roi  # noqa: E402
@@ -62,6 +64,14 @@ def main() -> int:
             for member in verifier.classifiers:                   # an ensemble: every member on the same crops
                 member.predict_proba(crops, tta=verifier.config.tta, batch_size=verifier.config.batch_size)
             best[name] = min(best[name], time.perf_counter() - started)
+    stain_seconds = {"estimate": float("inf"), "normalise": float("inf")}
+    for _ in range(args.rounds):                                  # a 4 Mpx image: the most an estimate reads
+        started = time.perf_counter()
+        stains = estimate_stains(sample_pixels(roi))
+        estimated = time.perf_counter()
+        normalise(crops, stains)
+        stain_seconds["estimate"] = min(stain_seconds["estimate"], estimated - started)
+        stain_seconds["normalise"] = min(stain_seconds["normalise"], time.perf_counter() - estimated)
     members = ", ".join(f"{p.name} ({c.arch})" for p, c in zip(paths, verifiers["plain torch"].classifiers))
     print(f"{members}: crops {config.verifier.crop_size} px "
           f"(context {config.verifier.context_px} px), {args.candidates} candidates, {torch.get_num_threads()} "
@@ -72,6 +82,10 @@ def main() -> int:
         print(f"ratio tta/plain ({backend}) = {best[f'tta {backend}'] / best[f'plain {backend}']:.2f}")
     for view in ("plain", "tta"):
         print(f"ratio torch/onnxruntime ({view}) = {best[f'{view} torch'] / best[f'{view} onnxruntime']:.2f}")
+    print(f"stain estimate   {stain_seconds['estimate']:7.2f} s  once per image (4 Mpx sampled)")
+    print(f"stain normalise  {stain_seconds['normalise']:7.2f} s  "
+          f"{stain_seconds['normalise'] / args.candidates * 1000:6.2f} ms/candidate, "
+          f"ratio normalise/plain onnxruntime = {stain_seconds['normalise'] / best['plain onnxruntime']:.2f}")
     return 0
 
 
