@@ -32,8 +32,8 @@ def detect(weights: Path, monkeypatch: pytest.MonkeyPatch,
     atypical_calls: list[int] = []
     crops, predict = detector.verifier.crops, detector.atypical.predict_proba
     monkeypatch.setattr(detector.verifier, "crops",
-                        lambda image, boxes, context_px=None: verifier_calls.append(len(boxes))
-                        or crops(image, boxes, context_px))
+                        lambda image, boxes, *setting: verifier_calls.append(len(boxes))
+                        or crops(image, boxes, *setting))
     monkeypatch.setattr(detector.atypical, "predict_proba",
                         lambda batch: atypical_calls.append(len(batch)) or predict(batch))
     image = ArrayRoi(he_roi(1100, 900, seed=5, figures=[(300, 300), (450, 600)]), PhysicalTransform((2.5e-4,) * 2))

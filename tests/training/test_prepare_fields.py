@@ -129,7 +129,7 @@ def test_prepare_cuts_crops_with_the_configs_size_and_context(fields_root: Path,
     verifier trained on them will cut its candidates."""
     detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
     config = tmp_path / "context.yaml"
-    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n")
+    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: none\n")
     out = tmp_path / "out"
     prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False,
             config_path=config)
@@ -179,7 +179,7 @@ def test_amibr_positives_join_every_train_split_and_leave_field_crops_alone(fiel
     amibr = write_amibr(tmp_path / "amibr", n_slides=2, per_slide=3, size=128)
     cfg = FieldDataConfig(jitter_copies=1, tissue_per_field=2)
     config = tmp_path / "context.yaml"
-    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n")
+    config.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: none\n")
     plain, extra = tmp_path / "plain", tmp_path / "extra"
     prepare(fields_root, plain, str(detector), cfg, progress=False, config_path=config)
     summary = prepare(fields_root, extra, str(detector), cfg, progress=False, config_path=config,
