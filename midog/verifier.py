@@ -6,7 +6,9 @@ of its members', so its members must be trained at one pixel size. Each member s
 
 The crop is the candidate's box (grown by `verifier.context_px` on each side, clipped to the image) resized to a
 square with antialiased bilinear interpolation, the same resize `BinaryClassifier.preprocess` applies. A degenerate
-box (no area left after clipping) is replaced by a `merging.box_size_px` square around its centre.
+box (no area left after clipping) is replaced by a `merging.box_size_px` square around its centre. With
+`verifier.stain_normalization: macenko` (one value, or one per member) the crops are then re-expressed with reference
+H&E stains, the image's own stains estimated once (`midog.stain`), as the member's training crops were.
 """
 
 from __future__ import annotations

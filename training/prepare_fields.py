@@ -21,7 +21,8 @@ two contexts and so refused.
     OUT/verifier/crops/<slide>/{mitotic_figure,false_positive,tissue}/*.png
                                           verifier crops of every field, cut as the pipeline cuts them
                                           (`midog.verifier.candidate_crops` at --pixel-size, with the
-                                          `verifier.crop_size` and `verifier.context_px` of --config)
+                                          `verifier.crop_size`, `verifier.context_px` and
+                                          `verifier.stain_normalization` of --config)
     OUT/verifier/fold{k}/{train,val}/<class>/*.png, OUT/verifier/all/...
                                           symlinks into crops/, split as the detection sets
     OUT/verifier/crops/amibr/mitotic_figure/*.png
