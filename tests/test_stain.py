@@ -110,6 +110,32 @@ def test_a_large_image_is_sampled_on_a_grid_within_the_budget():
     np.testing.assert_array_equal(sample_pixels(small), pixels[:100, :200].reshape(-1, 3))
 
 
+class PyramidRoi(ArrayRoi):
+    """An image whose file carries a reduced level, as a pyramidal slide's does."""
+
+    def __init__(self, pixels: np.ndarray, level: np.ndarray) -> None:
+        super().__init__(pixels, PhysicalTransform(SPACING_MM))
+        self.level = level
+
+    def thumbnail(self, max_pixels: int) -> np.ndarray | None:
+        return self.level if self.level.shape[0] * self.level.shape[1] <= max_pixels else None
+
+
+def test_a_pyramid_level_within_the_budget_is_the_sample():
+    level = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    image = PyramidRoi(np.zeros((3000, 4000, 3), np.uint8), level)
+    np.testing.assert_array_equal(sample_pixels(image, max_pixels=1 << 20), level.reshape(-1, 3))
+
+
+def test_sparse_tissue_on_a_large_image_is_found():
+    """A 48 Mpx image of glass with one 700 px patch of tissue (1 % of it), no pyramid: the grid's windows hit it."""
+    pixels = np.full((6000, 8000, 3), 236, np.uint8)
+    pixels[2650:3350, 5100:5800] = stained(tissue_concentrations(700, 700, seed=5), BLUE)
+    stains = image_stains(ArrayRoi(pixels, PhysicalTransform(SPACING_MM)))
+    assert stains is not None
+    assert np.sum(stains.matrix * unit_columns(BLUE), axis=0).min() > 0.98
+
+
 def test_verifier_normalises_each_members_crops_with_the_images_stains_estimated_once(
         tmp_path, monkeypatch: pytest.MonkeyPatch):
     weights = [tiny_verifier(tmp_path / "a.pt"), tiny_verifier(tmp_path / "b.pt", seed=1)]
