@@ -80,22 +80,23 @@ def estimate_stains(pixels: np.ndarray) -> ImageStains | None:
 
 
 def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
-    """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else the largest
-    pyramid level within the budget when the file has one (a slide: every piece of tissue is in it); else windows of
-    `SAMPLE_WINDOW_PX` on an even grid over the whole image, small and many so that sparse tissue is hit (on a
-    40,000 x 30,000 px slide with 1 % tissue, 64 windows of 256 px found too little)."""
+    """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else windows of
+    `SAMPLE_WINDOW_PX` at full resolution on an even grid over the whole image (small and many, so that sparse tissue
+    is hit: 64 windows of 256 px missed it on a slide with 1 % tissue), plus the largest pyramid level within half
+    the budget when the file has one (on a slide every piece of tissue is in it), the grid then taking the other
+    half."""
     if image.width * image.height <= max_pixels:
         return image.read_region(0, 0, image.width, image.height).reshape(-1, 3)
-    thumbnail = image.thumbnail(max_pixels)
-    if thumbnail is not None:
-        return thumbnail.reshape(-1, 3)
+    thumbnail = image.thumbnail(max_pixels // 2)
+    budget = max_pixels // 2 if thumbnail is not None else max_pixels
     side = SAMPLE_WINDOW_PX
-    windows = max(1, max_pixels // (side * side))
+    windows = max(1, budget // (side * side))
     across = max(1, round(np.sqrt(windows * image.width / image.height)))
     down = max(1, windows // across)
     xs = np.linspace(0, max(image.width - side, 0), across).round().astype(int)
     ys = np.linspace(0, max(image.height - side, 0), down).round().astype(int)
-    return np.concatenate([image.read_region(int(x), int(y), side, side).reshape(-1, 3) for y in ys for x in xs])
+    parts = [image.read_region(int(x), int(y), side, side).reshape(-1, 3) for y in ys for x in xs]
+    return np.concatenate(parts + ([thumbnail.reshape(-1, 3)] if thumbnail is not None else []))
 
 
 _ESTIMATED: "weakref.WeakKeyDictionary[RoiImage, ImageStains | None]" = weakref.WeakKeyDictionary()

@@ -121,10 +121,15 @@ class PyramidRoi(ArrayRoi):
         return self.level if self.level.shape[0] * self.level.shape[1] <= max_pixels else None
 
 
-def test_a_pyramid_level_within_the_budget_is_the_sample():
+def test_a_pyramid_level_within_half_the_budget_joins_the_full_resolution_grid():
     level = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    image = PyramidRoi(np.zeros((3000, 4000, 3), np.uint8), level)
-    np.testing.assert_array_equal(sample_pixels(image, max_pixels=1 << 20), level.reshape(-1, 3))
+    pixels = np.zeros((3000, 4000, 3), np.uint8)
+    pixels[..., 0] = np.arange(4000) * 255 // 3999
+    sample = sample_pixels(PyramidRoi(pixels, level), max_pixels=1 << 20)
+    assert len(sample) <= 1 << 20
+    np.testing.assert_array_equal(sample[-len(level.reshape(-1, 3)):], level.reshape(-1, 3))
+    grid = sample[:-len(level.reshape(-1, 3))]
+    assert len(grid) >= (1 << 19) // 2 and grid[:, 0].min() == 0 and grid[:, 0].max() == 255
 
 
 def test_sparse_tissue_on_a_large_image_is_found():
