@@ -8,8 +8,9 @@ image thus look as if one lab had stained them, which a model trained on a few s
 The estimate is Macenko's as implemented by torchstain (its numpy `MacenkoNormalizer`, the reference the tests
 compare with, `Io` 240, `alpha` 1, `beta` 0.15, its reference matrix), with two differences: the stains are
 estimated from a sample of the image and applied to crops of it (torchstain estimates and normalises one array),
-and the plane's axes are oriented so that optical densities project to angles inside (-90°, 90°): an eigenvector's
-sign is arbitrary, and a flipped one would wrap the angles at ±180° and mix the stains.
+and the plane's axes are oriented (positive sums) so that optical densities, all positive, project to angles inside
+(0°, 180°): an eigenvector's sign is arbitrary, and a flipped principal axis would wrap the angles at ±180° and mix
+the stains.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def estimate_stains(pixels: np.ndarray) -> ImageStains | None:
 def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
     """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else windows of
     `SAMPLE_WINDOW_PX` at full resolution on an even grid over the whole image (small and many, so that sparse tissue
-    is hit: 64 windows of 256 px missed it on a slide with 1 % tissue), plus the largest pyramid level within half
+    is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256 windows of 128 px hit), plus the largest pyramid level within half
     the budget when the file has one (on a slide every piece of tissue is in it), the grid then taking the other
     half."""
     if image.width * image.height <= max_pixels:
