@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from midog.classifier import BinaryClassifier, load_classifier, require_positive
-from midog.config import CHOICES, FoundationConfig, VerifierConfig, per_member
+from midog.config import CHOICES, STAIN_NORMALIZATIONS, FoundationConfig, VerifierConfig, per_member
 from midog.errors import WeightsError
 from midog.outputs import MITOTIC_FIGURE, NON_MITOTIC_FIGURE
 from midog.resampling import at_pixel_size, scale_boxes, view_scale
@@ -118,7 +118,8 @@ def stains_for(image: RoiImage, stain_normalization: str) -> ImageStains | None:
         return None
     if stain_normalization == "macenko":
         return image_stains(image)
-    raise ValueError(f"unknown verifier.stain_normalization '{stain_normalization}'; expected none or macenko")
+    raise ValueError(f"unknown verifier.stain_normalization '{stain_normalization}'; expected "
+                     f"{' or '.join(STAIN_NORMALIZATIONS)}")
 
 
 def combine_probability(detector: np.ndarray, verifier: np.ndarray, mode: str) -> np.ndarray:
