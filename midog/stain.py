@@ -108,11 +108,16 @@ def image_stains(image: RoiImage) -> ImageStains | None:
     chunks ask; None, with one warning, for too little tissue."""
     if image in _ESTIMATED:
         return _ESTIMATED[image]
-    stains = estimate_stains(sample_pixels(image))
+    stains = _ESTIMATED[image] = estimate_or_warn(sample_pixels(image), getattr(image, "path", None) or "image")
+    return stains
+
+
+def estimate_or_warn(pixels: np.ndarray, name: str) -> ImageStains | None:
+    """`estimate_stains(pixels)`, with one warning naming `name` (an image, a slide) when there is too little
+    tissue; the pixels may pool several images stained together (e.g. the crops of one slide)."""
+    stains = estimate_stains(pixels)
     if stains is None:
-        LOG.warning("%s: too little stained tissue to estimate its stains; its crops are not stain-normalised",
-                    getattr(image, "path", None) or "image")
-    _ESTIMATED[image] = stains
+        LOG.warning("%s: too little stained tissue to estimate its stains; its crops are not stain-normalised", name)
     return stains
 
 

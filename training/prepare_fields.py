@@ -33,7 +33,8 @@ Verifier crops: each mitosis `--jitter-copies` times, its 50 px box shifted by t
 (normal, `--jitter-px` per axis, model pixels); every candidate farther than 7.5 µm (the official matching radius)
 from every mitosis, a hard negative; `--tissue-per-field` random tissue boxes as far from every mitosis. A frame's
 mitoses are all labelled (the dataset's README), so those candidates are true false positives. AMi-Br mitoses
-(`--amibr-positives`) are cut the same way from their 128 px crops, read at `AMIBR_PIXEL_SIZE_UM`: a 50 px box on
+(`--amibr-positives`) are cut the same way from their 128 px crops, read at `AMIBR_PIXEL_SIZE_UM` (and, under
+`macenko`, normalised with their slide's stains, estimated from all its crops together): a 50 px box on
 the crop's centre, jittered once, with the verifier's context; they add positives from scanners and labs the
 seven slides lack, never negatives (AMi-Br holds mitoses only) and never validation data.
 """
@@ -59,9 +60,10 @@ from midog.pipeline import Track1Detector
 from midog.progress import progress_iter
 from midog.resampling import at_pixel_size, view_scale
 from midog.tiling import has_tissue, tile_origins
+from midog.stain import ImageStains, estimate_or_warn, normalise
 from midog.verifier import candidate_crops
 from midog.weights import DEFAULT_PIXEL_SIZE_UM
-from training.amibr_detection import read_amibr
+from training.amibr_detection import AmibrCrop, read_amibr
 from training.fields import FieldIndex, load_field_index, open_field, slide_folds
 from training.train_verifier import POSITIVE_FOLDER
 from training.verifier_data import far_from
@@ -228,18 +230,37 @@ def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: F
     scale = AMIBR_PIXEL_SIZE_UM / cfg.pixel_size_um
     reach = (cfg.box_px / 2 + config.verifier.context_px) / scale  # the crop's half side, in AMi-Br pixels
     crops = read_amibr(amibr)
+    pixels = {crop.uid: read_rgb(crop.path) for crop in crops}
+    stains = amibr_slide_stains(crops, pixels, config.verifier.stain_normalization)
     for crop in progress_iter(crops, len(crops), "AMi-Br positives", "crop", enabled=progress):
-        with Image.open(crop.path) as handle:
-            image = ArrayRoi(np.asarray(handle.convert("RGB")), PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
+        image = ArrayRoi(pixels[crop.uid], PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
         low, high = np.full(2, reach), np.array([image.width, image.height]) - reach
         centre = np.array([image.width, image.height]) / 2 + rng.normal(0, cfg.jitter_px, 2) / scale
         centre = np.clip(centre, np.minimum(low, high), np.maximum(low, high))
         boxes = square_boxes(centre[None], (cfg.box_px / scale, cfg.box_px / scale))
         cut = candidate_crops(image, boxes, cfg.pixel_size_um, config.image.resample_tolerance,
-                              config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px,
-                              config.verifier.stain_normalization)
-        Image.fromarray(cut[0]).save(out / f"{Path(crop.uid).stem}.png")
+                              config.verifier.crop_size, config.verifier.context_px, config.merging.box_size_px)
+        Image.fromarray(normalise(cut, stains[crop.slide])[0]).save(out / f"{Path(crop.uid).stem}.png")
     return len(crops)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as handle:
+        return np.asarray(handle.convert("RGB"))
+
+
+def amibr_slide_stains(crops: list[AmibrCrop], pixels: dict[str, np.ndarray],
+                       stain_normalization: str) -> dict[str, ImageStains | None]:
+    """Each AMi-Br slide's stains for "macenko" (None for all under "none"): estimated from the pixels of all the
+    slide's crops together. The fields' crops are normalised with their field's stains; an AMi-Br crop has no field
+    around it, and one 128 px crop is too small a sample of a stain (a mitosis fills much of it), while the crops
+    of one slide share its staining."""
+    slides: dict[str, list[np.ndarray]] = {}
+    for crop in crops:
+        slides.setdefault(crop.slide, []).append(pixels[crop.uid].reshape(-1, 3))
+    if stain_normalization == "none":
+        return dict.fromkeys(slides)
+    return {slide: estimate_or_warn(np.concatenate(parts), f"AMi-Br slide {slide}") for slide, parts in slides.items()}
 
 
 def link_amibr_positives(out: Path, sets: dict[str, dict[str, list[str]]]) -> None:

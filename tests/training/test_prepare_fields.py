@@ -14,10 +14,11 @@ from PIL import Image
 from midog.config import resolve_config
 from midog.errors import ConfigError, InputError
 from tests.roi_factory import he_roi, tiny_detector, tiny_verifier
+from tests.stain_factory import BLUE, PINK, stained, tissue_concentrations
 from tests.training.fake_amibr import write_amibr
 from training.evaluate_fields import cross_fold_scores, per_fold_paths, verifier_weights
 from training.evaluate_fields import main as evaluate_main
-from midog.stain import image_stains, normalise
+from midog.stain import estimate_stains, image_stains, normalise
 from training.fields import load_field_index, open_field, slide_folds
 from training.prepare_fields import (FieldDataConfig, far_from, frame_splits, positive_boxes, prepare, tile_labels)
 from training.train_verifier import NegativeDraw
@@ -198,6 +199,39 @@ def test_amibr_positives_join_every_train_split_and_leave_field_crops_alone(fiel
     field_crops = sorted(p.relative_to(plain) for p in (plain / "verifier" / "crops").glob("S*/*/*.png"))
     assert field_crops == sorted(p.relative_to(extra) for p in (extra / "verifier" / "crops").glob("S*/*/*.png"))
     assert all((plain / p).read_bytes() == (extra / p).read_bytes() for p in field_crops)
+
+
+def test_amibr_positives_are_normalised_with_their_slides_stains(fields_root: Path, tmp_path: Path):
+    """`stain_normalization: macenko` with --amibr-positives: each AMi-Br crop is the plain cut normalised with the
+    stains estimated from all its slide's crops together, so two slides stained by different labs come out alike."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    amibr = write_amibr(tmp_path / "amibr", n_slides=2, per_slide=3, size=128)
+    for slide, lab in enumerate((PINK, BLUE)):
+        for i in range(3):
+            path = next(amibr.glob(f"*/S{slide}_{i}.png"))
+            Image.fromarray(stained(tissue_concentrations(128, 128, seed=i), lab)).save(path)
+    cfg = FieldDataConfig(jitter_copies=1, tissue_per_field=1)
+    cut = {}
+    for method in ("none", "macenko"):
+        config = tmp_path / f"{method}.yaml"
+        config.write_text(f"verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: {method}\n")
+        prepare(fields_root, tmp_path / method, str(detector), cfg, progress=False, config_path=config,
+                amibr_positives=amibr)
+        folder = tmp_path / method / "verifier" / "crops" / "amibr" / "mitotic_figure"
+        cut[method] = {p.stem: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+    for slide in (0, 1):
+        pooled = np.concatenate([np.asarray(Image.open(next(amibr.glob(f"*/S{slide}_{i}.png")))).reshape(-1, 3)
+                                 for i in range(3)])
+        stains = estimate_stains(pooled)
+        for i in range(3):
+            np.testing.assert_array_equal(cut["macenko"][f"S{slide}_{i}"], normalise(cut["none"][f"S{slide}_{i}"], stains))
+
+    def labs_apart(crops: dict[str, np.ndarray]) -> float:
+        """Mean colour difference of the two slides' crops of one scene (each crop is jittered on its own)."""
+        colour = {name: crop.reshape(-1, 3).mean(axis=0) for name, crop in crops.items()}
+        return float(np.mean([np.abs(colour[f"S0_{i}"] - colour[f"S1_{i}"]).mean() for i in range(3)]))
+
+    assert labs_apart(cut["macenko"]) < 0.5 * labs_apart(cut["none"]), (labs_apart(cut["macenko"]), labs_apart(cut["none"]))
 
 
 def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path, tmp_path: Path,
