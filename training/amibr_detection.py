@@ -45,7 +45,7 @@ import yaml
 from PIL import Image
 
 from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option, entry_point, read_json_file
-from midog.errors import InputError
+from midog.errors import ConfigError, InputError
 from midog.progress import progress_iter
 from training.config_file import load_training_config
 
@@ -474,6 +474,10 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
         overrides["proposals.confidence"] = confidence
     config = resolve_config(crop_config, overrides=overrides)
     context_px = config.verifier.single_context_px("mining the canvases' false positives (--crop-config)")
+    if config.verifier.single_stain_normalization("mining the canvases' false positives (--crop-config)") != "none":
+        raise ConfigError("mining the canvases' false positives (--crop-config) cuts crops of composed canvases, "
+                          "a patchwork of many slides with no stains of their own: verifier.stain_normalization "
+                          "must be none")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
     counts, proposed = dict.fromkeys(splits, 0), 0

@@ -122,7 +122,7 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
                                      crop_config=crop_config)
     canvases = len(ad.read_annotations(out / "detection", "val"))
     bar = sys.stderr.getvalue().splitlines()
-    assert re.match(rf"false positives: 100%\|#+\| {canvases}/{canvases} \[.*canvas/s\]$", bar[-1]), bar
+    assert re.match(rf"false positives: 100%\|#+\| {canvases}/{canvases} \[.*(canvas/s|s/canvas)\]$", bar[-1]), bar
     crops = sorted((out / "verifier" / "val" / ad.FALSE_POSITIVE_DIR).glob("*.png"))
     assert counts == {"val": len(crops)} and crops, "a biased tiny detector proposes something"
     assert all(min(Image.open(p).size) >= 1 for p in crops)
@@ -155,4 +155,20 @@ def test_mining_with_the_shipped_contexts_asks_for_one(detection, tiny_weights, 
     several.write_text("verifier:\n  crop_size: 80\n  context_px: [15, 31]\n")
     with pytest.raises(ConfigError, match=r"false positives \(--crop-config\) cuts one crop set"):
         ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=several)
+    assert not (out / "verifier").exists()
+
+
+def test_mining_refuses_stain_normalised_crops(detection, tiny_weights, tmp_path):
+    """A canvas is a patchwork of other images' crops: no one stain to normalise with, so `macenko` is refused
+    before anything is written rather than silently not applied."""
+    import shutil
+
+    from midog.errors import ConfigError
+
+    out = tmp_path / "set"
+    shutil.copytree(detection, out / "detection")
+    normalised = tmp_path / "normalised.yaml"
+    normalised.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: macenko\n")
+    with pytest.raises(ConfigError, match=r"composed canvases.*stain_normalization must be none"):
+        ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=normalised)
     assert not (out / "verifier").exists()
