@@ -203,6 +203,7 @@ class TiffRoi(RoiImage):
             raise InputError(f"{self.path.name} is truncated: its pixel data ends past the end of the file")
         streamable = shaped[0] == 1 and shaped[1] == 1 and photometric in ("RGB", "MINISBLACK", "YCBCR")
         self._pixels: np.ndarray | None = None
+        self._levels: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
         if self.width * self.height <= max_pixels or not streamable:
             self._pixels = self._decode_whole()
@@ -268,14 +269,23 @@ class TiffRoi(RoiImage):
             dims = dict(zip(level.axes, level.shape))
             return int(dims.get("Y", 0)) * int(dims.get("X", 0))
 
-        levels = [level for level in self._tif.series[0].levels[1:] if 0 < pixels(level) <= max_pixels]
+        levels = [k for k, level in enumerate(self._tif.series[0].levels) if k and 0 < pixels(level) <= max_pixels]
         if not levels:
             return None
-        try:
-            return to_rgb_uint8(levels[0].asarray())  # the largest level within the budget
-        except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
-            _log.warning("%s: no usable pyramid level for tissue detection (%s)", self.path.name, err)
-            return None
+        return self._decoded_level(levels[0])  # the largest level within the budget
+
+    def _decoded_level(self, k: int) -> np.ndarray | None:
+        """Pyramid level `k` decoded once per open image (tissue detection and the stain estimate both ask for
+        one), read-only; None, with one warning, when it cannot be decoded."""
+        levels = self._levels
+        if k not in levels:
+            try:
+                levels[k] = to_rgb_uint8(self._tif.series[0].levels[k].asarray())
+                levels[k].flags.writeable = False
+            except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
+                _log.warning("%s: no usable pyramid level for tissue detection (%s)", self.path.name, err)
+                levels[k] = None
+        return levels[k]
 
     def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
         tags = self._page.tags
