@@ -88,22 +88,48 @@ def estimate_stains(pixels: np.ndarray) -> ImageStains | None:
 
 def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
     """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else windows of
-    `SAMPLE_WINDOW_PX` at full resolution on an even grid over the whole image (small and many, so that sparse tissue
-    is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256 windows of 128 px hit), plus the largest pyramid level within half
-    the budget when the file has one (on a slide every piece of tissue is in it), the grid then taking the other
-    half."""
+    `SAMPLE_WINDOW_PX` at full resolution. Where the file has a pyramid level within half the budget (a slide), the
+    windows are centred on tissue the level shows (`tissue_window_origins`), so a slide that is mostly glass is
+    sampled where its tissue is; otherwise they lie on an even grid over the whole image (small and many, so that
+    sparse tissue is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256 windows
+    of 128 px hit). Only full-resolution pixels are sampled: a reduced level's averaged pixels are paler."""
     if image.width * image.height <= max_pixels:
         return image.read_region(0, 0, image.width, image.height).reshape(-1, 3)
-    thumbnail = image.thumbnail(max_pixels // 2)
-    budget = max_pixels // 2 if thumbnail is not None else max_pixels
     side = SAMPLE_WINDOW_PX
-    windows = max(1, budget // (side * side))
-    across = max(1, round(np.sqrt(windows * image.width / image.height)))
+    windows = max(1, max_pixels // (side * side))
+    origins = tissue_window_origins(image, windows, max_pixels // 2)
+    if origins is None:
+        origins = grid_window_origins(image.width, image.height, windows)
+    return np.concatenate([image.read_region(int(x), int(y), side, side).reshape(-1, 3) for x, y in origins])
+
+
+def grid_window_origins(width: int, height: int, windows: int) -> np.ndarray:
+    """(n, 2) top-left corners of at most `windows` sampling windows on an even grid over a `width` × `height` image."""
+    side = SAMPLE_WINDOW_PX
+    across = max(1, round(np.sqrt(windows * width / height)))
     down = max(1, windows // across)
-    xs = np.linspace(0, max(image.width - side, 0), across).round().astype(int)
-    ys = np.linspace(0, max(image.height - side, 0), down).round().astype(int)
-    parts = [image.read_region(int(x), int(y), side, side).reshape(-1, 3) for y in ys for x in xs]
-    return np.concatenate(parts + ([thumbnail.reshape(-1, 3)] if thumbnail is not None else []))
+    xs = np.linspace(0, max(width - side, 0), across).round().astype(int)
+    ys = np.linspace(0, max(height - side, 0), down).round().astype(int)
+    return np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
+
+
+def tissue_window_origins(image: RoiImage, windows: int, level_pixels: int) -> np.ndarray | None:
+    """(n, 2) top-left corners of at most `windows` sampling windows centred on tissue pixels of `image`'s largest
+    pyramid level within `level_pixels` (optical density above `TISSUE_OPTICAL_DENSITY` in every channel, Macenko's
+    tissue test), evenly spaced through them in raster order; None without such a level or tissue in it."""
+    level = image.thumbnail(level_pixels)
+    if level is None:
+        return None
+    tissue = np.all(optical_density(level) >= TISSUE_OPTICAL_DENSITY, axis=1).reshape(level.shape[:2])
+    ys, xs = np.nonzero(tissue)
+    if not len(ys):
+        return None
+    picked = np.unique(np.linspace(0, len(ys) - 1, min(windows, len(ys))).round().astype(int))
+    centres = (np.stack([xs[picked], ys[picked]], axis=1) + 0.5) * [image.width / level.shape[1],
+                                                                    image.height / level.shape[0]]
+    side = SAMPLE_WINDOW_PX
+    high = np.maximum([image.width - side, image.height - side], 0)
+    return np.clip(np.round(centres - side / 2), 0, high).astype(int)
 
 
 _ESTIMATED: "weakref.WeakKeyDictionary[RoiImage, ImageStains | None]" = weakref.WeakKeyDictionary()

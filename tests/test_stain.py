@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -93,15 +94,37 @@ class PyramidRoi(ArrayRoi):
         return self.level if self.level.shape[0] * self.level.shape[1] <= max_pixels else None
 
 
-def test_a_pyramid_level_within_half_the_budget_joins_the_full_resolution_grid():
-    level = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+def sparse_slide(seed: int = 5) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """A 48 Mpx slide of glass with one 400 px patch of tissue (0.3 % of it) away from the even grid's windows."""
+    pixels = np.full((6000, 8000, 3), 236, np.uint8)
+    where = (slice(3700, 4100), slice(1300, 1700))
+    pixels[where] = stained(tissue_concentrations(400, 400, seed=seed), BLUE)
+    return pixels, where
+
+
+def test_a_pyramid_level_guides_full_resolution_windows_to_sparse_tissue():
+    """A slide's reduced level shows where its tissue is: every window is read there, at full resolution (the
+    level's own averaged pixels are not sampled), and the stains come out; the grid alone misses the patch."""
+    pixels, (rows, cols) = sparse_slide()
+    level = cv2.resize(pixels, (800, 600), interpolation=cv2.INTER_AREA)
+    slide = PyramidRoi(pixels, level)
+    sample = sample_pixels(slide, max_pixels=1 << 20)
+    assert (1 << 19) <= len(sample) <= 1 << 20
+    in_patch = pixels[rows, cols].reshape(-1, 3)
+    assert len(np.unique(sample, axis=0)) > 1000                     # full-resolution texture, not 236s
+    assert np.isin(sample.view([("", np.uint8)] * 3), in_patch.view([("", np.uint8)] * 3)).mean() > 0.8
+    stains = image_stains(slide)
+    assert stains is not None and np.sum(stains.matrix * unit_columns(BLUE), axis=0).min() > 0.98
+    assert estimate_stains(sample_pixels(ArrayRoi(pixels, PhysicalTransform(SPACING_MM)), 1 << 20)) is None
+
+
+def test_a_pyramid_level_without_tissue_leaves_the_grid():
     pixels = np.zeros((3000, 4000, 3), np.uint8)
     pixels[..., 0] = np.arange(4000) * 255 // 3999
-    sample = sample_pixels(PyramidRoi(pixels, level), max_pixels=1 << 20)
-    assert len(sample) <= 1 << 20
-    np.testing.assert_array_equal(sample[-len(level.reshape(-1, 3)):], level.reshape(-1, 3))
-    grid = sample[:-len(level.reshape(-1, 3))]
-    assert len(grid) >= (1 << 19) // 2 and grid[:, 0].min() == 0 and grid[:, 0].max() == 255
+    glass = np.full((300, 400, 3), 236, np.uint8)
+    sample = sample_pixels(PyramidRoi(pixels, glass), max_pixels=1 << 20)
+    np.testing.assert_array_equal(sample, sample_pixels(ArrayRoi(pixels, PhysicalTransform(SPACING_MM)), 1 << 20))
+    assert sample[:, 0].min() == 0 and sample[:, 0].max() == 255
 
 
 def test_sparse_tissue_on_a_large_image_is_found():
