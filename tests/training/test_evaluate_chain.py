@@ -143,32 +143,22 @@ def test_false_positive_mining_keeps_only_far_candidates(detection, tiny_weights
     assert all(Image.open(p).size == (64, 64) for p in crops)  # resized as the crop config says
 
 
-def test_mining_with_the_shipped_contexts_asks_for_one(detection, tiny_weights, tmp_path):
-    """The shipped verifiers cut two crop sets (20 and 28 µm): mining without --crop-config names none, and says so."""
+@pytest.mark.parametrize("crops, refusal", [
+    # the shipped verifiers cut two crop sets (20 and 28 µm): mining names none, and says so
+    ("context_px: [15, 31]", r"false positives \(--crop-config\) cuts one crop set"),
+    # a canvas is a patchwork of other images' crops, with no one stain to normalise with
+    ("context_px: 15\n  stain_normalization: macenko", r"composed canvases.*stain_normalization must be none"),
+])
+def test_mining_refuses_crop_settings_it_cannot_cut_before_writing(detection, tiny_weights, tmp_path, crops: str,
+                                                                   refusal: str):
     import shutil
 
     from midog.errors import ConfigError
 
     out = tmp_path / "set"
     shutil.copytree(detection, out / "detection")
-    several = tmp_path / "several.yaml"
-    several.write_text("verifier:\n  crop_size: 80\n  context_px: [15, 31]\n")
-    with pytest.raises(ConfigError, match=r"false positives \(--crop-config\) cuts one crop set"):
-        ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=several)
-    assert not (out / "verifier").exists()
-
-
-def test_mining_refuses_stain_normalised_crops(detection, tiny_weights, tmp_path):
-    """A canvas is a patchwork of other images' crops: no one stain to normalise with, so `macenko` is refused
-    before anything is written rather than silently not applied."""
-    import shutil
-
-    from midog.errors import ConfigError
-
-    out = tmp_path / "set"
-    shutil.copytree(detection, out / "detection")
-    normalised = tmp_path / "normalised.yaml"
-    normalised.write_text("verifier:\n  crop_size: 80\n  context_px: 15\n  stain_normalization: macenko\n")
-    with pytest.raises(ConfigError, match=r"composed canvases.*stain_normalization must be none"):
-        ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=normalised)
+    config = tmp_path / "crops.yaml"
+    config.write_text(f"verifier:\n  crop_size: 80\n  {crops}\n")
+    with pytest.raises(ConfigError, match=refusal):
+        ad.mine_false_positives(out, tiny_weights / "detector.pt", splits=("val",), crop_config=config)
     assert not (out / "verifier").exists()
