@@ -283,7 +283,8 @@ class TiffRoi(RoiImage):
                 levels[k] = to_rgb_uint8(self._tif.series[0].levels[k].asarray())
                 levels[k].flags.writeable = False
             except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
-                _log.warning("%s: no usable pyramid level (%s); tissue detection and the stain sample read full-resolution pixels instead", self.path.name, err)
+                _log.warning("%s: no usable pyramid level (%s); tissue detection and the stain sample read "
+                             "full-resolution pixels instead", self.path.name, err)
                 levels[k] = None
         return levels[k]
 
