@@ -113,20 +113,14 @@ class VerifierConfig:
     """none, or macenko: each image's crops re-expressed with reference stains (`midog.stain`) before the verifier
     sees them; a list gives each member of `weights` its own (trained on crops normalised, or not)."""
 
-    def single_context_px(self, purpose: str) -> int:
-        """`context_px` where one crop set is cut (training crops); ConfigError naming `purpose` for a list."""
-        if isinstance(self.context_px, list):
-            raise ConfigError(f"{purpose} cuts one crop set: verifier.context_px must be one number, not "
-                              f"{self.context_px} (give a config with the context of the member being trained)")
-        return self.context_px
-
-    def single_stain_normalization(self, purpose: str) -> str:
-        """`stain_normalization` where one crop set is cut (training crops); ConfigError naming `purpose` for a
-        list."""
-        if isinstance(self.stain_normalization, list):
-            raise ConfigError(f"{purpose} cuts one crop set: verifier.stain_normalization must be one value, not "
-                              f"{self.stain_normalization}")
-        return self.stain_normalization
+    def single_crop_setting(self, key: str, purpose: str) -> Any:
+        """`key` (`context_px`, `stain_normalization`: the settings that may be one per member) where one crop set is
+        cut (training crops); ConfigError naming `purpose` for a list."""
+        value = getattr(self, key)
+        if isinstance(value, list):
+            raise ConfigError(f"{purpose} cuts one crop set: verifier.{key} must be one value, not {value} (give a "
+                              f"config with the setting of the member being trained)")
+        return value
 
 
 @dataclass

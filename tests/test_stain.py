@@ -165,7 +165,8 @@ def test_stain_normalization_is_checked_in_the_config():
     with pytest.raises(ConfigError, match="verifier.stain_normalization is 'reinhard'; expected none or macenko"):
         validate_config(config)
     with pytest.raises(ConfigError, match="cuts one crop set"):
-        VerifierConfig(stain_normalization=["none", "macenko"]).single_stain_normalization("prepare_fields")
+        VerifierConfig(stain_normalization=["none", "macenko"]).single_crop_setting("stain_normalization",
+                                                                                    "prepare_fields")
 
 
 def test_optical_density_of_glass_is_near_zero():

@@ -115,9 +115,9 @@ def test_each_member_sees_the_crops_of_its_own_context(tmp_path):
 
 
 def test_training_crops_need_one_context():
-    assert VerifierConfig(context_px=15).single_context_px("prepare_fields") == 15
-    with pytest.raises(ConfigError, match="prepare_fields cuts one crop set: verifier.context_px must be one number"):
-        VerifierConfig(context_px=[15, 31]).single_context_px("prepare_fields")
+    assert VerifierConfig(context_px=15).single_crop_setting("context_px", "prepare_fields") == 15
+    with pytest.raises(ConfigError, match="prepare_fields cuts one crop set: verifier.context_px must be one value"):
+        VerifierConfig(context_px=[15, 31]).single_crop_setting("context_px", "prepare_fields")
 
 
 def test_an_ensemble_of_two_pixel_sizes_is_refused(verifier: Verifier):

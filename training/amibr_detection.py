@@ -473,11 +473,11 @@ def mine_false_positives(out_dir: str | Path, detector: str | Path, splits: Sequ
     if confidence is not None:
         overrides["proposals.confidence"] = confidence
     config = resolve_config(crop_config, overrides=overrides)
-    context_px = config.verifier.single_context_px("mining the canvases' false positives (--crop-config)")
-    if config.verifier.single_stain_normalization("mining the canvases' false positives (--crop-config)") != "none":
-        raise ConfigError("mining the canvases' false positives (--crop-config) cuts crops of composed canvases, "
-                          "a patchwork of many slides with no stains of their own: verifier.stain_normalization "
-                          "must be none")
+    purpose = "mining the canvases' false positives (--crop-config)"
+    context_px = config.verifier.single_crop_setting("context_px", purpose)
+    if config.verifier.single_crop_setting("stain_normalization", purpose) != "none":
+        raise ConfigError(f"{purpose} cuts crops of composed canvases, a patchwork of many slides with no stains "
+                          "of their own: verifier.stain_normalization must be none")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     spacing_mm = DEFAULT_PIXEL_SIZE_UM / 1000  # AMi-Br's crops, and so the canvases
     counts, proposed = dict.fromkeys(splits, 0), 0

@@ -336,8 +336,8 @@ def prepare(root: Path, out: Path, detector: str | None = None, cfg: FieldDataCo
     extra = amibr_canvases(amibr)
     overrides = {"runtime.device": "cpu"} | ({"proposals.weights": str(detector)} if detector else {})
     config = resolve_config(config_path, overrides=overrides)
-    config.verifier.single_context_px("prepare_fields (--config)")
-    config.verifier.single_stain_normalization("prepare_fields (--config)")
+    config.verifier.single_crop_setting("context_px", "prepare_fields (--config)")
+    config.verifier.single_crop_setting("stain_normalization", "prepare_fields (--config)")
     chain = Track1Detector.from_config(config, with_verifier=False, with_atypical=False)
     for sub in ("detection/images", "detection/labels", "verifier/crops"):
         (out / sub).mkdir(parents=True, exist_ok=True)
