@@ -63,6 +63,7 @@ from midog.tiling import has_tissue, tile_origins
 from midog.stain import ImageStains, estimate_or_warn, normalise
 from midog.verifier import candidate_crops
 from midog.weights import DEFAULT_PIXEL_SIZE_UM
+from training.amibr import load_crops
 from training.amibr_detection import AmibrCrop, read_amibr
 from training.fields import FieldIndex, load_field_index, open_field, slide_folds
 from training.train_verifier import POSITIVE_FOLDER
@@ -230,10 +231,11 @@ def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: F
     scale = AMIBR_PIXEL_SIZE_UM / cfg.pixel_size_um
     reach = (cfg.box_px / 2 + config.verifier.context_px) / scale  # the crop's half side, in AMi-Br pixels
     crops = read_amibr(amibr)
-    pixels = {crop.uid: read_rgb(crop.path) for crop in crops}
+    pixels = load_crops([crop.path for crop in crops])
     stains = amibr_slide_stains(crops, pixels, config.verifier.stain_normalization)
-    for crop in progress_iter(crops, len(crops), "AMi-Br positives", "crop", enabled=progress):
-        image = ArrayRoi(pixels[crop.uid], PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
+    for crop, crop_pixels in progress_iter(zip(crops, pixels), len(crops), "AMi-Br positives", "crop",
+                                           enabled=progress):
+        image = ArrayRoi(crop_pixels, PhysicalTransform((spacing_mm, spacing_mm)), crop.path)
         low, high = np.full(2, reach), np.array([image.width, image.height]) - reach
         centre = np.array([image.width, image.height]) / 2 + rng.normal(0, cfg.jitter_px, 2) / scale
         centre = np.clip(centre, np.minimum(low, high), np.maximum(low, high))
@@ -244,20 +246,15 @@ def write_amibr_positives(amibr: Path, out: Path, config: PipelineConfig, cfg: F
     return len(crops)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as handle:
-        return np.asarray(handle.convert("RGB"))
-
-
-def amibr_slide_stains(crops: list[AmibrCrop], pixels: dict[str, np.ndarray],
+def amibr_slide_stains(crops: list[AmibrCrop], pixels: np.ndarray,
                        stain_normalization: str) -> dict[str, ImageStains | None]:
     """Each AMi-Br slide's stains for "macenko" (None for all under "none"): estimated from the pixels of all the
-    slide's crops together. The fields' crops are normalised with their field's stains; an AMi-Br crop has no field
-    around it, and one 128 px crop is too small a sample of a stain (a mitosis fills much of it), while the crops
-    of one slide share its staining."""
+    slide's crops together (`pixels`: the crops', in `crops`' order). The fields' crops are normalised with their
+    field's stains; an AMi-Br crop has no field around it, and one 128 px crop is too small a sample of a stain (a
+    mitosis fills much of it), while the crops of one slide share its staining."""
     slides: dict[str, list[np.ndarray]] = {}
-    for crop in crops:
-        slides.setdefault(crop.slide, []).append(pixels[crop.uid].reshape(-1, 3))
+    for crop, crop_pixels in zip(crops, pixels):
+        slides.setdefault(crop.slide, []).append(crop_pixels.reshape(-1, 3))
     if stain_normalization == "none":
         return dict.fromkeys(slides)
     return {slide: estimate_or_warn(np.concatenate(parts), f"AMi-Br slide {slide}") for slide, parts in slides.items()}
