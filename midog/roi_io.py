@@ -277,16 +277,15 @@ class TiffRoi(RoiImage):
     def _decoded_level(self, k: int) -> np.ndarray | None:
         """Pyramid level `k` decoded once per open image (tissue detection and the stain estimate both ask for
         one), read-only; None, with one warning, when it cannot be decoded."""
-        levels = self._levels
-        if k not in levels:
+        if k not in self._levels:
             try:
-                levels[k] = to_rgb_uint8(self._tif.series[0].levels[k].asarray())
-                levels[k].flags.writeable = False
+                self._levels[k] = to_rgb_uint8(self._tif.series[0].levels[k].asarray())
+                self._levels[k].flags.writeable = False
             except (ValueError, OSError, RuntimeError, NotImplementedError, EOFError, struct.error) as err:
                 _log.warning("%s: no usable pyramid level (%s); tissue detection and the stain sample read "
                              "full-resolution pixels instead", self.path.name, err)
-                levels[k] = None
-        return levels[k]
+                self._levels[k] = None
+        return self._levels[k]
 
     def _read_transform(self, fallback_spacing_um: float) -> tuple[PhysicalTransform, bool]:
         tags = self._page.tags

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from midog.config import SHIPPED
 from midog.roi_io import RoiImage
 
 LOG = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ SAMPLE_PIXELS = 1 << 22
 """Pixels an image's stains are estimated from at most (4 Mpx): a MIDOG region of interest read in full at ~0.25
 µm/px would be 30-40 Mpx, and a slide far more."""
 SAMPLE_WINDOW_PX = 128
+GUIDE_LEVEL_PIXELS = int(SHIPPED["tiling"]["thumbnail_megapixels"] * 1e6)
+"""A slide's sampling windows go where its largest pyramid level within this many pixels shows tissue: the tiler's
+budget (`tiling.thumbnail_megapixels` as shipped), so it is the level the tiler's tissue detection has already
+decoded (`TiffRoi` keeps it)."""
 MIN_TISSUE_PIXELS = 2000
 """Fewer tissue pixels than this in the sample: no estimate (the crops are left as they are)."""
 
@@ -88,8 +93,8 @@ def estimate_stains(pixels: np.ndarray) -> ImageStains | None:
 
 def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
     """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else windows of
-    `SAMPLE_WINDOW_PX` at full resolution. Where the file has a pyramid level within half the budget (a slide), the
-    windows are centred on tissue the level shows (`tissue_window_origins`), so a slide that is mostly glass is
+    `SAMPLE_WINDOW_PX` at full resolution. Where the file has a pyramid level within `GUIDE_LEVEL_PIXELS` (a
+    slide), the windows are centred on tissue the level shows (`tissue_window_origins`), so a slide that is mostly glass is
     sampled where its tissue is; otherwise they lie on an even grid over the whole image (small and many, so that
     sparse tissue is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256 windows
     of 128 px hit). Only full-resolution pixels are sampled: a reduced level's averaged pixels are paler."""
@@ -97,7 +102,7 @@ def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarra
         return image.read_region(0, 0, image.width, image.height).reshape(-1, 3)
     side = SAMPLE_WINDOW_PX
     windows = max(1, max_pixels // (side * side))
-    origins = tissue_window_origins(image, windows, max_pixels // 2)
+    origins = tissue_window_origins(image, windows, GUIDE_LEVEL_PIXELS)
     if origins is None:
         origins = grid_window_origins(image.width, image.height, windows)
     return np.concatenate([image.read_region(int(x), int(y), side, side).reshape(-1, 3) for x, y in origins])
