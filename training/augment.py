@@ -66,6 +66,18 @@ class HEDJitter(torch.nn.Module):
         return rgb.round().to(torch.uint8) if dtype == torch.uint8 else rgb / 255.0
 
 
+def random_blur(p: float, sigma: tuple[float, float]) -> v2.RandomApply:
+    """With probability p, a Gaussian blur of σ ~ U(sigma) px: the focus of another scanner or another plane.
+
+    The kernel spans ±2σ of the largest σ (5 px up to σ 1.2, 7 px up to 1.7).
+    """
+    low, high = (float(v) for v in sigma)
+    if not 0 < low <= high:
+        raise ValueError(f"blur sigma must be 0 < low <= high, got {sigma}")
+    kernel = 2 * round(2 * high) + 1
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(low, high))], p=p)
+
+
 def train_transform(cfg: AugmentConfig, size: int) -> v2.Compose:
     """uint8 (3, size, size) → augmented uint8 (3, size, size)."""
     steps: list[torch.nn.Module] = []
@@ -78,7 +90,7 @@ def train_transform(cfg: AugmentConfig, size: int) -> v2.Compose:
     if max(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) > 0:
         steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     if cfg.blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(5, sigma=tuple(cfg.blur_sigma))], p=cfg.blur_p))
+        steps.append(random_blur(cfg.blur_p, cfg.blur_sigma))
     if cfg.erase_p > 0:
         # erase to a tissue-like grey rather than black, which never occurs in H&E
         steps.append(v2.RandomErasing(p=cfg.erase_p, scale=tuple(cfg.erase_scale), value=[200, 170, 200]))

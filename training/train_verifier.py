@@ -47,7 +47,7 @@ from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option,
 from midog.errors import InputError
 from midog.progress import progress_bar, progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
-from training.augment import HEDJitter
+from training.augment import HEDJitter, random_blur
 from training.config_file import add_set_option, load_training_config, parse_set_pairs
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
@@ -74,6 +74,10 @@ class VerifierAugmentConfig:
     hed_sigma: float = 0.0
     """Stain augmentation in haematoxylin-eosin optical-density space (`training.augment.HEDJitter`, Tellez et al.
     2018): each stain's density scaled by 1 ± sigma and shifted by ± sigma; 0 turns it off."""
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    """Gaussian blur of σ ~ U(blur_sigma) px of the crop as read (`training.augment.random_blur`) with probability
+    blur_p: slides and scanners differ in focus (docs/track1-fields.md, candidate Z); 0 turns it off."""
     randaugment_ops: int = 3
     """RandAugment: operations per image (0 turns it off)."""
     randaugment_magnitude: int = 5
@@ -131,6 +135,7 @@ def load_verifier_config(path: str | os.PathLike[str] | None,
     """YAML (partial is fine) then `overrides`; an unknown key or a bad value is a ConfigError, not ignored."""
     cfg = load_training_config(path, VerifierTrainConfig, overrides)
     cfg.augment.erase_scale = tuple(cfg.augment.erase_scale)
+    cfg.augment.blur_sigma = tuple(cfg.augment.blur_sigma)
     return cfg
 
 
@@ -199,6 +204,8 @@ def train_transform(cfg: VerifierAugmentConfig) -> v2.Compose:
         steps.append(v2.RandomVerticalFlip(cfg.vflip))
     if cfg.rotation > 0:
         steps.append(v2.RandomRotation(cfg.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=TISSUE_GREY))
+    if cfg.blur_p > 0:
+        steps.append(random_blur(cfg.blur_p, cfg.blur_sigma))
     if cfg.hed_sigma > 0:
         steps.append(HEDJitter(cfg.hed_sigma))
     if max(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue) > 0:
@@ -208,7 +215,7 @@ def train_transform(cfg: VerifierAugmentConfig) -> v2.Compose:
                                     fill=TISSUE_GREY))
     if cfg.erase_p > 0:
         steps.append(v2.RandomErasing(p=cfg.erase_p, scale=tuple(cfg.erase_scale), value=list(TISSUE_GREY)))
-    return v2.Compose(steps)
+    return v2.Compose(steps or [v2.Identity()])  # Compose refuses an empty list
 
 
 # ---------------------------------------------------------------------------------------------------- model

@@ -14,6 +14,7 @@ from PIL import Image
 from midog.classifier import load_classifier
 from midog.errors import ConfigError, InputError
 from midog.weights import read_model_card
+from training.augment import random_blur
 from training.train_verifier import (
     VerifierNet,
     f1_threshold,
@@ -62,6 +63,33 @@ def test_augmentation_keeps_uint8_crops_of_the_same_size() -> None:
     crop = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     out = train_transform(cfg.augment)(crop)
     assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+
+
+def _high_frequency_energy(crop: torch.Tensor) -> float:
+    grey = crop.float().mean(0)
+    return float(((grey[1:, :] - grey[:-1, :]) ** 2).mean() + ((grey[:, 1:] - grey[:, :-1]) ** 2).mean())
+
+
+def test_blur_augmentation_is_off_by_default_and_softens_the_crop_when_on() -> None:
+    crop = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    crop[:, ::2, :] = 255  # one-pixel stripes: all of their energy is at the highest frequency
+    no_other_steps = {"augment.hflip": 0, "augment.vflip": 0, "augment.rotation": 0, "augment.randaugment_ops": 0,
+                      "augment.erase_p": 0, "augment.brightness": 0, "augment.contrast": 0, "augment.saturation": 0}
+    plain = load_verifier_config(CONFIG, no_other_steps)
+    assert plain.augment.blur_p == 0
+    assert torch.equal(train_transform(plain.augment)(crop), crop)  # every step off: the crop as read
+    blurred = load_verifier_config(CONFIG, {**no_other_steps, "augment.blur_p": 1.0, "augment.blur_sigma": [1.0, 1.5]})
+    assert blurred.augment.blur_sigma == (1.0, 1.5)
+    out = train_transform(blurred.augment)(crop)
+    assert out.dtype == torch.uint8 and out.shape == crop.shape
+    assert _high_frequency_energy(out) < 0.05 * _high_frequency_energy(crop)
+
+
+def test_random_blur_kernel_spans_two_sigmas_and_refuses_an_empty_range() -> None:
+    assert random_blur(1.0, (0.1, 1.5)).transforms[0].kernel_size == (7, 7)
+    assert random_blur(1.0, (0.1, 1.2)).transforms[0].kernel_size == (5, 5)  # the Track 2 recipes' blur, unchanged
+    with pytest.raises(ValueError, match="blur sigma"):
+        random_blur(0.5, (1.5, 0.1))
 
 
 def test_verifier_net_gives_logits_and_projected_embeddings() -> None:
