@@ -12,11 +12,14 @@ thresholds. `--floor` scores the darkest-blob heuristic the same way instead of 
 primary figure (mean F1 over folds), the worst slide with >= 20 mitoses, per-fold and per-slide numbers, and the
 threshold to ship (median of the folds' optimal thresholds).
 
-`--keep-predictions FILE.npz` keeps every field's output (points, probabilities); `--mean-of A.npz B.npz ...` scores
-the mean probability of kept outputs of the same candidates instead of running a chain: with the same saved
-candidates, that is a verifier ensemble's output (in product mode detector confidence x the mean of the verifiers'
-is the mean of the products), for the cost of reading the files. The chain's final suppression
-(`merging.final_radius_um` of `--config`) acts on the mean, so keep the members' outputs with it off (the default).
+`--keep-predictions FILE.npz` keeps every field's output (points, probabilities) and each stage's own probability
+(the detector's confidence, the verifier's P(mitotic figure)); `--mean-of A.npz B.npz ...` scores the mean
+probability of kept outputs of the same candidates instead of running a chain: with the same saved candidates, that
+is a verifier ensemble's output (in product mode detector confidence x the mean of the verifiers' is the mean of the
+products), for the cost of reading the files. The chain's final suppression (`merging.final_radius_um` of
+`--config`) acts on the mean, so keep the members' outputs with it off (the default). `--stage detector` or
+`--stage verifier` scores one stage's probability of kept outputs instead of the output (one file or several), so
+the report says which stage ranks the candidates of each slide, and how well.
 
 `--candidates` reuses the merged candidates `training.prepare_fields` saved (its `candidates.csv`) instead of
 running the detector again: the same boxes and scores when the detector is the one prepare_fields used (its
@@ -150,9 +153,11 @@ def candidates_detector(path: Path) -> str | None:
 
 def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Mapping[int, str | None],
                       detectors: Mapping[int, str | None], config: Path | None = None,
-                      progress: bool = True, candidates: Path | None = None) -> dict[str, Prediction]:
-    """Every field run through its fold's chain: frame → (points in mm, output probabilities). `candidates`: a
-    prepare_fields candidates.csv to verify instead of running the detector (only with the detector that wrote it)."""
+                      progress: bool = True, candidates: Path | None = None
+                      ) -> tuple[dict[str, Prediction], dict[str, np.ndarray]]:
+    """Every field run through its fold's chain: frame → (points in mm, output probabilities), and frame → each
+    point's (detector confidence, verifier probability), shape (n, 2). `candidates`: a prepare_fields candidates.csv
+    to verify instead of running the detector (only with the detector that wrote it)."""
     from midog.pipeline import Track1Detector
 
     known = read_candidates(candidates, index) if candidates is not None else {}
@@ -161,6 +166,7 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
     written_by = candidates_detector(candidates) if candidates is not None else None
 
     predictions: dict[str, Prediction] = {}
+    stages: dict[str, np.ndarray] = {}
     paths = dict(zip(index.frames["frame"], index.frames["path"]))
     for k, frames in fold_frames(index, folds).items():
         overrides = {"runtime.device": "cpu"}
@@ -178,29 +184,44 @@ def chain_predictions(index: FieldIndex, folds: Mapping[str, int], verifiers: Ma
                                   candidates=known.get(frame))
             predictions[frame] = (np.array([[d.x_mm, d.y_mm] for d in result.detections]).reshape(-1, 2),
                                   np.array([d.probability for d in result.detections]))
-    return predictions
+            stages[frame] = np.array([[d.detector_confidence, d.verifier_probability]
+                                      for d in result.detections]).reshape(-1, 2)
+    return predictions, stages
 
 
-def keep_predictions(path: Path, predictions: Mapping[str, Prediction]) -> None:
-    """Every field's output points (mm) and probabilities, in one .npz (frames, per-frame counts, concatenated)."""
+STAGES = {"output": "probabilities", "detector": "detector_confidence", "verifier": "verifier_probability"}
+"""`--stage` → the array of a kept file it scores."""
+
+
+def keep_predictions(path: Path, predictions: Mapping[str, Prediction],
+                     stages: Mapping[str, np.ndarray] | None = None) -> None:
+    """Every field's output points (mm) and probabilities, in one .npz (frames, per-frame counts, concatenated),
+    with each point's detector confidence and verifier probability when `stages` (frame → (n, 2)) is given."""
     frames = sorted(predictions)
     points = [np.asarray(predictions[f][0], dtype=np.float64).reshape(-1, 2) for f in frames]
-    probabilities = [np.asarray(predictions[f][1], dtype=np.float64).reshape(-1) for f in frames]
+    arrays = {"probabilities": [np.asarray(predictions[f][1], dtype=np.float64).reshape(-1) for f in frames]}
+    if stages is not None:
+        per_point = [np.asarray(stages[f], dtype=np.float64).reshape(-1, 2) for f in frames]
+        arrays["detector_confidence"] = [s[:, 0] for s in per_point]
+        arrays["verifier_probability"] = [s[:, 1] for s in per_point]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as handle:
         np.savez_compressed(handle, frames=np.array(frames), counts=np.array([len(p) for p in points]),
                             points=np.concatenate(points) if points else np.zeros((0, 2)),
-                            probabilities=np.concatenate(probabilities) if probabilities else np.zeros(0))
+                            **{k: np.concatenate(v) if v else np.zeros(0) for k, v in arrays.items()})
 
 
-def read_kept_predictions(path: Path) -> dict[str, Prediction]:
-    """A `keep_predictions` file → frame → (points sorted by x then y, their probabilities)."""
+def read_kept_predictions(path: Path, stage: str = "output") -> dict[str, Prediction]:
+    """A `keep_predictions` file → frame → (points sorted by x then y, the probabilities of `stage`)."""
     if not path.is_file():
         raise InputError(f"--mean-of: no such file {path}")
     try:
         with np.load(path) as data:
-            frames, counts = data["frames"].tolist(), data["counts"]
-            points, probabilities = data["points"], data["probabilities"]
+            frames, counts, points = data["frames"].tolist(), data["counts"], data["points"]
+            if STAGES[stage] not in data:
+                raise InputError(f"--stage {stage}: {path} was kept without each stage's probability; run "
+                                 f"evaluate_fields --keep-predictions again")
+            probabilities = data[STAGES[stage]]
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"--mean-of: {path} is not an evaluate_fields --keep-predictions file ({err})") from None
     found = {}
@@ -211,11 +232,10 @@ def read_kept_predictions(path: Path) -> dict[str, Prediction]:
     return found
 
 
-def mean_of_kept(paths: Sequence[Path]) -> dict[str, Prediction]:
-    """The mean probability of several kept outputs of the same candidates (same frames, same points to 1 nm)."""
-    runs = [read_kept_predictions(path) for path in paths]
-    if len(runs) < 2:
-        raise InputError("--mean-of needs two or more --keep-predictions files")
+def mean_of_kept(paths: Sequence[Path], stage: str = "output") -> dict[str, Prediction]:
+    """The mean probability (of `stage`) of kept outputs of the same candidates (same frames, same points to 1 nm);
+    one file: its own."""
+    runs = [read_kept_predictions(path, stage) for path in paths]
     for path, run in zip(paths[1:], runs[1:]):
         same = run.keys() == runs[0].keys() and all(
             run[f][0].shape == xy.shape and np.allclose(run[f][0], xy, rtol=0, atol=1e-6)
@@ -269,6 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mean-of", type=Path, nargs="+", default=None, metavar="NPZ",
                         help="score the mean probability of these --keep-predictions files (the same candidates) "
                              "instead of running a chain")
+    parser.add_argument("--stage", choices=sorted(STAGES), default="output",
+                        help="with --mean-of: score the output probability (default), the detector's confidence "
+                             "alone or the verifier's probability alone")
     parser.add_argument("--name", default=None, help="what the report calls this chain")
     parser.add_argument("--card", type=Path, default=None, help="a model card (.json) to record the summary and "
                         "per-slide numbers in, under 'real_fields_evaluation' (the shipped model's)")
@@ -288,20 +311,26 @@ def main(argv: list[str] | None = None) -> int:
     folds = slide_folds(index, args.folds)
     if args.mean_of and (args.floor or args.verifier or args.detector or args.candidates):
         raise InputError("--mean-of scores kept outputs: leave out --floor, --verifier, --detector and --candidates")
+    if args.stage != "output" and not args.mean_of:
+        raise InputError("--stage scores kept outputs: give it with --mean-of")
+    stages = None
     if args.mean_of:
-        predictions = suppress_kept(mean_of_kept(args.mean_of), resolve_config(args.config).merging.final_radius_um)
+        predictions = suppress_kept(mean_of_kept(args.mean_of, args.stage),
+                                    resolve_config(args.config).merging.final_radius_um)
     elif args.floor:
         predictions = blob_predictions(index)
     else:
-        predictions = chain_predictions(index, folds, per_fold_paths(args.verifier, args.folds, "verifier"),
-                                        per_fold_paths(args.detector, args.folds, "detector"), args.config,
-                                        candidates=args.candidates)
+        predictions, stages = chain_predictions(index, folds,
+                                                per_fold_paths(args.verifier, args.folds, "verifier"),
+                                                per_fold_paths(args.detector, args.folds, "detector"), args.config,
+                                                candidates=args.candidates)
     if args.keep_predictions is not None:
-        keep_predictions(args.keep_predictions, predictions)
+        keep_predictions(args.keep_predictions, predictions, stages)
     report = cross_fold_scores(predictions, index, folds)
     report = _finite({"name": args.name or ("darkest-blob floor" if args.floor else "chain"),
                       "verifier": args.verifier, "detector": args.detector,
-                      "mean_of": [str(p) for p in args.mean_of] if args.mean_of else None, "fold_of_slide": folds,
+                      "mean_of": [str(p) for p in args.mean_of] if args.mean_of else None, "stage": args.stage,
+                      "fold_of_slide": folds,
                       "seconds": round(time.perf_counter() - started, 1), **report})
     write_json_atomic(args.out, report)
     if args.card is not None:

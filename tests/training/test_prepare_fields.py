@@ -303,6 +303,54 @@ def test_evaluate_reuses_saved_candidates_with_the_same_result(fields_root: Path
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
 
 
+
+def test_kept_outputs_score_each_stage_alone(fields_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A product-mode run keeps each point's detector confidence and verifier probability (their product is the
+    output); --stage verifier of it scores as the chain in verifier mode, --stage detector as the saved candidates'
+    scores; one file alone rescores as its own run; a file kept without stages is refused in one line."""
+    detector = tiny_detector(tmp_path / "w" / "detector.pt", class_bias=5.0)
+    verifier = tiny_verifier(tmp_path / "w" / "verifier.pt")
+    out = tmp_path / "out"
+    prepare(fields_root, out, str(detector), FieldDataConfig(jitter_copies=1, tissue_per_field=1), progress=False,
+            config_path=CROPS)
+    report = {}
+    for mode in ("product", "verifier"):
+        config = tmp_path / f"{mode}.yaml"
+        config.write_text(yaml.safe_dump({"proposals": {"weights": str(detector)}, "verifier": {"probability": mode}}))
+        assert evaluate_main(["--root", str(fields_root), "--verifier", str(verifier), "--config", str(config),
+                              "--candidates", str(out / "candidates.csv"), "--out", str(tmp_path / f"{mode}.json"),
+                              "--keep-predictions", str(tmp_path / f"{mode}.npz")]) == 0
+        report[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    with np.load(tmp_path / "product.npz") as kept:
+        assert len(kept["probabilities"]) > 0
+        np.testing.assert_allclose(kept["probabilities"], kept["detector_confidence"] * kept["verifier_probability"],
+                                   rtol=1e-6)
+        assert sorted(kept["detector_confidence"]) == pytest.approx(sorted(pd.read_csv(out / "candidates.csv")["score"]))
+
+    def rescored(stage: str) -> dict:
+        assert evaluate_main(["--root", str(fields_root), "--mean-of", str(tmp_path / "product.npz"),
+                              "--stage", stage, "--out", str(tmp_path / f"{stage}.json")]) == 0
+        return json.loads((tmp_path / f"{stage}.json").read_text())
+
+    alone, verifier_stage, detector_stage = rescored("output"), rescored("verifier"), rescored("detector")
+    for slide, scores in report["product"]["slides"].items():
+        assert alone["slides"][slide]["AP"] == pytest.approx(scores["AP"], abs=1e-6)
+        assert verifier_stage["slides"][slide]["AP"] == pytest.approx(report["verifier"]["slides"][slide]["AP"],
+                                                                      abs=1e-6)
+    assert detector_stage["stage"] == "detector" and any(
+        detector_stage["slides"][s]["AP"] != pytest.approx(v["AP"], abs=1e-6) for s, v in verifier_stage["slides"].items())
+
+    with np.load(tmp_path / "product.npz") as kept:  # a file kept before stages were
+        np.savez(tmp_path / "old.npz", **{k: kept[k] for k in ("frames", "counts", "points", "probabilities")})
+    capsys.readouterr()
+    assert evaluate_main(["--root", str(fields_root), "--mean-of", str(tmp_path / "old.npz"), "--stage", "verifier",
+                          "--out", str(tmp_path / "old.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without each stage's probability" in err and len(err.splitlines()) == 1
+    assert evaluate_main(["--root", str(fields_root), "--verifier", str(verifier), "--stage", "detector",
+                          "--out", str(tmp_path / "no.json")]) == 2
+    assert not (tmp_path / "old.json").exists() and not (tmp_path / "no.json").exists()
+
 def test_cross_fold_scores_use_the_other_folds_threshold(fields_root: Path):
     index = load_field_index(fields_root, SPACING)
     folds = {"S1": 0, "S2": 1, "S3": 2}
