@@ -7,6 +7,7 @@ Everything stays uint8 at the crop's own size: resizing and normalisation happen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -33,6 +34,9 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.2)
     erase_p: float = 0.25
     erase_scale: tuple[float, float] = (0.02, 0.1)
+
+    def __post_init__(self) -> None:
+        self.blur_sigma = blur_sigma_range(self.blur_sigma)
 
 
 class RandomDihedral(torch.nn.Module):
@@ -66,14 +70,20 @@ class HEDJitter(torch.nn.Module):
         return rgb.round().to(torch.uint8) if dtype == torch.uint8 else rgb / 255.0
 
 
-def random_blur(p: float, sigma: tuple[float, float]) -> v2.RandomApply:
+def blur_sigma_range(sigma: Sequence[float]) -> tuple[float, float]:
+    """(low, high) of a blur's σ range; ValueError unless 0 < low <= high (a config's check, see __post_init__)."""
+    low, high = (float(v) for v in sigma)
+    if not 0 < low <= high:
+        raise ValueError(f"blur_sigma must be [low, high] with 0 < low <= high, got {list(sigma)}")
+    return low, high
+
+
+def random_blur(p: float, sigma: Sequence[float]) -> v2.RandomApply:
     """With probability p, a Gaussian blur of σ ~ U(sigma) px: the focus of another scanner or another plane.
 
     The kernel spans ±2σ of the largest σ (5 px up to σ 1.2, 7 px up to 1.7).
     """
-    low, high = (float(v) for v in sigma)
-    if not 0 < low <= high:
-        raise ValueError(f"blur sigma must be 0 < low <= high, got {sigma}")
+    low, high = blur_sigma_range(sigma)
     kernel = 2 * round(2 * high) + 1
     return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(low, high))], p=p)
 

@@ -13,9 +13,9 @@ Data layout (written by `training.verifier_data`, or by hand):
 
 Loss: focal (α 1 for mitoses, 1.5 for the rest, γ 2) + λ · supervised contrastive (τ 0.2, λ 1) on the
 embeddings of a small projection head that exists only during training (`VerifierNet`). Augmentation: flips,
-±15° rotation, ColorJitter 0.2/0.2/0.1, RandAugment (3 ops, magnitude 5), random erasing (p 0.5, 2–15 % area),
-mixup (Beta(0.2, 0.2)). AdamW 3e-4 with a per-step cosine to 1e-6, weight decay 1e-5, early stopping on the
-validation F1 (at its best threshold) with patience 60.
+±15° rotation, an optional Gaussian blur (`augment.blur_p`), ColorJitter 0.2/0.2/0.1, RandAugment (3 ops,
+magnitude 5), random erasing (p 0.5, 2–15 % area), mixup (Beta(0.2, 0.2)). AdamW 3e-4 with a per-step cosine to
+1e-6, weight decay 1e-5, early stopping on the validation F1 (at its best threshold) with patience 60.
 
 Outputs: `--out` is the best checkpoint in `midog.classifier` format (only the timm model's weights; loads with
 `midog.classifier.load_classifier`), with its F1-optimal validation threshold and a model card (`.json`) beside it;
@@ -47,7 +47,7 @@ from midog.cli import OneLineArgumentParser, add_debug_option, add_quiet_option,
 from midog.errors import InputError
 from midog.progress import progress_bar, progress_iter
 from midog.weights import DEFAULT_PIXEL_SIZE_UM, write_model_card
-from training.augment import HEDJitter, random_blur
+from training.augment import HEDJitter, blur_sigma_range, random_blur
 from training.config_file import add_set_option, load_training_config, parse_set_pairs
 from training.losses import HybridLossConfig, focal_loss, supcon_loss
 from training.runtime import (REPO_ROOT, Dist, adamw_warmup_cosine, git_commit, init_distributed, rank0_array,
@@ -86,6 +86,9 @@ class VerifierAugmentConfig:
     """Random erasing: fraction of the crop's area."""
     mixup_alpha: float = 0.2
     """Mixup λ ~ Beta(α, α) per batch; 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        self.blur_sigma = blur_sigma_range(self.blur_sigma)
 
 
 @dataclass
@@ -135,7 +138,6 @@ def load_verifier_config(path: str | os.PathLike[str] | None,
     """YAML (partial is fine) then `overrides`; an unknown key or a bad value is a ConfigError, not ignored."""
     cfg = load_training_config(path, VerifierTrainConfig, overrides)
     cfg.augment.erase_scale = tuple(cfg.augment.erase_scale)
-    cfg.augment.blur_sigma = tuple(cfg.augment.blur_sigma)
     return cfg
 
 

@@ -88,8 +88,10 @@ def test_blur_augmentation_is_off_by_default_and_softens_the_crop_when_on() -> N
 def test_random_blur_kernel_spans_two_sigmas_and_refuses_an_empty_range() -> None:
     assert random_blur(1.0, (0.1, 1.5)).transforms[0].kernel_size == (7, 7)
     assert random_blur(1.0, (0.1, 1.2)).transforms[0].kernel_size == (5, 5)  # the Track 2 recipes' blur, unchanged
-    with pytest.raises(ValueError, match="blur sigma"):
+    with pytest.raises(ValueError, match="blur_sigma"):
         random_blur(0.5, (1.5, 0.1))
+    with pytest.raises(ConfigError, match=r"blur_sigma must be \[low, high\] with 0 < low <= high, got \[1.5, 0.1\]"):
+        load_verifier_config(CONFIG, {"augment.blur_sigma": [1.5, 0.1]})
 
 
 def test_verifier_net_gives_logits_and_projected_embeddings() -> None:
