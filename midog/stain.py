@@ -94,10 +94,10 @@ def estimate_stains(pixels: np.ndarray) -> ImageStains | None:
 def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
     """(n, 3) uint8 pixels of `image`, at most `max_pixels`: all of them when there are that few; else windows of
     `SAMPLE_WINDOW_PX` at full resolution. Where the file has a pyramid level within `GUIDE_LEVEL_PIXELS` (a
-    slide), the windows are centred on tissue the level shows (`tissue_window_origins`), so a slide that is mostly glass is
-    sampled where its tissue is; otherwise they lie on an even grid over the whole image (small and many, so that
-    sparse tissue is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256 windows
-    of 128 px hit). Only full-resolution pixels are sampled: a reduced level's averaged pixels are paler."""
+    slide), the windows are centred on tissue the level shows (`tissue_window_origins`), so a slide that is mostly
+    glass is sampled where its tissue is; otherwise they lie on an even grid over the whole image (small and many,
+    so that sparse tissue is hit: 64 windows of 256 px missed a 700 px patch of tissue on a 48 Mpx image that 256
+    windows of 128 px hit). Only full-resolution pixels are sampled: a reduced level's averaged pixels are paler."""
     if image.width * image.height <= max_pixels:
         return image.read_region(0, 0, image.width, image.height).reshape(-1, 3)
     side = SAMPLE_WINDOW_PX
@@ -109,7 +109,8 @@ def sample_pixels(image: RoiImage, max_pixels: int = SAMPLE_PIXELS) -> np.ndarra
 
 
 def grid_window_origins(width: int, height: int, windows: int) -> np.ndarray:
-    """(n, 2) top-left corners of at most `windows` sampling windows on an even grid over a `width` × `height` image."""
+    """(n, 2) top-left corners of at most `windows` sampling windows on an even grid over a `width` × `height`
+    image."""
     side = SAMPLE_WINDOW_PX
     across = max(1, round(np.sqrt(windows * width / height)))
     down = max(1, windows // across)

@@ -31,3 +31,19 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing in the tests may reach the network or a model hub."""
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiff_decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shape of every TIFF series (a slide's pyramid level) decoded whole while the test runs, in order."""
+    import tifffile
+
+    decoded: list[tuple[int, ...]] = []
+    decode = tifffile.TiffPageSeries.asarray
+
+    def counting(series: tifffile.TiffPageSeries, *args, **kwargs):
+        decoded.append(series.shape)
+        return decode(series, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", counting)
+    return decoded

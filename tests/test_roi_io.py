@@ -248,21 +248,13 @@ def test_a_truncated_mha_roi_is_refused_before_simpleitk_prints(tmp_path: Path, 
     assert capfd.readouterr().err == ""
 
 
-def test_a_pyramid_level_is_decoded_once_per_open_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_pyramid_level_is_decoded_once_per_open_image(tmp_path: Path, tiff_decodes: list):
     """Tissue detection and the stain estimate both ask a streamed slide for a reduced level: decoded once, shared
     read-only, whatever budget each asks with, as long as it picks the same level."""
     path = write_tiff(tmp_path / "slide.tif", he_roi(1500, 1000, seed=2), tile=128, pyramid_levels=2,
                       compression="zlib")
-    decoded = []
-    level_asarray = tifffile.TiffPageSeries.asarray
-
-    def counting(series: tifffile.TiffPageSeries, *args, **kwargs) -> np.ndarray:
-        decoded.append(series.shape)
-        return level_asarray(series, *args, **kwargs)
-
-    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", counting)
     with open_roi(path, in_memory_max_megapixels=0.0) as slide:
         first, again = slide.thumbnail(1_000_000), slide.thumbnail(500_000)
         assert first is again and first.shape == (500, 750, 3) and not first.flags.writeable
         assert slide.thumbnail(200_000).shape == (250, 375, 3)  # a smaller budget: the next level
-    assert len(decoded) == 2
+    assert len(tiff_decodes) == 2

@@ -7,7 +7,6 @@ import logging
 import cv2
 import numpy as np
 import pytest
-import tifffile
 import torch
 from roi_factory import he_roi, tiny_verifier, write_tiff
 from stain_factory import BLUE, PINK, stained, tissue_concentrations, unit_columns
@@ -174,19 +173,13 @@ def test_optical_density_of_glass_is_near_zero():
     assert np.abs(optical_density(np.full((4, 4, 3), 239, np.uint8))).max() < 1e-9
 
 
-def test_a_streamed_slides_level_serves_the_tiler_and_the_stain_sample_decoded_once(
-        tmp_path, monkeypatch: pytest.MonkeyPatch):
+def test_a_streamed_slides_level_serves_the_tiler_and_the_stain_sample_decoded_once(tmp_path, tiff_decodes: list):
     """The tiler's tissue detection decodes a slide's pyramid level (`tiling.thumbnail_megapixels`); the stain
     estimate is guided by the same level, not another one decoded again."""
     pixels, _ = sparse_slide()
     path = write_tiff(tmp_path / "slide.tif", pixels, tile=256, pyramid_levels=3, compression="zlib")
-    decoded = []
-    level_asarray = tifffile.TiffPageSeries.asarray
-    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray",
-                        lambda series, *args, **kwargs: decoded.append(series.shape) or level_asarray(series, *args,
-                                                                                                   **kwargs))
     with open_roi(path, in_memory_max_megapixels=0.0) as slide:
         assert slide.thumbnail(int(load_config(environ={}).tiling.thumbnail_megapixels * 1e6)) is not None
         stains = image_stains(slide)
-    assert len(decoded) == 1
+    assert len(tiff_decodes) == 1
     assert stains is not None and np.sum(stains.matrix * unit_columns(BLUE), axis=0).min() > 0.98

@@ -325,7 +325,8 @@ def test_kept_outputs_score_each_stage_alone(fields_root: Path, tmp_path: Path, 
         assert len(kept["probabilities"]) > 0
         np.testing.assert_allclose(kept["probabilities"], kept["detector_confidence"] * kept["verifier_probability"],
                                    rtol=1e-6)
-        assert sorted(kept["detector_confidence"]) == pytest.approx(sorted(pd.read_csv(out / "candidates.csv")["score"]))
+        saved_scores = pd.read_csv(out / "candidates.csv")["score"]
+        assert sorted(kept["detector_confidence"]) == pytest.approx(sorted(saved_scores))
 
     def rescored(stage: str) -> dict:
         assert evaluate_main(["--root", str(fields_root), "--mean-of", str(tmp_path / "product.npz"),
@@ -338,7 +339,8 @@ def test_kept_outputs_score_each_stage_alone(fields_root: Path, tmp_path: Path, 
         assert verifier_stage["slides"][slide]["AP"] == pytest.approx(report["verifier"]["slides"][slide]["AP"],
                                                                       abs=1e-6)
     assert detector_stage["stage"] == "detector" and any(
-        detector_stage["slides"][s]["AP"] != pytest.approx(v["AP"], abs=1e-6) for s, v in verifier_stage["slides"].items())
+        detector_stage["slides"][s]["AP"] != pytest.approx(v["AP"], abs=1e-6)
+        for s, v in verifier_stage["slides"].items())
 
     with np.load(tmp_path / "product.npz") as kept:  # a file kept before stages were
         np.savez(tmp_path / "old.npz", **{k: kept[k] for k in ("frames", "counts", "points", "probabilities")})
